@@ -1,0 +1,377 @@
+"""Data: CIFAR-10 and ImageNet loading, the decode cache, and batch transforms.
+
+CIFAR-10 is found, in this order, at
+
+1. a ``root`` passed by argument, else the ``HAWQ_DATA`` environment variable;
+2. ``data/`` inside the project;
+3. otherwise torchvision downloads it into ``data/`` (needs the network).
+
+Both on-disk layouts are read: torchvision's ``cifar-10-batches-py`` and an ImageFolder
+tree ``cifar10/{train,test}/<class>/*.png``. The images are decoded once into a cache
+file (``data/cache/``, ignored by git), verified by size and SHA-256 digest on every load;
+a corrupt or partial cache is rebuilt, never used.
+
+Image order is fixed and documented: by class label, then by original CIFAR file name.
+This order is the same for both layouts, so the same seed gives the same batches whichever
+layout the data came in. Shuffles are seeded ``torch.Generator`` draws (see
+:class:`TensorLoader`).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from .storage import atomic_write, atomic_write_json
+
+__all__ = [
+    "CIFAR10_CLASSES", "CIFAR10_MEAN", "CIFAR10_STD", "IMAGENET_MEAN", "IMAGENET_STD",
+    "CIFAR10Split", "DataNotFoundError", "cifar10", "cifar10_digest", "find_cifar10",
+    "TensorLoader", "augment_cifar", "normalize", "imagenet_loader", "imagenet_transforms",
+    "project_root", "cache_dir",
+]
+
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
+                   "dog", "frog", "horse", "ship", "truck")
+#: Training-set channel mean and std of CIFAR-10 (standard figures, recomputed in tests).
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+_CACHE_VERSION = 1
+
+
+class DataNotFoundError(FileNotFoundError):
+    """No data set where we looked, and no way to download it."""
+
+
+def project_root() -> Path:
+    """The project checkout this package lives in (the folder holding ``hawqlib/``)."""
+    return Path(__file__).resolve().parents[1]
+
+
+def cache_dir() -> Path:
+    """Folder for decode caches: ``HAWQ_CACHE`` if set, else ``data/cache`` in the project."""
+    return Path(os.environ.get("HAWQ_CACHE") or project_root() / "data" / "cache")
+
+
+@dataclass(frozen=True)
+class CIFAR10Split:
+    """One split of CIFAR-10, decoded: ``images`` uint8 (N, 3, 32, 32), ``labels`` int64 (N,)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    digest: str  #: SHA-256 of the split, computed as described in :func:`cifar10_digest`
+    names: tuple = ()  #: original file name of each image, in the same order
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+# --------------------------------------------------------------------------- finding
+
+def _layout(root: Path) -> tuple[str, Path] | None:
+    """Return (layout, folder) if ``root`` holds CIFAR-10 in a layout we read."""
+    for cand in (root / "cifar-10-batches-py", root):
+        if (cand / "data_batch_1").is_file() and (cand / "test_batch").is_file():
+            return "batches", cand
+    for cand in (root / "cifar10", root):
+        if (cand / "train" / CIFAR10_CLASSES[0]).is_dir() and (cand / "test" / CIFAR10_CLASSES[0]).is_dir():
+            return "imagefolder", cand
+    return None
+
+
+def find_cifar10(root: str | os.PathLike | None = None, *, download: bool = True) -> tuple[str, Path]:
+    """Locate CIFAR-10 (argument, ``HAWQ_DATA``, project ``data/``, download); return (layout, folder)."""
+    tried: list[Path] = []
+    given = root if root is not None else os.environ.get("HAWQ_DATA") or None
+    if given is not None:
+        p = Path(given).expanduser()
+        found = _layout(p)
+        if found:
+            return found
+        tried.append(p)
+        if root is not None:  # an explicit argument that is wrong is an error, not a fallback
+            raise DataNotFoundError(
+                f"No CIFAR-10 at {p}: expected {p}/cifar-10-batches-py/ (torchvision layout) or "
+                f"{p}/cifar10/{{train,test}}/<class>/*.png (ImageFolder layout).")
+    local = project_root() / "data"
+    found = _layout(local)
+    if found:
+        return found
+    tried.append(local)
+    if download:
+        try:
+            from torchvision.datasets import CIFAR10
+
+            CIFAR10(str(local), train=True, download=True)
+            CIFAR10(str(local), train=False, download=True)
+        except Exception as exc:  # network errors come in many types
+            raise DataNotFoundError(_not_found_message(tried, exc)) from exc
+        found = _layout(local)
+        if found:
+            return found
+    raise DataNotFoundError(_not_found_message(tried, None))
+
+
+def _not_found_message(tried: list[Path], exc: Exception | None) -> str:
+    where = ", ".join(str(t) for t in tried)
+    why = f" The download failed: {exc}." if exc else ""
+    return ("CIFAR-10 was not found (looked in: " + where + ")." + why + " Provide it in one of three ways: "
+            "pass root=<folder> (or --data on the command line); set HAWQ_DATA=<folder>; or let torchvision "
+            "download it into data/ (needs the network). A folder may hold cifar-10-batches-py/ or "
+            "cifar10/{train,test}/<class>/*.png.")
+
+
+# --------------------------------------------------------------------------- decoding
+
+def _decode_imagefolder(folder: Path, split: str):
+    from PIL import Image
+
+    h = hashlib.sha256()
+    images, labels, names = [], [], []
+    for label, cls in enumerate(CIFAR10_CLASSES):
+        d = folder / split / cls
+        if not d.is_dir():
+            raise DataNotFoundError(f"{d} is missing: the ImageFolder layout needs one folder per class "
+                                    f"({', '.join(CIFAR10_CLASSES)}).")
+        for name in sorted(os.listdir(d)):
+            with Image.open(d / name) as im:
+                arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+            if arr.shape != (32, 32, 3):
+                raise ValueError(f"{d / name}: expected a 32x32 RGB image, got shape {arr.shape}")
+            h.update(f"{split}/{cls}/{name}".encode())
+            h.update(arr.tobytes())
+            images.append(arr)
+            labels.append(label)
+            names.append(name)
+    return np.stack(images), np.asarray(labels, dtype=np.int64), h.hexdigest(), names
+
+
+def _decode_batches(folder: Path, split: str):
+    files = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    rows = []
+    for fn in files:
+        with open(folder / fn, "rb") as f:
+            d = pickle.load(f, encoding="bytes")
+        data = d[b"data"].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+        for img, lab, name in zip(data, d[b"labels"], d[b"filenames"]):
+            rows.append((int(lab), name.decode(), img))
+    rows.sort(key=lambda r: (r[0], r[1]))
+    h = hashlib.sha256()
+    for lab, name, img in rows:
+        h.update(f"{split}/{CIFAR10_CLASSES[lab]}/{name}".encode())
+        h.update(np.ascontiguousarray(img).tobytes())
+    images = np.stack([r[2] for r in rows])
+    labels = np.asarray([r[0] for r in rows], dtype=np.int64)
+    return images, labels, h.hexdigest(), [r[1] for r in rows]
+
+
+# --------------------------------------------------------------------------- cache
+
+def _cache_paths(folder: Path, split: str) -> tuple[Path, Path]:
+    key = hashlib.sha256(f"{folder.resolve()}|{split}|v{_CACHE_VERSION}".encode()).hexdigest()[:16]
+    base = cache_dir() / f"cifar10-{split}-{key}"
+    return base.with_suffix(".u8"), base.with_suffix(".json")
+
+
+def _load_cache(data_path: Path, meta_path: Path) -> CIFAR10Split | None:
+    try:
+        meta = json.loads(meta_path.read_text())
+        raw = data_path.read_bytes()
+    except (OSError, ValueError):
+        return None
+    n = meta.get("n", -1)
+    if meta.get("version") != _CACHE_VERSION or len(raw) != n * (3072 + 8):
+        return None
+    if hashlib.sha256(raw).hexdigest() != meta.get("sha256"):
+        return None
+    images = np.frombuffer(raw, dtype=np.uint8, count=n * 3072).reshape(n, 32, 32, 3)
+    labels = np.frombuffer(raw, dtype=np.int64, offset=n * 3072, count=n)
+    return CIFAR10Split(torch.from_numpy(images.copy()).permute(0, 3, 1, 2).contiguous(),
+                        torch.from_numpy(labels.copy()), meta["digest"], tuple(meta["names"]))
+
+
+def cifar10(split: str = "train", root: str | os.PathLike | None = None, *, download: bool = True,
+            rebuild: bool = False) -> CIFAR10Split:
+    """Load one CIFAR-10 split (``"train"`` or ``"test"``) as uint8 tensors, through the verified cache."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    layout, folder = find_cifar10(root, download=download)
+    data_path, meta_path = _cache_paths(folder, split)
+    if not rebuild:
+        cached = _load_cache(data_path, meta_path)
+        if cached is not None:
+            return cached
+    decode = _decode_imagefolder if layout == "imagefolder" else _decode_batches
+    images, labels, digest, names = decode(folder, split)
+    raw = images.tobytes() + labels.tobytes()
+    # data first, then the meta that vouches for it: a crash between the two leaves a cache that
+    # fails verification and is rebuilt.
+    atomic_write(data_path, lambda f: f.write(raw))
+    atomic_write_json(meta_path, {"version": _CACHE_VERSION, "n": len(labels), "source": str(folder),
+                                  "layout": layout, "split": split, "digest": digest,
+                                  "sha256": hashlib.sha256(raw).hexdigest(), "names": names})
+    return CIFAR10Split(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),
+                        torch.from_numpy(labels), digest, tuple(names))
+
+
+def cifar10_digest(root: str | os.PathLike | None = None, *, download: bool = True) -> str:
+    """Content digest of CIFAR-10: SHA-256 over, for train then test, each image in the fixed order,
+    the bytes of ``"<split>/<class>/<file name>"`` then its RGB pixels as uint8 in H, W, C order.
+
+    With file names ending in ``.png`` this is the digest the shared data set's README publishes,
+    whichever layout the data came in.
+    """
+    h = hashlib.sha256()
+    for split in ("train", "test"):
+        s = cifar10(split, root, download=download)
+        pixels = s.images.permute(0, 2, 3, 1).contiguous().numpy()
+        for img, lab, name in zip(pixels, s.labels.tolist(), s.names):
+            h.update(f"{split}/{CIFAR10_CLASSES[lab]}/{name}".encode())
+            h.update(img.tobytes())
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- transforms
+
+def normalize(images: torch.Tensor, mean=CIFAR10_MEAN, std=CIFAR10_STD) -> torch.Tensor:
+    """uint8 (N, C, H, W) -> float32, scaled to [0, 1] and normalized per channel."""
+    m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    return (images.float().div_(255.0) - m) / s
+
+
+def augment_cifar(images: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Standard CIFAR augmentation on a uint8 batch: random crop after zero padding, random h-flip."""
+    n, c, h, w = images.shape
+    padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))
+    oy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    ox = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    flip = torch.rand(n, generator=generator) < 0.5
+    rows = oy[:, None] + torch.arange(h)[None, :]                       # (n, h)
+    cols = ox[:, None] + torch.arange(w)[None, :]                       # (n, w)
+    cols = torch.where(flip[:, None], cols.flip(1), cols)
+    idx_n = torch.arange(n)[:, None, None]
+    out = padded.permute(0, 2, 3, 1)[idx_n, rows[:, :, None], cols[:, None, :]]  # (n, h, w, c)
+    return out.permute(0, 3, 1, 2)
+
+
+class TensorLoader:
+    """Batches from in-memory uint8 images: seeded shuffle and augmentation, normalized float output.
+
+    The permutation and the augmentation of epoch ``e`` are drawn from a generator seeded with
+    ``(seed, e)``, so any epoch can be replayed exactly without saving generator state: this is
+    what makes training resume bit-exact. Call :meth:`set_epoch` before iterating.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 128, *,
+                 shuffle: bool = False, augment: bool = False, seed: int = 0, drop_last: bool = False,
+                 mean=CIFAR10_MEAN, std=CIFAR10_STD, channels_last: bool = True):
+        if images.dtype != torch.uint8 or images.dim() != 4:
+            raise ValueError(f"images must be a uint8 (N, C, H, W) tensor, got {images.dtype} {tuple(images.shape)}")
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.images, self.labels = images, labels
+        self.batch_size, self.shuffle, self.augment, self.seed = batch_size, shuffle, augment, seed
+        self.drop_last, self.mean, self.std, self.channels_last = drop_last, mean, std, channels_last
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose permutation and augmentation the next iteration replays."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        n = len(self.labels)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        n = len(self.labels)
+        order = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
+        for i in range(len(self)):
+            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+            x = self.images[idx]
+            if self.augment:
+                x = augment_cifar(x, g)
+            x = normalize(x, self.mean, self.std)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, self.labels[idx]
+
+    @property
+    def num_samples(self) -> int:
+        """Number of samples one pass yields."""
+        return len(self) * self.batch_size if self.drop_last else len(self.labels)
+
+
+def cifar10_loaders(root=None, *, batch_size: int = 128, eval_batch_size: int = 1000, seed: int = 0,
+                    train_subset: int | None = None, test_subset: int | None = None
+                    ) -> tuple[TensorLoader, TensorLoader]:
+    """Train (shuffled, augmented) and test loaders for CIFAR-10; subsets take a seeded sample."""
+    train, test = cifar10("train", root), cifar10("test", root)
+    tr_x, tr_y = _subset(train, train_subset, seed)
+    te_x, te_y = _subset(test, test_subset, seed)
+    return (TensorLoader(tr_x, tr_y, batch_size, shuffle=True, augment=True, seed=seed),
+            TensorLoader(te_x, te_y, eval_batch_size))
+
+
+def _subset(split: CIFAR10Split, n: int | None, seed: int):
+    if n is None or n >= len(split):
+        return split.images, split.labels
+    if n < 1:
+        raise ValueError(f"subset size must be >= 1, got {n}")
+    idx = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+    return split.images[idx], split.labels[idx]
+
+
+def sample_batch(split: CIFAR10Split, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A seeded sample of ``n`` normalized, un-augmented images and their labels (e.g. for the Hessian)."""
+    x, y = _subset(split, n, seed)
+    return normalize(x), y
+
+
+__all__ += ["cifar10_loaders", "sample_batch"]
+
+
+# --------------------------------------------------------------------------- ImageNet
+
+_IMAGENET_SIZES = {"inception_v3": (342, 299)}
+
+
+def imagenet_transforms(model_name: str = "resnet50", train: bool = False):
+    """torchvision transforms for ImageNet: 256/224 crops, or 342/299 for Inception-V3."""
+    from torchvision import transforms as T
+
+    resize, crop = _IMAGENET_SIZES.get(model_name, (256, 224))
+    norm = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    if train:
+        return T.Compose([T.RandomResizedCrop(crop), T.RandomHorizontalFlip(), *norm])
+    return T.Compose([T.Resize(resize), T.CenterCrop(crop), *norm])
+
+
+def imagenet_loader(root: str | os.PathLike, split: str = "val", *, model_name: str = "resnet50",
+                    batch_size: int = 64, shuffle: bool | None = None, seed: int = 0, num_workers: int = 2):
+    """A DataLoader over an ImageNet ImageFolder root (``train/`` and ``val/``, one folder per class)."""
+    from torchvision.datasets import ImageFolder
+
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    folder = Path(root).expanduser() / split
+    if not folder.is_dir():
+        raise DataNotFoundError(f"No ImageNet split at {folder}: expected {root}/{split}/<wnid>/*.JPEG "
+                                "(an ImageFolder tree). ImageNet cannot be downloaded automatically.")
+    ds = ImageFolder(str(folder), transform=imagenet_transforms(model_name, train=split == "train"))
+    shuffle = split == "train" if shuffle is None else shuffle
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
+                                       generator=torch.Generator().manual_seed(seed))

@@ -1,0 +1,248 @@
+"""FP32 training and evaluation, with atomic per-epoch checkpoints and exact resume.
+
+The loop is the plain one (SGD with momentum, a per-step learning-rate schedule, cross
+entropy), kept lean for a 2-core CPU: channels_last tensors, no per-step Python work
+beyond the model's, data batches built from in-memory tensors (:class:`hawqlib.data.TensorLoader`).
+
+A run writes into ``checkpoint_dir``:
+
+- ``checkpoint.pt``: model, optimizer, epoch and history after every epoch (atomic);
+- ``log.json``: the run's configuration and one record per epoch (atomic);
+- ``model.pt``: the final weights alone, when the run completes.
+
+``resume=True`` continues from ``checkpoint.pt``; since each epoch's shuffle and augmentation
+are a pure function of (seed, epoch), an interrupted and resumed run ends with exactly the
+weights of an uninterrupted one on the CPU.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from .storage import atomic_torch_save, atomic_write_json
+
+__all__ = ["TrainConfig", "CheckpointError", "train", "evaluate", "lr_at", "load_checkpoint",
+           "load_weights", "CHECKPOINT_FORMAT"]
+
+CHECKPOINT_FORMAT = "hawqlib.train/1"
+SCHEDULES = ("cosine", "step", "constant")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used: corrupt, of another model, or of another run configuration."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything that determines a training run (besides the model's initial weights and the data)."""
+
+    epochs: int
+    lr: float = 0.1
+    schedule: str = "cosine"            #: ``cosine`` (to 0), ``step`` (x ``gamma`` at ``milestones``), ``constant``
+    milestones: tuple = ()              #: epochs at which ``step`` multiplies the rate by ``gamma``
+    gamma: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    seed: int = 0
+    eval_every: int = 1                 #: evaluate every k epochs (and always after the last)
+    extra: dict = field(default_factory=dict)  #: free-form facts recorded in the log (data digest, ...)
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad field."""
+        if not isinstance(self.epochs, int) or self.epochs < 1:
+            raise ValueError(f"epochs must be a positive integer, got {self.epochs!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.eval_every < 1:
+            raise ValueError(f"eval_every must be >= 1, got {self.eval_every!r}")
+
+
+def lr_at(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
+    """Learning rate at a global step: cosine decay to zero per step, or step decay per epoch."""
+    if cfg.schedule == "cosine":
+        return 0.5 * cfg.lr * (1.0 + math.cos(math.pi * step / (cfg.epochs * steps_per_epoch)))
+    if cfg.schedule == "step":
+        epoch = step // steps_per_epoch
+        return cfg.lr * cfg.gamma ** sum(epoch >= m for m in cfg.milestones)
+    return cfg.lr
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: Iterable, *, loss_fn=None) -> dict:
+    """Top-1 and top-5 accuracy (percent) and mean loss of ``model`` over ``(inputs, targets)`` batches."""
+    loss_fn = loss_fn or nn.CrossEntropyLoss(reduction="sum")
+    was_training = model.training
+    model.eval()
+    n, top1, top5, loss = 0, 0, 0, 0.0
+    try:
+        for x, y in data:
+            out = model(x)
+            loss += float(loss_fn(out, y))
+            k = min(5, out.shape[1])
+            pred = out.topk(k, dim=1).indices
+            hit = pred.eq(y[:, None])
+            top1 += int(hit[:, 0].sum())
+            top5 += int(hit.any(dim=1).sum())
+            n += len(y)
+    finally:
+        model.train(was_training)
+    if n == 0:
+        raise ValueError("evaluate() got no data: the iterable yielded no batches")
+    return {"top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "loss": loss / n, "n": n}
+
+
+def _fingerprint(model: nn.Module) -> dict:
+    return {k: list(v.shape) for k, v in model.state_dict().items()}
+
+
+def load_checkpoint(path: str | Path, model: nn.Module | None = None) -> dict:
+    """Read a training checkpoint; with ``model``, check it holds that architecture's weights."""
+    path = Path(path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"{path} is not a readable checkpoint ({type(exc).__name__}: {exc}). "
+                              "Delete it to start the run over.") from exc
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint "
+                              f"(format: {ckpt.get('format') if isinstance(ckpt, dict) else type(ckpt).__name__}).")
+    if model is not None:
+        want, got = _fingerprint(model), ckpt.get("fingerprint", {})
+        if want != got:
+            missing = sorted(set(want) - set(got))[:3]
+            diff = [k for k in want if k in got and want[k] != got[k]][:3]
+            raise CheckpointError(
+                f"{path} holds weights of another model (class {ckpt.get('model_class')}, "
+                f"this model is {type(model).__name__}); missing keys {missing}, shape mismatches {diff}.")
+    return ckpt
+
+
+def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load weights from a ``model.pt`` or ``checkpoint.pt`` written by :func:`train` into ``model``."""
+    ckpt = load_checkpoint(path, model)
+    model.load_state_dict(ckpt["model"])
+    return model
+
+
+def train(model: nn.Module, train_data, val_data=None, *, epochs: int | None = None,
+          config: TrainConfig | None = None, checkpoint_dir: str | Path | None = None,
+          resume: bool = True, progress: bool = True, channels_last: bool = True,
+          loss_fn: nn.Module | None = None, **kwargs) -> dict:
+    """Train ``model`` in place with SGD; return the log (config and per-epoch records).
+
+    ``train_data`` is a :class:`~hawqlib.data.TensorLoader` (or any re-iterable of batches with an
+    optional ``set_epoch``); ``val_data`` is evaluated every ``eval_every`` epochs. Pass either a
+    :class:`TrainConfig` or its fields as keywords (``epochs=``, ``lr=``, ``schedule=``, ...).
+    """
+    if config is None:
+        config = TrainConfig(epochs=epochs, **kwargs) if epochs is not None else None
+    elif epochs is not None or kwargs:
+        raise TypeError("pass either config= or its fields as keywords, not both")
+    if config is None:
+        raise TypeError("train() needs epochs= (or a TrainConfig via config=)")
+    config.validate()
+    loss_fn = loss_fn or nn.CrossEntropyLoss()
+    steps_per_epoch = len(train_data)
+    if steps_per_epoch == 0:
+        raise ValueError("train_data yields no batches")
+
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    torch.manual_seed(config.seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
+                          nesterov=config.nesterov, weight_decay=config.weight_decay)
+
+    ckpt_path = log_path = None
+    log = {"config": _config_dict(config), "model_class": type(model).__name__,
+           "steps_per_epoch": steps_per_epoch, "epochs": []}
+    start_epoch = 0
+    if checkpoint_dir is not None:
+        ckpt_dir = Path(checkpoint_dir)
+        ckpt_path, log_path = ckpt_dir / "checkpoint.pt", ckpt_dir / "log.json"
+        if resume and ckpt_path.exists():
+            ckpt = load_checkpoint(ckpt_path, model)
+            if ckpt["config"] != log["config"]:
+                diff = {k: (ckpt["config"].get(k), v) for k, v in log["config"].items()
+                        if ckpt["config"].get(k) != v}
+                raise CheckpointError(f"{ckpt_path} was written by a run with another configuration "
+                                      f"(checkpoint vs now: {diff}); use another checkpoint_dir or resume=False.")
+            model.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["optimizer"])
+            start_epoch, log["epochs"] = ckpt["epoch"], ckpt["history"]
+            if progress:
+                print(f"resuming from {ckpt_path} at epoch {start_epoch}/{config.epochs}")
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=config.epochs, initial=start_epoch, desc="train", unit="epoch")
+    for epoch in range(start_epoch, config.epochs):
+        if hasattr(train_data, "set_epoch"):
+            train_data.set_epoch(epoch)
+        model.train()
+        t0 = time.perf_counter()
+        loss_sum = torch.zeros(())
+        correct = torch.zeros((), dtype=torch.long)
+        seen = 0
+        step = epoch * steps_per_epoch
+        for x, y in train_data:
+            for g in opt.param_groups:
+                g["lr"] = lr_at(config, step, steps_per_epoch)
+            out = model(x)
+            loss = loss_fn(out, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                loss_sum += loss.detach() * len(y)
+                correct += (out.argmax(1) == y).sum()
+            seen += len(y)
+            step += 1
+        wall = time.perf_counter() - t0
+        rec = {"epoch": epoch + 1, "lr": lr_at(config, step - 1, steps_per_epoch),
+               "train_loss": float(loss_sum) / seen, "train_top1": 100.0 * int(correct) / seen,
+               "images_per_s": seen / wall, "wall_s": wall}
+        if val_data is not None and ((epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs):
+            t1 = time.perf_counter()
+            ev = evaluate(model, val_data)
+            rec.update(val_top1=ev["top1"], val_top5=ev["top5"], val_loss=ev["loss"],
+                       eval_s=time.perf_counter() - t1)
+        log["epochs"].append(rec)
+        if ckpt_path is not None:
+            atomic_torch_save(ckpt_path, {"format": CHECKPOINT_FORMAT, "model_class": type(model).__name__,
+                                          "fingerprint": _fingerprint(model), "config": log["config"],
+                                          "epoch": epoch + 1, "model": model.state_dict(),
+                                          "optimizer": opt.state_dict(), "history": log["epochs"]})
+            atomic_write_json(log_path, log)
+        if bar is not None:
+            post = {"loss": f"{rec['train_loss']:.3f}", "acc": f"{rec['train_top1']:.1f}",
+                    "img/s": f"{rec['images_per_s']:.0f}"}
+            if "val_top1" in rec:
+                post["val"] = f"{rec['val_top1']:.2f}"
+            bar.set_postfix(post)
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    if ckpt_path is not None:
+        atomic_torch_save(ckpt_path.parent / "model.pt",
+                          {"format": CHECKPOINT_FORMAT, "model_class": type(model).__name__,
+                           "fingerprint": _fingerprint(model), "config": log["config"],
+                           "epoch": config.epochs, "model": {k: v.contiguous() for k, v in model.state_dict().items()},
+                           "history": log["epochs"]})
+    return log
+
+
+def _config_dict(cfg: TrainConfig) -> dict:
+    d = asdict(cfg)
+    d["milestones"] = list(d["milestones"])
+    return d
