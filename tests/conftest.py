@@ -1,0 +1,32 @@
+"""Shared fixtures: where CIFAR-10 is, and a quiet, deterministic torch."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
+
+
+def _cifar_root() -> Path | None:
+    for cand in (os.environ.get("HAWQ_DATA"), SHARED):
+        if cand and ((Path(cand) / "cifar10" / "train").is_dir() or (Path(cand) / "cifar-10-batches-py").is_dir()):
+            return Path(cand)
+    return None
+
+
+@pytest.fixture(scope="session")
+def cifar_root() -> Path:
+    """The CIFAR-10 root the tests read (HAWQ_DATA, else ../shared/datasets); skips when there is none."""
+    root = _cifar_root()
+    if root is None:
+        pytest.skip("CIFAR-10 not available: set HAWQ_DATA to a folder holding cifar10/ or cifar-10-batches-py/")
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    torch.manual_seed(0)
+    yield
