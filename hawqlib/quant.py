@@ -1,0 +1,565 @@
+"""Quantizers, fake-quantized modules and ``quantize_model`` (paper section 3.2, Q(W_i)).
+
+HAWQ quantizes each block B_i to its own number of bits and fine-tunes with the quantized
+blocks "held in their quantized form" by a straight-through estimator (section 3.2). The paper
+does not restate its quantizer; everything below that is not in the paper is **our choice**, with
+its reason:
+
+Weights (our choice): uniform, **symmetric, per output channel** (dim 0 of a Conv2d/Linear weight),
+restricted range. For ``b >= 2`` bits and ``qmax = 2**(b-1) - 1`` the scale of channel ``c`` is
+``s_c = max|W_c| / qmax`` and ``Q(W_c) = s_c * clamp(round(W_c / s_c), -qmax, qmax)``.
+Reasons: per-channel scales are the usual practice for convolution weights and cost one FP32 number
+per output channel; the max |w| range never clips, so the quantization error is at most half a step
+and the straight-through gradient is the identity everywhere; the symmetric restricted range keeps
+zero exact and the grid symmetric (2**b - 1 levels, e.g. ternary {-s, 0, s} at 2 bits), and the
+codes fit in ``b`` bits for :mod:`hawqlib.export`.
+
+One bit (our choice): ``Q(W_c) = mean|W_c| * sign(W_c)`` (with sign(0) = +1), the binary-weight rule
+of XNOR-Net: a symmetric 1-bit grid has no zero level, and the mean |w| is the scale minimizing
+``||Q(W_c) - W_c||^2`` for a fixed sign pattern. The STE gradient is the identity.
+
+Activations (our choice): :class:`QuantAct`, per-tensor affine quantization on the input of every
+quantized Conv2d/Linear except the network's first layer (its input is the image, 8-bit data to
+begin with, which we leave in floating point). The range rule is torch.ao's
+``MovingAverageMinMaxObserver``: during training, ``min <- min + c (batch_min - min)`` and likewise
+for max, with ``c = 0.01`` and the first observed batch initializing both; the range always
+includes zero; in eval mode the range is frozen. With the range ``[lo, hi]`` and ``n = 2**b - 1``:
+``scale = (hi - lo) / n`` and ``zero_point = round(-lo / scale)``. Inputs after a ReLU have
+``lo = 0``, so the grid is unsigned ``{0, s, ..., n s}``; signed inputs get an asymmetric grid.
+The observer and the fake-quantization run as PyTorch's single fused op
+``torch.fused_moving_avg_obs_fake_quant`` (the one behind torch.ao's
+``FusedMovingAvgObsFakeQuantize``), whose gradient is the straight-through estimator
+(identity inside the range, zero outside).
+
+Weights are fake-quantized by ``torch.fake_quantize_per_channel_affine``, whose backward is the
+straight-through estimator. Scales are computed from the weights without gradient (the paper's
+STE: ``d Q(W) / d W = I``).
+
+Staged fine-tuning (section 3.2) quantizes blocks progressively: every quantized module carries
+``quant_enabled`` (its weight) and its input :class:`QuantAct` carries ``enabled``;
+:func:`set_quant_enabled` switches whole blocks. A disabled module computes in FP32.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import numbers
+import os
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .blocks import QUANT_TYPES, quant_blocks
+from .storage import atomic_write
+
+__all__ = [
+    "VALID_BITS", "check_bits", "quant_scale", "quant_params", "quantize_tensor", "quantize_to_int",
+    "BitConfig", "QuantAct", "QuantConv2d", "QuantLinear", "QUANT_MODULES", "quantize_model",
+    "quant_modules", "set_quant_enabled", "calibrate_activations", "BITCONFIG_FORMAT",
+]
+
+#: The bit widths a weight or an activation may have.
+VALID_BITS = tuple(range(1, 9))
+BITCONFIG_FORMAT = "hawqlib.BitConfig/1"
+# Floor on max|w| so that an all-zero channel gets a finite, nonzero scale (its codes are all 0).
+_MIN_RANGE = 1e-30
+
+
+def check_bits(bits, what: str = "bits") -> int:
+    """Return ``bits`` as an int if it is an integer in 1..8; otherwise raise a ValueError naming it.
+
+    ``what`` names the offender in the message (e.g. ``"bits of block 'conv1'"``).
+    """
+    if isinstance(bits, bool) or not isinstance(bits, numbers.Integral) or not 1 <= int(bits) <= 8:
+        raise ValueError(f"{what} must be an integer in 1..8 (valid: {', '.join(map(str, VALID_BITS))}), "
+                         f"got {bits!r}")
+    return int(bits)
+
+
+def _reduce_dims(w: torch.Tensor, per_channel: bool):
+    return tuple(range(1, w.dim())) if per_channel and w.dim() > 1 else None
+
+
+def _check_tensor(w) -> None:
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"expected a torch.Tensor, got {type(w).__name__}")
+    if not w.is_floating_point():
+        raise TypeError(f"expected a floating-point tensor, got dtype {w.dtype}")
+    if w.numel() == 0:
+        raise ValueError("cannot quantize an empty tensor")
+
+
+def _amax(w: torch.Tensor, per_channel: bool) -> torch.Tensor:
+    dims = _reduce_dims(w, per_channel)
+    a = w.detach().abs()
+    return (a.amax(dim=dims) if dims else a.amax()).float()
+
+
+@torch.no_grad()
+def quant_params(w: torch.Tensor, bits: int, *, per_channel: bool = True, symmetric: bool = True):
+    """The quantization grid of ``w``: ``(scale, zero_point, qmin, qmax)``.
+
+    ``scale`` is a float32 tensor of shape ``[w.shape[0]]`` (per channel) or ``[]`` (per tensor);
+    ``zero_point`` an int32 tensor of the same shape. Symmetric: ``scale = max|w| / qmax``, zero point 0,
+    codes in ``[-qmax, qmax]`` with ``qmax = 2**(b-1) - 1`` (for 1 bit: ``scale = mean|w|``, codes +-1).
+    Asymmetric: the range ``[min(w, 0), max(w, 0)]`` on codes ``[0, 2**b - 1]``.
+    """
+    _check_tensor(w)
+    bits = check_bits(bits)
+    dims = _reduce_dims(w, per_channel)
+    if symmetric:
+        if bits == 1:
+            # mean in float64: exact for a tensor of +-s, which makes Q idempotent at 1 bit
+            a = w.detach().abs().double()
+            scale = (a.mean(dim=dims) if dims else a.mean()).float().clamp_min(_MIN_RANGE)
+            qmin, qmax = -1, 1
+        else:
+            qmax = 2 ** (bits - 1) - 1
+            qmin = -qmax
+            scale = _amax(w, per_channel).clamp_min(_MIN_RANGE) / qmax
+        zero_point = torch.zeros(scale.shape, dtype=torch.int32, device=w.device)
+        return scale, zero_point, qmin, qmax
+    wd = w.detach()
+    lo = (wd.amin(dim=dims) if dims else wd.amin()).float().clamp_max(0.0)
+    hi = (wd.amax(dim=dims) if dims else wd.amax()).float().clamp_min(0.0)
+    qmin, qmax = 0, 2 ** bits - 1
+    scale = ((hi - lo) / qmax).clamp_min(_MIN_RANGE)
+    zero_point = torch.clamp(torch.round(-lo / scale), qmin, qmax).to(torch.int32)
+    return scale, zero_point, qmin, qmax
+
+
+def quant_scale(w: torch.Tensor, bits: int, *, per_channel: bool = True, symmetric: bool = True) -> torch.Tensor:
+    """The scale(s) of ``w`` quantized at ``bits`` (one per output channel when ``per_channel``)."""
+    return quant_params(w, bits, per_channel=per_channel, symmetric=symmetric)[0]
+
+
+class _STE(torch.autograd.Function):
+    """Returns ``q`` in the forward pass and passes the gradient to ``w`` unchanged (identity STE)."""
+
+    @staticmethod
+    def forward(ctx, w, q):
+        return q
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
+def _binary(w: torch.Tensor, scale: torch.Tensor, per_channel: bool) -> torch.Tensor:
+    s = scale.to(w.dtype)
+    if per_channel and w.dim() > 1:
+        s = s.view(-1, *([1] * (w.dim() - 1)))
+    q = torch.where(w.detach() >= 0, s, -s)
+    return _STE.apply(w, q) if w.requires_grad else q
+
+
+def _fake_quant(w: torch.Tensor, bits: int, scale: torch.Tensor, zero_point: torch.Tensor,
+                qmin: int, qmax: int, per_channel: bool, symmetric: bool) -> torch.Tensor:
+    if bits == 1 and symmetric:
+        return _binary(w, scale, per_channel)
+    if per_channel and w.dim() > 1:
+        return torch.fake_quantize_per_channel_affine(w, scale, zero_point, 0, qmin, qmax)
+    return torch.fake_quantize_per_tensor_affine(w, scale, zero_point, qmin, qmax)
+
+
+def quantize_tensor(w: torch.Tensor, bits: int, *, per_channel: bool = True, symmetric: bool = True) -> torch.Tensor:
+    """Q(w): ``w`` fake-quantized to ``bits`` (a float tensor of the same shape and dtype).
+
+    Differentiable with the straight-through estimator: the gradient with respect to ``w`` is the
+    identity inside the range (the whole tensor, for the symmetric max |w| range). See the module
+    docstring for the grid (our choice: symmetric, per output channel, max |w| range).
+    """
+    scale, zp, qmin, qmax = quant_params(w, bits, per_channel=per_channel, symmetric=symmetric)
+    return _fake_quant(w, bits, scale, zp, qmin, qmax, per_channel, symmetric)
+
+
+@torch.no_grad()
+def quantize_to_int(w: torch.Tensor, bits: int, *, per_channel: bool = True, symmetric: bool = True,
+                    scale: torch.Tensor | None = None):
+    """The integer codes of Q(w): ``(k, scale)`` with ``k`` an int8 tensor and ``Q(w) == k * scale`` exactly.
+
+    ``scale`` is broadcast along dim 0 when per channel. Symmetric codes lie in ``[-qmax, qmax]``
+    (``{-1, +1}`` at 1 bit); asymmetric codes are returned centred (``q - zero_point``), so the same
+    identity holds. A given ``scale`` (symmetric only) replaces the one computed from ``w``.
+    """
+    bits = check_bits(bits)
+    if scale is None:
+        scale, zp, qmin, qmax = quant_params(w, bits, per_channel=per_channel, symmetric=symmetric)
+    else:
+        if not symmetric:
+            raise ValueError("a given scale is only supported for symmetric quantization")
+        _check_tensor(w)
+        scale = scale.float()
+        zp = torch.zeros(scale.shape, dtype=torch.int32, device=w.device)
+        qmax = 1 if bits == 1 else 2 ** (bits - 1) - 1
+        qmin = -qmax
+    q = _fake_quant(w.detach().float(), bits, scale, zp, qmin, qmax, per_channel, symmetric)
+    s = scale.view(-1, *([1] * (w.dim() - 1))) if scale.dim() == 1 and w.dim() > 1 else scale
+    k = torch.round(q / s)
+    if bits == 1 and symmetric:
+        k = torch.where(w.detach() >= 0, 1.0, -1.0)
+    return k.to(torch.int8 if bits <= 8 else torch.int16), scale
+
+
+# --------------------------------------------------------------------------------------------
+# BitConfig
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class BitConfig:
+    """A mixed-precision setting: weight bits per block, activation bits, and the block granularity.
+
+    ``weights`` maps block names (as :func:`hawqlib.blocks.quant_blocks` names them at
+    ``granularity``) to bits in 1..8; ``act_bits`` is the activation precision (None: activations
+    stay FP32). Bit values are checked on construction; block names by :meth:`validate`.
+    """
+
+    weights: dict = field(default_factory=dict)
+    act_bits: int | None = None
+    granularity: str | list = "layer"
+
+    def __post_init__(self):
+        if not isinstance(self.weights, dict):
+            raise TypeError(f"BitConfig.weights must be a dict block name -> bits, got {type(self.weights).__name__}")
+        clean = {}
+        for name, b in self.weights.items():
+            if not isinstance(name, str):
+                raise TypeError(f"block names must be strings, got {name!r}")
+            clean[name] = check_bits(b, f"bits of block {name!r}")
+        self.weights = clean
+        if self.act_bits is not None:
+            self.act_bits = check_bits(self.act_bits, "act_bits")
+        if isinstance(self.granularity, (list, tuple)):
+            self.granularity = [str(g) for g in self.granularity]
+        elif not isinstance(self.granularity, str):
+            raise TypeError(f"granularity must be 'layer', 'residual' or a list of module names, "
+                            f"got {self.granularity!r}")
+
+    # -- construction ----------------------------------------------------------------------
+    @classmethod
+    def uniform(cls, model: nn.Module, bits: int, act_bits: int | None = None,
+                granularity: str | Sequence[str] = "layer") -> "BitConfig":
+        """Every block of ``model`` at ``bits`` (the paper's uniform baselines)."""
+        bits = check_bits(bits)
+        names = [b.name for b in quant_blocks(model, granularity)]
+        gran = granularity if isinstance(granularity, str) else list(granularity)
+        return cls({n: bits for n in names}, act_bits, gran)
+
+    # -- checks ----------------------------------------------------------------------------
+    def validate(self, model: nn.Module) -> "BitConfig":
+        """Check the block names against ``model``; raise ValueError naming unknown and missing blocks."""
+        valid = [b.name for b in quant_blocks(model, self.granularity)]
+        unknown = [n for n in self.weights if n not in valid]
+        missing = [n for n in valid if n not in self.weights]
+        problems = []
+        if unknown:
+            problems.append(f"unknown block(s) {unknown}")
+        if missing:
+            problems.append(f"missing block(s) {missing}")
+        if problems:
+            raise ValueError(f"BitConfig does not match {type(model).__name__} at granularity "
+                             f"{self.granularity!r}: {'; '.join(problems)}; valid block names: {valid}")
+        return self
+
+    # -- figures ---------------------------------------------------------------------------
+    def mean_bits(self, model: nn.Module) -> float:
+        """Weight bits averaged over the weights (each block weighted by its n_i)."""
+        self.validate(model)
+        blocks = quant_blocks(model, self.granularity)
+        n = sum(b.numel for b in blocks)
+        return sum(self.weights[b.name] * b.numel for b in blocks) / n
+
+    # -- serialization ---------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        """A JSON-ready dict (with a format tag)."""
+        return {"format": BITCONFIG_FORMAT, "weights": dict(self.weights), "act_bits": self.act_bits,
+                "granularity": self.granularity if isinstance(self.granularity, str) else list(self.granularity)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "BitConfig":
+        """Inverse of :meth:`to_dict`."""
+        if not isinstance(d, dict) or "weights" not in d:
+            raise ValueError(f"not a BitConfig dict (needs a 'weights' key): {str(d)[:200]}")
+        fmt = d.get("format", BITCONFIG_FORMAT)
+        if fmt != BITCONFIG_FORMAT:
+            raise ValueError(f"unsupported BitConfig format {fmt!r}; expected {BITCONFIG_FORMAT!r}")
+        extra = set(d) - {"format", "weights", "act_bits", "granularity"}
+        if extra:
+            raise ValueError(f"unknown BitConfig field(s) {sorted(extra)}; valid: weights, act_bits, granularity")
+        return cls(dict(d["weights"]), d.get("act_bits"), d.get("granularity", "layer"))
+
+    def to_json(self) -> str:
+        """JSON text (blocks in their stored order)."""
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> "BitConfig":
+        """Inverse of :meth:`to_json`."""
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"BitConfig JSON does not parse: {e}") from None
+        return cls.from_dict(d)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write :meth:`to_json` to ``path`` atomically."""
+        text = self.to_json()
+        atomic_write(path, lambda f: f.write(text), mode="w")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "BitConfig":
+        """Read a BitConfig written by :meth:`save`."""
+        with open(path) as f:
+            return cls.from_json(f.read())
+
+
+# --------------------------------------------------------------------------------------------
+# Modules
+# --------------------------------------------------------------------------------------------
+
+class QuantAct(nn.Module):
+    """Activation fake-quantization with a moving-average min/max range (rule in the module docstring).
+
+    Buffers: ``running_min``/``running_max`` (the tracked range; +-inf before the first batch),
+    ``scale``/``zero_point`` (the grid used in eval mode). The range is updated in training mode
+    only, or whenever ``observe`` is forced to True (see :func:`calibrate_activations`). With
+    ``enabled = False`` the module is the identity and observes nothing.
+    """
+
+    def __init__(self, bits: int, averaging_constant: float = 0.01):
+        super().__init__()
+        self.bits = check_bits(bits, "activation bits")
+        if not 0.0 < averaging_constant <= 1.0:
+            raise ValueError(f"averaging_constant must be in (0, 1], got {averaging_constant!r}")
+        self.averaging_constant = float(averaging_constant)
+        self.quant_min, self.quant_max = 0, 2 ** self.bits - 1
+        self.enabled = True
+        #: None: observe in training mode only; True/False: force observing on/off.
+        self.observe: bool | None = None
+        self.register_buffer("running_min", torch.tensor(float("inf")))
+        self.register_buffer("running_max", torch.tensor(float("-inf")))
+        self.register_buffer("scale", torch.tensor([1.0]))
+        self.register_buffer("zero_point", torch.tensor([0], dtype=torch.int32))
+        self.register_buffer("_on", torch.tensor([1], dtype=torch.uint8), persistent=False)
+        self.register_buffer("_off", torch.tensor([0], dtype=torch.uint8), persistent=False)
+
+    def has_range(self) -> bool:
+        """True once at least one batch has been observed."""
+        return bool(torch.isfinite(self.running_min))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Fake-quantize ``x`` to ``bits`` (updating the range first when observing)."""
+        if not self.enabled:
+            return x
+        observing = self.training if self.observe is None else self.observe
+        if not observing and not self.has_range():
+            raise RuntimeError("QuantAct has no activation range yet: run the model in training mode "
+                               "or call hawqlib.quant.calibrate_activations(...) before evaluating")
+        return torch.fused_moving_avg_obs_fake_quant(
+            x, self._on if observing else self._off, self._on, self.running_min, self.running_max,
+            self.scale, self.zero_point, self.averaging_constant, self.quant_min, self.quant_max, -1)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, averaging_constant={self.averaging_constant}, enabled={self.enabled}"
+
+
+class _QuantWeight:
+    """Shared behaviour of :class:`QuantConv2d` and :class:`QuantLinear` (a mixin on nn.Conv2d / nn.Linear)."""
+
+    weight_bits: int
+    quant_enabled: bool
+
+    def _init_quant(self, weight_bits: int, act_bits: int | None):
+        self.weight_bits = check_bits(weight_bits, "weight_bits")
+        self.quant_enabled = True
+        self.act_quant = QuantAct(act_bits) if act_bits is not None else None
+        # A fixed per-channel scale (set by hawqlib.export.load_packed) replaces the max|w| rule.
+        self.register_buffer("fixed_scale", None)
+
+    def weight_qparams(self):
+        """``(scale, zero_point, qmin, qmax)`` of the weight: from ``fixed_scale`` if set, else max |w|."""
+        if self.fixed_scale is not None:
+            qmax = 1 if self.weight_bits == 1 else 2 ** (self.weight_bits - 1) - 1
+            zp = torch.zeros(self.fixed_scale.shape, dtype=torch.int32, device=self.fixed_scale.device)
+            return self.fixed_scale, zp, -qmax, qmax
+        return quant_params(self.weight, self.weight_bits)
+
+    def quantized_weight(self) -> torch.Tensor:
+        """Q(W) of this module (differentiable by the STE), regardless of ``quant_enabled``."""
+        scale, zp, qmin, qmax = self.weight_qparams()
+        return _fake_quant(self.weight, self.weight_bits, scale, zp, qmin, qmax, True, True)
+
+    def int_weight(self):
+        """``(k, scale)``: int8 codes and per-channel FP32 scales with ``Q(W) == k * scale``."""
+        return quantize_to_int(self.weight, self.weight_bits, scale=self.fixed_scale)
+
+    def _effective(self, x: torch.Tensor):
+        if self.act_quant is not None:
+            x = self.act_quant(x)
+        return x, (self.quantized_weight() if self.quant_enabled else self.weight)
+
+    def _quant_repr(self) -> str:
+        return f"weight_bits={self.weight_bits}, quant_enabled={self.quant_enabled}"
+
+
+class QuantConv2d(_QuantWeight, nn.Conv2d):
+    """nn.Conv2d whose weight is fake-quantized to ``weight_bits`` in the forward pass (STE backward).
+
+    ``act_quant`` (a :class:`QuantAct`, or None) quantizes the input. ``quant_enabled = False``
+    runs the plain FP32 convolution on the FP32 weight.
+    """
+
+    def __init__(self, *args, weight_bits: int = 8, act_bits: int | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_quant(weight_bits, act_bits)
+
+    @classmethod
+    def from_float(cls, conv: nn.Conv2d, weight_bits: int, act_bits: int | None = None) -> "QuantConv2d":
+        """A QuantConv2d sharing ``conv``'s weight and bias Parameters and hyper-parameters."""
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"expected nn.Conv2d, got {type(conv).__name__}")
+        q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
+                device="meta", weight_bits=weight_bits, act_bits=act_bits)
+        q.weight, q.bias = conv.weight, conv.bias
+        if q.act_quant is not None:
+            q.act_quant.to(conv.weight.device)
+        q.train(conv.training)
+        return q
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """conv(Q_a(x), Q(W)) (or the FP32 pieces where quantization is disabled)."""
+        x, w = self._effective(x)
+        return self._conv_forward(x, w, self.bias)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", " + self._quant_repr()
+
+
+class QuantLinear(_QuantWeight, nn.Linear):
+    """nn.Linear whose weight is fake-quantized to ``weight_bits`` in the forward pass (STE backward)."""
+
+    def __init__(self, *args, weight_bits: int = 8, act_bits: int | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_quant(weight_bits, act_bits)
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, weight_bits: int, act_bits: int | None = None) -> "QuantLinear":
+        """A QuantLinear sharing ``linear``'s weight and bias Parameters."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"expected nn.Linear, got {type(linear).__name__}")
+        q = cls(linear.in_features, linear.out_features, linear.bias is not None, device="meta",
+                weight_bits=weight_bits, act_bits=act_bits)
+        q.weight, q.bias = linear.weight, linear.bias
+        if q.act_quant is not None:
+            q.act_quant.to(linear.weight.device)
+        q.train(linear.training)
+        return q
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """linear(Q_a(x), Q(W)) (or the FP32 pieces where quantization is disabled)."""
+        x, w = self._effective(x)
+        return F.linear(x, w, self.bias)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", " + self._quant_repr()
+
+
+QUANT_MODULES = (QuantConv2d, QuantLinear)
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def quantize_model(model: nn.Module, bit_config: BitConfig, act_bits: int | None = None) -> nn.Module:
+    """A quantized deep copy of ``model`` (``model`` itself is untouched).
+
+    Each Conv2d/Linear of each block in ``bit_config`` becomes a :class:`QuantConv2d` /
+    :class:`QuantLinear` at that block's bits. Activations: ``act_bits`` if given, else
+    ``bit_config.act_bits``; when that is None no activation is quantized. Otherwise every
+    quantized layer gets a :class:`QuantAct` on its input, except the first quantized layer in
+    module order, whose input is the image (left FP32: our choice, see the module docstring).
+    The copy carries the effective config as ``qmodel.bit_config``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
+    if not isinstance(bit_config, BitConfig):
+        raise TypeError(f"bit_config must be a BitConfig, got {type(bit_config).__name__}")
+    if any(isinstance(m, QUANT_MODULES) for m in model.modules()):
+        raise ValueError("model is already quantized (it holds QuantConv2d/QuantLinear modules)")
+    bit_config.validate(model)
+    a_bits = bit_config.act_bits if act_bits is None else check_bits(act_bits, "act_bits")
+    qmodel = copy.deepcopy(model)
+    first = next((n for n, m in qmodel.named_modules() if isinstance(m, QUANT_TYPES)), None)
+    for block in quant_blocks(qmodel, bit_config.granularity):
+        bits = bit_config.weights[block.name]
+        for name, m in zip(block.module_names, block.modules):
+            cls = QuantConv2d if isinstance(m, nn.Conv2d) else QuantLinear
+            ab = None if (a_bits is None or name == first) else a_bits
+            _set_submodule(qmodel, name, cls.from_float(m, bits, ab))
+    qmodel.bit_config = BitConfig(dict(bit_config.weights), a_bits,
+                                  copy.copy(bit_config.granularity))
+    return qmodel
+
+
+def quant_modules(qmodel: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of every QuantConv2d/QuantLinear of ``qmodel``, in module order."""
+    return [(n, m) for n, m in qmodel.named_modules() if isinstance(m, QUANT_MODULES)]
+
+
+def set_quant_enabled(qmodel: nn.Module, block_names: Iterable[str] | None, enabled: bool, *,
+                      activations: bool = True) -> None:
+    """Switch weight quantization (and, with ``activations``, input quantization) of whole blocks.
+
+    ``block_names`` are names of ``qmodel.bit_config``'s blocks (None: all blocks). Blocks
+    switched off compute in FP32, as the not-yet-quantized blocks of staged fine-tuning do.
+    """
+    cfg = getattr(qmodel, "bit_config", None)
+    if not isinstance(cfg, BitConfig):
+        raise ValueError("qmodel has no bit_config: pass a model returned by quantize_model")
+    blocks = {b.name: b for b in quant_blocks(qmodel, cfg.granularity)}
+    names = list(blocks) if block_names is None else (
+        [block_names] if isinstance(block_names, str) else list(block_names))
+    unknown = [n for n in names if n not in blocks]
+    if unknown:
+        raise ValueError(f"unknown block(s) {unknown}; valid block names: {list(blocks)}")
+    for n in names:
+        for m in blocks[n].modules:
+            if not isinstance(m, QUANT_MODULES):
+                raise ValueError(f"module of block {n!r} is not quantized ({type(m).__name__})")
+            m.quant_enabled = bool(enabled)
+            if activations and m.act_quant is not None:
+                m.act_quant.enabled = bool(enabled)
+
+
+@torch.no_grad()
+def calibrate_activations(qmodel: nn.Module, batches: Iterable, *, num_batches: int | None = None) -> int:
+    """Observe activation ranges on ``batches`` (inputs, or (inputs, labels) pairs) in eval mode.
+
+    BatchNorm statistics are not touched (the model runs in eval mode); every enabled
+    :class:`QuantAct` updates its range by the moving-average rule. Returns the batches seen.
+    """
+    acts = [m for m in qmodel.modules() if isinstance(m, QuantAct)]
+    was_training = qmodel.training
+    qmodel.eval()
+    seen = 0
+    try:
+        for a in acts:
+            a.observe = True
+        for batch in batches:
+            if num_batches is not None and seen >= num_batches:
+                break
+            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            qmodel(x)
+            seen += 1
+    finally:
+        for a in acts:
+            a.observe = None
+        qmodel.train(was_training)
+    return seen
