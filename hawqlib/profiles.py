@@ -23,19 +23,119 @@ _BASELINE_CPU = {
     "train_subset": None, "test_subset": None,
 }
 
+# ----------------------------------------------------------------------------- notebook sections
+# Every section below is read by one or more notebooks (notebooks/*.ipynb). Values the paper does
+# not state are our choices; each carries its reason.
+
+_HESSIAN_CPU = {
+    # Our choice: the Hessian of the mean loss over a seeded sample of 512 training images (no
+    # augmentation, BatchNorm in eval mode), the data size of the reference measurements (paper.md).
+    "n_samples": 512, "data_seed": 0,
+    # Lanczos to a Ritz residual of 1e-4 (relative), at most 100 products per block; "auto" picks the
+    # exact Gauss-Newton route where it is exact and autograd elsewhere (hawqlib.hessian).
+    "method": "auto", "solver": "lanczos", "tol": 1e-4, "max_iter": 100, "seed": 0,
+    "granularities": ["layer", "residual"],
+    # Convergence figure: both solvers on every layer, run to a tight residual to show the whole curve.
+    "convergence": {"solvers": ["lanczos", "power"], "tol": 1e-6, "max_iter": 200},
+    # Stability figure: lambda_i from several seeded samples of each size.
+    "stability": {"n_samples": [64, 128, 256, 512, 1024], "seeds": [0, 1, 2, 3, 4]},
+}
+
+_LANDSCAPE_CPU = {
+    # Our choice: same data as the spectrum; the 1-D range is set so that the second-order model
+    # 0.5 * lambda * alpha^2 of the sharpest block rises by `rise` nats at the ends (same range for
+    # both blocks, so their curvatures compare directly).
+    "n_samples": 512, "data_seed": 0, "granularity": "layer", "points": 41, "rise": 2.0,
+    "grid": 21, "seed": 0,
+}
+
+_ALLOCATION_CPU = {
+    # The paper's ResNet20 target: weights 13.1x smaller than FP32 ("2 MP"), activations 4 bits.
+    "granularity": "layer", "choices": [2, 3, 4, 8], "act_bits": 4,
+    "targets": {"2 MP": 13.1},
+    # Pareto figure: every policy at each weight-compression budget (infeasible budgets are skipped).
+    "pareto_compressions": [4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 13.1, 14.0],
+    "random_seeds": [0, 1, 2, 3, 4],
+}
+
+_FINETUNE_CPU = {
+    # Our choice: 4 stages (the blocks split into 4 groups by Omega order) of 4 epochs each on the full
+    # training set, SGD with Nesterov momentum 0.9, lr 0.01 with cosine decay within each stage, batch
+    # 128, weight decay 1e-4. 16 epochs of quantization-aware training at ~100 s/epoch is ~30 min
+    # per row on a 2-core CPU; every row of the ResNet20 table and the ablation gets the same budget.
+    "stages": 4, "epochs_per_stage": 4, "lr": 0.01, "momentum": 0.9, "nesterov": True,
+    "weight_decay": 1e-4, "batch_size": 128, "seed": 0, "train_subset": None, "test_subset": None,
+    # Direct (one-stage) uniform quantization gets the same total epochs.
+    "uniform": [{"weight_bits": 4, "act_bits": 4}, {"weight_bits": 2, "act_bits": 4}],
+}
+
+_ABLATION_CPU = {
+    "allocations": ["hawq", "reverse", "random"],
+    "orders": ["omega", "reverse", "random"],
+    "seed": 0,
+}
+
+_IMAGENET_CPU = {
+    # Without an ImageNet root the pipeline runs on seeded synthetic images (no accuracy is claimed).
+    "models": ["resnet50", "inception_v3", "squeezenext"],
+    "synthetic": {"n_samples": 8, "image_size": {"resnet50": 112, "inception_v3": 139, "squeezenext": 112}},
+    "n_samples": 256, "data_seed": 0,   # with an ImageNet root: images drawn from its val split
+    # Our choice: residual granularity (one block per residual/inception block), which keeps the
+    # spectrum at a few dozen blocks; a looser tolerance than ResNet20's, as ImageNet models are 100x
+    # larger.
+    "granularity": "residual", "method": "auto", "solver": "lanczos", "tol": 1e-3, "max_iter": 50, "seed": 0,
+    "choices": [2, 3, 4, 8],
+    # The paper's targets: weight compression and activation bits per model.
+    "targets": {"resnet50": {"compression": 12.3, "act_bits": 4},
+                "inception_v3": {"compression": 12.0, "act_bits": 4},
+                "squeezenext": {"compression": 9.3, "act_bits": 8}},
+}
+
+
+def _with(base: dict, **changes) -> dict:
+    out = copy.deepcopy(base)
+    out.update(changes)
+    return out
+
+
 PROFILES: dict[str, dict] = {
     "smoke": {
         "description": "every notebook in minutes on 2 CPU cores; what tests and CI run",
         "baseline": {**_BASELINE_CPU, "epochs": 1, "batch_size": 128, "eval_every": 1,
                      "train_subset": 1024, "test_subset": 500},
+        "hessian": _with(_HESSIAN_CPU, n_samples=64, max_iter=30,
+                         convergence={"solvers": ["lanczos", "power"], "tol": 1e-4, "max_iter": 30},
+                         stability={"n_samples": [32, 64], "seeds": [0, 1]}),
+        "landscape": _with(_LANDSCAPE_CPU, n_samples=64, points=11, grid=5),
+        "allocation": _with(_ALLOCATION_CPU, pareto_compressions=[4.0, 8.0, 13.1], random_seeds=[0, 1]),
+        "finetune": _with(_FINETUNE_CPU, stages=2, epochs_per_stage=1, batch_size=64,
+                          train_subset=256, test_subset=256),
+        "ablation": dict(_ABLATION_CPU),
+        "imagenet": _with(_IMAGENET_CPU, synthetic={"n_samples": 2, "image_size": {
+                              "resnet50": 64, "inception_v3": 75, "squeezenext": 64}},
+                          n_samples=8, tol=1e-2, max_iter=10),
     },
     "cpu": {
         "description": "the published results: hours on a 2-core CPU, resumable",
         "baseline": dict(_BASELINE_CPU),
+        "hessian": copy.deepcopy(_HESSIAN_CPU),
+        "landscape": dict(_LANDSCAPE_CPU),
+        "allocation": copy.deepcopy(_ALLOCATION_CPU),
+        "finetune": copy.deepcopy(_FINETUNE_CPU),
+        "ablation": copy.deepcopy(_ABLATION_CPU),
+        "imagenet": copy.deepcopy(_IMAGENET_CPU),
     },
     "paper": {
         "description": "the paper-scale schedule, for a GPU",
         "baseline": dict(_BASELINE_CPU),
+        "hessian": _with(_HESSIAN_CPU, n_samples=2048,
+                         stability={"n_samples": [128, 256, 512, 1024, 2048, 4096], "seeds": [0, 1, 2, 3, 4]}),
+        "landscape": _with(_LANDSCAPE_CPU, n_samples=2048, points=61, grid=41),
+        "allocation": copy.deepcopy(_ALLOCATION_CPU),
+        # Our choice for a GPU: 8 stages of 10 epochs (80 epochs of quantization-aware training).
+        "finetune": _with(_FINETUNE_CPU, stages=8, epochs_per_stage=10),
+        "ablation": copy.deepcopy(_ABLATION_CPU),
+        "imagenet": _with(_IMAGENET_CPU, n_samples=1024, tol=1e-4, max_iter=100),
     },
 }
 
