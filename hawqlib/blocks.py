@@ -6,7 +6,9 @@ The paper does not restate what a block is in each network. We offer two granula
   that is 20 blocks: the stem, 18 residual convolutions and the classifier.
 - ``"residual"``: the convolutions of each residual block (any module with a ``shortcut``
   or ``downsample`` attribute, or torchvision's ``Bottleneck``/``BasicBlock``) form one block;
-  layers outside residual blocks (stem, classifier) stay blocks of their own.
+  layers outside residual blocks (stem, classifier) stay blocks of their own. SqueezeNext blocks
+  have a ``shortcut``; Inception-V3, which has no residual blocks, gets one block per Inception
+  ("Mixed") module (:data:`INCEPTION_MODULES`, our choice).
 
 A user may instead pass a list of module names (each a dotted path to a module whose
 Conv2d/Linear descendants form one block).
@@ -25,6 +27,9 @@ from torch import nn
 __all__ = ["Block", "quant_blocks", "GRANULARITIES", "QUANT_TYPES", "is_residual_block"]
 
 GRANULARITIES = ("layer", "residual")
+#: torchvision Inception-V3 modules that count as one block at "residual" granularity (our choice:
+#: Inception-V3 has no residual blocks; its repeated multi-branch "Mixed" modules play their part).
+INCEPTION_MODULES = ("InceptionA", "InceptionB", "InceptionC", "InceptionD", "InceptionE", "InceptionAux")
 #: Module types whose ``weight`` is quantized.
 QUANT_TYPES = (nn.Conv2d, nn.Linear)
 
@@ -49,10 +54,11 @@ class Block:
 
 
 def is_residual_block(module: nn.Module) -> bool:
-    """True for a residual block: a module with a ``shortcut``/``downsample`` or a torchvision ResNet block."""
+    """True for a residual block: a module with a ``shortcut``/``downsample``, a torchvision ResNet block,
+    or an Inception-V3 module (:data:`INCEPTION_MODULES`)."""
     if hasattr(module, "shortcut") or hasattr(module, "downsample"):
         return True
-    return type(module).__name__ in ("BasicBlock", "Bottleneck")
+    return type(module).__name__ in ("BasicBlock", "Bottleneck") + INCEPTION_MODULES
 
 
 def _quant_modules(module: nn.Module, prefix: str) -> list[tuple[str, nn.Module]]:
