@@ -42,6 +42,12 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--eval-every", type=int)
     t.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     t.set_defaults(func=_train)
+    from . import book
+
+    b = sub.add_parser("book", help="execute the notebooks with papermill and build the Jupyter Book; "
+                                    "prints the path of the built index.html")
+    book.add_arguments(b)
+    b.set_defaults(func=book.cli)
     args = p.parse_args(argv)
     return args.func(args)
 

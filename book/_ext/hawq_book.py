@@ -1,0 +1,281 @@
+"""Sphinx extension for the HAWQ companion book: values pulled from the code, never typed into prose.
+
+- role ``{profile}`` ```cpu:baseline.epochs``` pastes one profile parameter (:mod:`hawqlib.profiles`);
+  an unknown profile or key is a build error.
+- directive ``{profile-table}`` ``section`` tabulates one profile section for every profile.
+- directive ``{timings-table}`` tabulates ``executed/timings.json`` (notebook wall times written by
+  :mod:`hawqlib.book`) and the machine they ran on; a missing file is a build error.
+- directive ``{our-choices}`` collects every "our choice" statement of the package: docstring
+  paragraphs and ``# Our choice`` comment blocks, grouped by module, so the "Our choices" page
+  stays complete as the code changes.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import io
+import json
+import pkgutil
+import re
+import textwrap
+import tokenize
+from pathlib import Path
+
+from docutils import nodes
+from docutils.parsers.rst import Parser as RSTParser
+from docutils.parsers.rst import directives
+from docutils.utils import new_document
+from sphinx.util.docutils import SphinxDirective, SphinxRole
+
+CHOICE = re.compile(r"our choice(?!s)|choice \(ours|\(ours[,:)]", re.IGNORECASE)
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "all"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_fmt(v) for v in value)
+    if isinstance(value, dict):
+        return "; ".join(f"{k}: {_fmt(v)}" for k, v in value.items())
+    return str(value)
+
+
+def _lookup(spec: str):
+    from hawqlib import profiles
+
+    if ":" not in spec:
+        raise ValueError(f"expected 'profile:section.key', got {spec!r}")
+    name, path = spec.split(":", 1)
+    value = profiles.get(name)
+    for part in path.split("."):
+        if not isinstance(value, dict) or part not in value:
+            have = ", ".join(value) if isinstance(value, dict) else type(value).__name__
+            raise KeyError(f"profile {name!r} has no {path!r} (no {part!r}; there: {have})")
+        value = value[part]
+    return value
+
+
+class ProfileRole(SphinxRole):
+    """``{profile}`cpu:baseline.lr``` -> the value, formatted for prose."""
+
+    def run(self):
+        try:
+            text = _fmt(_lookup(self.text.strip()))
+        except (ValueError, KeyError) as exc:
+            msg = self.inliner.reporter.error(f"profile role: {exc}", line=self.lineno)
+            return [nodes.problematic(self.rawtext, self.rawtext)], [msg]
+        return [nodes.literal(text, text, classes=["profile-value"])], []
+
+
+def _table(header: list[str], rows: list[list[str]], widths=None) -> nodes.table:
+    table = nodes.table(classes=["colwidths-auto"])
+    group = nodes.tgroup(cols=len(header))
+    table += group
+    for _ in header:
+        group += nodes.colspec(colwidth=1)
+    thead, tbody = nodes.thead(), nodes.tbody()
+    group += thead
+    group += tbody
+    for cells, parent in [(header, thead)] + [(r, tbody) for r in rows]:
+        row = nodes.row()
+        for cell in cells:
+            entry = nodes.entry()
+            entry += nodes.paragraph(text=str(cell))
+            row += entry
+        parent += row
+    return table
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v and all(isinstance(x, (dict, int, float, str, bool, list, type(None)))
+                                             for x in v.values()) and not all(
+                isinstance(x, (int, float)) for x in v.values()):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+class ProfileTable(SphinxDirective):
+    """A table of one profile section (argument) with a column per profile."""
+
+    required_arguments = 1
+    has_content = False
+
+    def run(self):
+        from hawqlib import profiles
+
+        section = self.arguments[0]
+        flat = {}
+        for name in profiles.PROFILES:
+            p = profiles.get(name)
+            if section not in p or not isinstance(p[section], dict):
+                return [self.state.document.reporter.error(
+                    f"profile-table: profile {name!r} has no section {section!r}", line=self.lineno)]
+            flat[name] = _flatten(p[section])
+        keys = list(dict.fromkeys(k for f in flat.values() for k in f))
+        rows = [[k] + [_fmt(flat[n][k]) if k in flat[n] else "-" for n in profiles.PROFILES] for k in keys]
+        return [_table(["parameter"] + list(profiles.PROFILES), rows)]
+
+
+class TimingsTable(SphinxDirective):
+    """The per-notebook wall times the runner measured (``executed/timings.json``) and the machine."""
+
+    has_content = False
+    option_spec = {"path": directives.unchanged}
+
+    def run(self):
+        rel = self.options.get("path", "executed/timings.json")
+        path = Path(self.env.srcdir) / rel
+        self.env.note_dependency(str(path))
+        try:
+            data = json.loads(path.read_text())
+            entries = data["notebooks"]
+        except (OSError, ValueError, KeyError) as exc:
+            return [self.state.document.reporter.error(
+                f"timings-table: cannot read {path} ({exc}); run `python -m hawqlib book` first",
+                line=self.lineno)]
+        from hawqlib.book import NOTEBOOKS
+
+        order = [n for n in NOTEBOOKS if n in entries] + sorted(set(entries) - set(NOTEBOOKS))
+        rows, total, machines = [], 0.0, {}
+        for name in order:
+            e = entries[name]
+            total += float(e["wall_s"])
+            m = e.get("machine", {})
+            mkey = json.dumps(m, sort_keys=True)
+            machines.setdefault(mkey, m)
+            rows.append([name, e.get("profile", "?"), f"{float(e['wall_s']):.1f}",
+                         "recomputed" if e.get("force") else "artifacts reused when stored",
+                         e.get("finished", "")])
+        rows.append(["total", "", f"{total:.1f}", "", ""])
+        out = [_table(["notebook", "profile", "wall time (s)", "artifacts", "finished (UTC)"], rows)]
+        for m in machines.values():
+            desc = (f"Machine: {m.get('processor', '?')}, {m.get('cpus', '?')} CPU cores"
+                    + (f", GPU {m['gpu']}" if m.get("gpu") else ", no GPU")
+                    + f"; {m.get('platform', '?')}; Python {m.get('python', '?')}, torch {m.get('torch', '?')} "
+                      f"({m.get('torch_threads', '?')} threads).")
+            out.append(nodes.paragraph(text=desc))
+        return out
+
+
+def _paragraphs(doc: str) -> list[str]:
+    doc = inspect.cleandoc(doc)
+    return [p.strip() for p in re.split(r"\n\s*\n", doc) if p.strip()]
+
+
+def _comment_blocks(source: str) -> list[tuple[int, str, str]]:
+    """(line, comment text, the next code line) for each block of consecutive ``#`` comments."""
+    blocks, cur, start, last = [], [], 0, -2
+    lines = source.splitlines()
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            line = tok.start[0]
+            if line != last + 1 and cur:
+                blocks.append((start, cur))
+                cur = []
+            if not cur:
+                start = line
+            cur.append(tok.string.lstrip("#").lstrip(":").strip())
+            last = line
+    if cur:
+        blocks.append((start, cur))
+    out = []
+    for start, texts in blocks:
+        end = start + len(texts)
+        nxt = next((ln.strip() for ln in lines[end - 1:] if ln.strip() and not ln.strip().startswith("#")), "")
+        out.append((start, " ".join(texts), nxt))
+    return out
+
+
+def collect_choices(package: str = "hawqlib") -> dict[str, list[dict]]:
+    """``{module: [{"where", "text", "kind", "code"}]}`` for every "our choice" statement in ``package``."""
+    pkg = importlib.import_module(package)
+    names = [package] + sorted(m.name for m in pkgutil.walk_packages(pkg.__path__, package + "."))
+    found: dict[str, list[dict]] = {}
+    for modname in names:
+        if modname.endswith("__main__"):
+            continue
+        mod = importlib.import_module(modname)
+        items, seen = [], set()
+
+        def add(where, doc):
+            for para in _paragraphs(doc or ""):
+                if CHOICE.search(para) and para not in seen:
+                    seen.add(para)
+                    items.append({"where": where, "text": para, "kind": "doc"})
+
+        add(modname, mod.__doc__)
+        for name, obj in vars(mod).items():
+            if name.startswith("_") or getattr(obj, "__module__", None) != modname:
+                continue
+            if inspect.isclass(obj) or inspect.isfunction(obj):
+                add(f"{modname}.{name}", obj.__doc__)
+                if inspect.isclass(obj):
+                    for mname, meth in vars(obj).items():
+                        if not mname.startswith("_") and (inspect.isfunction(meth) or isinstance(meth, property)):
+                            add(f"{modname}.{name}.{mname}", meth.__doc__)
+        try:
+            source = inspect.getsource(mod)
+        except (OSError, TypeError):
+            source = ""
+        for line, text, code in _comment_blocks(source):
+            if CHOICE.search(text):
+                items.append({"where": f"{modname}, line {line}", "text": text, "kind": "comment", "code": code})
+        if items:
+            found[modname] = items
+    return found
+
+
+def _rst_nodes(text: str, settings) -> list[nodes.Node]:
+    doc = new_document("<docstring>", settings)
+    RSTParser().parse(text, doc)
+    # Docstrings write norms as |w| and ||x||: plain text there, as in autodoc's rendering, not
+    # reStructuredText substitutions.
+    for ref in list(doc.findall(nodes.substitution_reference)):
+        ref.replace_self(nodes.Text(ref.rawsource or f"|{ref.astext()}|"))
+    return [n for n in doc.children if not isinstance(n, nodes.system_message)]
+
+
+class OurChoices(SphinxDirective):
+    """Every "our choice" statement of the package, grouped by module, as admonitions."""
+
+    has_content = False
+    option_spec = {"package": directives.unchanged}
+
+    def run(self):
+        found = collect_choices(self.options.get("package", "hawqlib"))
+        out = []
+        for modname, items in found.items():
+            section = nodes.rubric(text=modname)
+            out.append(section)
+            for item in items:
+                adm = nodes.admonition(classes=["tip", "our-choice"])
+                adm += nodes.title(text=f"Our choice: {item['where']}")
+                if item["kind"] == "doc":
+                    adm += _rst_nodes(item["text"], self.state.document.settings)
+                else:
+                    adm += nodes.paragraph(text=item["text"])
+                    if item.get("code"):
+                        adm += nodes.literal_block(item["code"], item["code"], language="python")
+                out.append(adm)
+        if not out:
+            out.append(self.state.document.reporter.error("our-choices: no 'our choice' statement found",
+                                                          line=self.lineno))
+        return out
+
+
+def setup(app):
+    """Register the roles and directives."""
+    app.add_role("profile", ProfileRole())
+    app.add_directive("profile-table", ProfileTable)
+    app.add_directive("timings-table", TimingsTable)
+    app.add_directive("our-choices", OurChoices)
+    return {"version": "0.1", "parallel_read_safe": True, "parallel_write_safe": True}
