@@ -148,6 +148,61 @@ class _STE(torch.autograd.Function):
         return g, None
 
 
+def _grid(x: torch.Tensor, scale, inv, lo, hi, clamp: bool = True) -> torch.Tensor:
+    """``clamp(round(x * inv), lo, hi) * scale`` without autograd, in four vectorized passes.
+
+    ``clamp = False`` skips the clamp, for callers that know no element rounds outside [lo, hi].
+    """
+    t = torch.mul(x.detach(), inv)
+    t.round_()
+    if clamp:
+        t.clamp_(lo, hi)
+    return t.mul_(scale)
+
+
+class _FakeQuantSTE(torch.autograd.Function):
+    """Fake quantization on a grid; backward = straight-through estimator.
+
+    Forward: ``clamp(round(x * inv), lo, hi) * scale``, the exact arithmetic of
+    ``torch.fake_quantize_per_*_affine`` (``inv = 1/scale`` in float32, round half to even; the
+    tests check bit equality with those ops). Backward: the identity where ``x`` lies inside the
+    grid's range widened by half a step (where rounding does not saturate), zero outside, when
+    ``clip_grad``; the plain identity otherwise (a caller passes ``clip_grad = False`` when it
+    knows that no element saturates, e.g. a range taken from the tensor itself).
+    ``grad_inplace``: the incoming gradient may be overwritten (only for callers whose output
+    feeds a single op with a freshly allocated input gradient, such as a convolution).
+    """
+
+    @staticmethod
+    def forward(ctx, x, scale, inv, lo, hi, clip_grad, grad_inplace=False, clamp=True):
+        ctx.clip, ctx.inplace = clip_grad, grad_inplace
+        if clip_grad:
+            ctx.save_for_backward(x)
+            ctx.bounds = ((lo - 0.5) * scale, (hi + 0.5) * scale)
+        return _grid(x, scale, inv, lo, hi, clamp)
+
+    @staticmethod
+    def backward(ctx, g):
+        if not ctx.clip:
+            return g, None, None, None, None, None, None, None
+        x, = ctx.saved_tensors
+        a, b = ctx.bounds
+        if isinstance(a, float):  # per-tensor: one fused, vectorized masking pass
+            if ctx.inplace and g.is_contiguous(memory_format=_memory_format(x)):
+                gx = torch.ops.aten.hardtanh_backward.grad_input(g, x, a, b, grad_input=g)
+            else:
+                gx = torch.ops.aten.hardtanh_backward(g, x, a, b)
+        else:
+            gx = torch.where((x > a) & (x < b), g, 0.0)
+        return gx, None, None, None, None, None, None, None
+
+
+def _memory_format(x: torch.Tensor):
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 def _binary(w: torch.Tensor, scale: torch.Tensor, per_channel: bool) -> torch.Tensor:
     s = scale.to(w.dtype)
     if per_channel and w.dim() > 1:
@@ -157,12 +212,26 @@ def _binary(w: torch.Tensor, scale: torch.Tensor, per_channel: bool) -> torch.Te
 
 
 def _fake_quant(w: torch.Tensor, bits: int, scale: torch.Tensor, zero_point: torch.Tensor,
-                qmin: int, qmax: int, per_channel: bool, symmetric: bool) -> torch.Tensor:
+                qmin: int, qmax: int, per_channel: bool, symmetric: bool, clip_grad: bool = False) -> torch.Tensor:
     if bits == 1 and symmetric:
         return _binary(w, scale, per_channel)
     if per_channel and w.dim() > 1:
-        return torch.fake_quantize_per_channel_affine(w, scale, zero_point, 0, qmin, qmax)
-    return torch.fake_quantize_per_tensor_affine(w, scale, zero_point, qmin, qmax)
+        shape = (-1,) + (1,) * (w.dim() - 1)
+        s = scale.view(shape)
+        inv = (1.0 / scale).view(shape)
+        if symmetric:
+            lo, hi = float(qmin), float(qmax)
+        else:
+            z = zero_point.to(scale.dtype).view(shape)
+            lo, hi = qmin - z, qmax - z
+    else:
+        s = scale.reshape(())
+        inv = 1.0 / s
+        z = zero_point.reshape(()).to(s.dtype)
+        lo, hi = qmin - z, qmax - z
+    if not (w.requires_grad and torch.is_grad_enabled()):
+        return _grid(w, s, inv, lo, hi)
+    return _FakeQuantSTE.apply(w, s, inv, lo, hi, clip_grad)
 
 
 def quantize_tensor(w: torch.Tensor, bits: int, *, per_channel: bool = True, symmetric: bool = True) -> torch.Tensor:
@@ -324,9 +393,11 @@ class QuantAct(nn.Module):
     """Activation fake-quantization with a moving-average min/max range (rule in the module docstring).
 
     Buffers: ``running_min``/``running_max`` (the tracked range; +-inf before the first batch),
-    ``scale``/``zero_point`` (the grid used in eval mode). The range is updated in training mode
-    only, or whenever ``observe`` is forced to True (see :func:`calibrate_activations`). With
-    ``enabled = False`` the module is the identity and observes nothing.
+    ``scale``/``zero_point`` (the grid, recomputed from the range after each observation and used
+    as is in eval mode). The range is updated in training mode only, or whenever ``observe`` is
+    forced to True (see :func:`calibrate_activations`). With ``enabled = False`` the module is the
+    identity and observes nothing. Gradient: straight-through inside the range widened by half a
+    step, zero outside (where the quantizer saturates).
     """
 
     def __init__(self, bits: int, averaging_constant: float = 0.01):
@@ -339,28 +410,66 @@ class QuantAct(nn.Module):
         self.enabled = True
         #: None: observe in training mode only; True/False: force observing on/off.
         self.observe: bool | None = None
+        #: Set by QuantConv2d/QuantLinear, whose convolution hands back a fresh input gradient.
+        self.grad_inplace = False
         self.register_buffer("running_min", torch.tensor(float("inf")))
         self.register_buffer("running_max", torch.tensor(float("-inf")))
         self.register_buffer("scale", torch.tensor([1.0]))
         self.register_buffer("zero_point", torch.tensor([0], dtype=torch.int32))
-        self.register_buffer("_on", torch.tensor([1], dtype=torch.uint8), persistent=False)
-        self.register_buffer("_off", torch.tensor([0], dtype=torch.uint8), persistent=False)
 
     def has_range(self) -> bool:
         """True once at least one batch has been observed."""
         return bool(torch.isfinite(self.running_min))
+
+    @torch.no_grad()
+    def observe_batch(self, x: torch.Tensor):
+        """Update the range with ``x`` by the moving-average rule and recompute ``scale``/``zero_point``.
+
+        Returns the batch's ``(min, max)`` as 0-dim tensors.
+        """
+        # A channels_last tensor is dense: reduce over its memory order (much faster than over NCHW strides).
+        flat = x.detach()
+        if _memory_format(flat) is torch.channels_last:
+            flat = flat.permute(0, 2, 3, 1)
+        lo, hi = torch.aminmax(flat)
+        if self.has_range():
+            c = self.averaging_constant
+            self.running_min.add_(c * (lo - self.running_min))
+            self.running_max.add_(c * (hi - self.running_max))
+        else:
+            self.running_min.copy_(lo)
+            self.running_max.copy_(hi)
+        # torch.ao's affine qparams: the range always contains 0; scale >= float32 eps.
+        lo_, hi_ = self.running_min.clamp(max=0.0), self.running_max.clamp(min=0.0)
+        scale = ((hi_ - lo_) / float(self.quant_max - self.quant_min)).clamp_min(torch.finfo(torch.float32).eps)
+        zp = (self.quant_min - torch.round(lo_ / scale)).clamp(self.quant_min, self.quant_max)
+        self.scale.copy_(scale.reshape(1))
+        self.zero_point.copy_(zp.reshape(1).to(torch.int32))
+        return lo, hi
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Fake-quantize ``x`` to ``bits`` (updating the range first when observing)."""
         if not self.enabled:
             return x
         observing = self.training if self.observe is None else self.observe
-        if not observing and not self.has_range():
+        batch = self.observe_batch(x) if observing else None
+        if batch is None and not self.has_range():
             raise RuntimeError("QuantAct has no activation range yet: run the model in training mode "
                                "or call hawqlib.quant.calibrate_activations(...) before evaluating")
-        return torch.fused_moving_avg_obs_fake_quant(
-            x, self._on if observing else self._off, self._on, self.running_min, self.running_max,
-            self.scale, self.zero_point, self.averaging_constant, self.quant_min, self.quant_max, -1)
+        s = self.scale.item()                        # a float32 value, held exactly by the Python float
+        inv_t = 1.0 / self.scale                     # float32 division, as torch's fake-quant kernels do
+        inv = inv_t.item()
+        z = int(self.zero_point.item())
+        lo, hi = float(self.quant_min - z), float(self.quant_max - z)
+        if not (x.requires_grad and torch.is_grad_enabled()):
+            return _grid(x, s, inv, lo, hi)
+        saturates = True
+        if batch is not None:
+            # fl(x * inv) is monotone in x, so the batch extremes tell whether any element rounds
+            # outside [lo, hi]; if none does, the clamp is a no-op and the STE mask is all ones.
+            t = (torch.stack(batch) * inv_t).tolist()
+            saturates = not (t[0] > lo - 0.5 and t[1] < hi + 0.5)
+        return _FakeQuantSTE.apply(x, s, inv, lo, hi, saturates, self.grad_inplace, saturates)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, averaging_constant={self.averaging_constant}, enabled={self.enabled}"
@@ -376,6 +485,8 @@ class _QuantWeight:
         self.weight_bits = check_bits(weight_bits, "weight_bits")
         self.quant_enabled = True
         self.act_quant = QuantAct(act_bits) if act_bits is not None else None
+        if self.act_quant is not None:
+            self.act_quant.grad_inplace = True
         # A fixed per-channel scale (set by hawqlib.export.load_packed) replaces the max|w| rule.
         self.register_buffer("fixed_scale", None)
 
@@ -390,7 +501,8 @@ class _QuantWeight:
     def quantized_weight(self) -> torch.Tensor:
         """Q(W) of this module (differentiable by the STE), regardless of ``quant_enabled``."""
         scale, zp, qmin, qmax = self.weight_qparams()
-        return _fake_quant(self.weight, self.weight_bits, scale, zp, qmin, qmax, True, True)
+        return _fake_quant(self.weight, self.weight_bits, scale, zp, qmin, qmax, True, True,
+                           clip_grad=self.fixed_scale is not None)
 
     def int_weight(self):
         """``(k, scale)``: int8 codes and per-channel FP32 scales with ``Q(W) == k * scale``."""
