@@ -1,0 +1,270 @@
+"""Staged quantization-aware fine-tuning in the Omega order (HAWQ section 3.2, "multi-stage fine-tuning").
+
+The paper quantizes blocks progressively: the block with the largest ``Omega_i = lambda_i
+||Q(W_i) - W_i||_2^2`` (:func:`hawqlib.allocate.finetune_order`) first; between stages the network is
+fine-tuned with the already-quantized blocks held in their quantized form by the straight-through
+estimator, and at the end every block is quantized (section 3.2-3.3). The per-stage schedule is not
+restated by the paper. Our choices, with their reasons:
+
+- **Stages.** The ordered block list is split into ``stages`` contiguous groups of sizes that differ by at
+  most one, larger groups first (``numpy.array_split``'s rule): with 20 blocks and 4 stages, groups of
+  5. Stage k switches on the weight quantization of group k (groups 1..k are then quantized) and
+  fine-tunes the whole network for ``epochs_per_stage`` epochs. ``stages = 1`` is direct quantization
+  (every block at once), the baseline of :func:`direct_finetune`. An optional last stage of
+  ``final_epochs`` fine-tunes the fully quantized network further.
+- **Activations** are quantized (at ``act_bits``) from the first stage on, in every layer that
+  :func:`hawqlib.quant.quantize_model` gives a :class:`~hawqlib.quant.QuantAct`: the activation grid is
+  shared by all blocks, and turning it on last would leave one stage to absorb it alone. Before stage 1
+  the activation ranges are calibrated on ``calibration_batches`` training batches (of epoch 0, in eval
+  mode, :func:`hawqlib.quant.calibrate_activations`), so that the accuracy right after each quantization
+  step can be measured before any fine-tuning.
+- **Optimizer and schedule.** Each stage is one run of :func:`hawqlib.train.train` (SGD with momentum,
+  cosine decay of the learning rate from ``lr`` to 0 within the stage, a fresh optimizer per stage): each
+  stage ends at a settled point before the next group is quantized. The data loader's epochs are
+  numbered globally across stages (stage k, epoch e reads loader epoch ``(k-1)*epochs_per_stage + e``),
+  so every stage sees fresh shuffles and augmentations.
+- **Checkpoints and resume.** Stage k writes into ``checkpoint_dir/stage_k/`` (``checkpoint.pt`` after
+  every epoch, atomically, and ``model.pt`` at its end, by :func:`hawqlib.train.train`); ``history.json``
+  in ``checkpoint_dir`` holds the per-stage records. With ``resume=True`` finished stages are loaded, the
+  interrupted one continues from its last epoch, and the run ends with exactly the weights of an
+  uninterrupted run (CPU, same seed). Each checkpoint records the stage plan, the bit config and a digest
+  of the starting weights, so a checkpoint of another plan is refused rather than silently continued.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .blocks import quant_blocks
+from .quant import BitConfig, calibrate_activations, quantize_model, set_quant_enabled
+from .storage import atomic_write_json
+from .train import CheckpointError, TrainConfig, evaluate, load_checkpoint, train
+
+__all__ = ["stage_groups", "staged_finetune", "direct_finetune", "FINETUNE_FORMAT"]
+
+FINETUNE_FORMAT = "hawqlib.finetune/1"
+
+
+def stage_groups(order: Sequence[str], stages: int) -> list[list[str]]:
+    """Split ``order`` into ``stages`` contiguous groups whose sizes differ by at most one, larger first."""
+    n = len(order)
+    if isinstance(stages, bool) or not isinstance(stages, int) or not 1 <= stages <= n:
+        raise ValueError(f"stages must be an int in 1..{n} (the number of blocks), got {stages!r}")
+    q, r = divmod(n, stages)
+    out, i = [], 0
+    for k in range(stages):
+        size = q + (1 if k < r else 0)
+        out.append(list(order[i:i + size]))
+        i += size
+    return out
+
+
+def _order_names(order, bit_config: BitConfig) -> list[str]:
+    if isinstance(order, (str, bytes)) or not isinstance(order, Sequence):
+        raise TypeError("order must be a sequence of block names or of records with a .name "
+                        "(e.g. hawqlib.allocate.finetune_order(...))")
+    names = []
+    for o in order:
+        name = o if isinstance(o, str) else getattr(o, "name", None)
+        if not isinstance(name, str):
+            raise TypeError(f"order entries must be block names or records with a .name, got {o!r}")
+        names.append(name)
+    dup = sorted({n for n in names if names.count(n) > 1})
+    valid = list(bit_config.weights)
+    missing = [n for n in valid if n not in names]
+    unknown = [n for n in names if n not in bit_config.weights]
+    if dup or missing or unknown:
+        raise ValueError(f"order must name every block of the bit config exactly once: duplicated {dup}, "
+                         f"missing {missing}, unknown {unknown}; valid block names: {valid}")
+    return names
+
+
+def _weights_digest(model: nn.Module) -> str:
+    h = hashlib.sha256()
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class _GlobalEpochs:
+    """A view of a loader whose epoch ``e`` is the underlying loader's epoch ``offset + e``."""
+
+    def __init__(self, data, offset: int):
+        self.data, self.offset = data, offset
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __iter__(self):
+        return iter(self.data)
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.data, "set_epoch"):
+            self.data.set_epoch(self.offset + epoch)
+
+
+def _eval_record(model, val_data) -> dict | None:
+    if val_data is None:
+        return None
+    ev = evaluate(model, val_data)
+    return {"val_top1": ev["top1"], "val_top5": ev["top5"], "val_loss": ev["loss"]}
+
+
+def staged_finetune(model: nn.Module, bit_config: BitConfig, order, train_data, val_data=None, *,
+                    stages: int, epochs_per_stage: int, lr: float, checkpoint_dir=None, resume: bool = True,
+                    progress: bool = True, seed: int = 0, weight_decay: float = 1e-4, momentum: float = 0.9,
+                    nesterov: bool = True, act_bits: int | None = None, final_epochs: int = 0,
+                    calibration_batches: int = 4) -> tuple[nn.Module, dict]:
+    """Quantize ``model`` to ``bit_config`` block group by block group in ``order``, fine-tuning after each.
+
+    ``order``: the block names (or :class:`hawqlib.allocate.OmegaEntry` records), first to be quantized
+    first; it must name each block of ``bit_config`` once. ``train_data``: a re-iterable of ``(x, y)`` batches
+    with ``len`` and, optionally, ``set_epoch`` (:class:`hawqlib.data.TensorLoader`). ``act_bits`` overrides
+    ``bit_config.act_bits``. ``checkpoint_dir=None`` keeps nothing on disk (no resume).
+    ``model`` is not modified. Returns ``(qmodel, history)``: the fine-tuned quantized model
+    (:func:`hawqlib.quant.quantize_model`'s modules, every block quantized) and
+
+    - ``history["plan"]``: the groups, epochs and settings;
+    - ``history["stages"]``: per stage, ``quantized`` (the group switched on), ``before`` (validation right
+      after switching it on, before fine-tuning) and ``epochs`` (per epoch: ``train_loss``, ``train_top1``,
+      ``val_top1``, ``val_loss``, ``lr``, ``global_epoch``, as :func:`hawqlib.train.train` logs them);
+    - ``history["epochs"]``: all epoch records in one list, each with its ``stage``, for curves.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(bit_config, BitConfig):
+        raise TypeError(f"bit_config must be a hawqlib.quant.BitConfig, got {type(bit_config).__name__}")
+    bit_config.validate(model)
+    names = _order_names(order, bit_config)
+    groups = stage_groups(names, stages)
+    for what, v, lo in (("epochs_per_stage", epochs_per_stage, 1), ("final_epochs", final_epochs, 0),
+                        ("calibration_batches", calibration_batches, 0)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise ValueError(f"{what} must be an int >= {lo}, got {v!r}")
+    if not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {seed!r}")
+    if len(train_data) == 0:
+        raise ValueError("train_data yields no batches")
+
+    start_digest = _weights_digest(model)
+    qmodel = quantize_model(model, bit_config, act_bits)
+    eff_cfg: BitConfig = qmodel.bit_config
+    # Weights start in FP32 everywhere; activation quantizers stay on from the first stage (module docstring).
+    set_quant_enabled(qmodel, None, False, activations=False)
+
+    plan = {"format": FINETUNE_FORMAT, "groups": groups, "epochs_per_stage": epochs_per_stage,
+            "final_epochs": final_epochs, "lr": lr, "weight_decay": weight_decay, "momentum": momentum,
+            "nesterov": nesterov, "seed": seed, "bit_config": eff_cfg.to_dict(),
+            "calibration_batches": calibration_batches, "start_digest": start_digest}
+    runs = [(k + 1, g, epochs_per_stage) for k, g in enumerate(groups)]
+    if final_epochs:
+        runs.append((len(groups) + 1, [], final_epochs))
+
+    root = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    hist_path = root / "history.json" if root is not None else None
+    history = {"plan": plan, "stages": [], "epochs": []}
+    cached = {}
+    if root is not None and resume and hist_path.exists():
+        try:
+            old = json.loads(hist_path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"{hist_path} is unreadable ({exc}); delete it or use resume=False") from exc
+        if old.get("plan") != json.loads(json.dumps(plan)):
+            raise CheckpointError(f"{hist_path} belongs to another fine-tuning plan (groups, epochs, bit config, "
+                                  "settings or starting weights differ); use another checkpoint_dir or resume=False")
+        cached = {s["stage"]: s for s in old.get("stages", [])}
+
+    done_epochs = 0
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(runs), desc="stages", unit="stage")
+    for stage, group, epochs in runs:
+        if group:
+            set_quant_enabled(qmodel, group, True, activations=False)
+        cfg = TrainConfig(epochs=epochs, lr=lr, schedule="cosine", momentum=momentum, nesterov=nesterov,
+                          weight_decay=weight_decay, seed=seed,
+                          extra={"hawqlib.finetune": {"stage": stage, "plan": plan}})
+        sdir = root / f"stage_{stage}" if root is not None else None
+        finished = sdir is not None and resume and (sdir / "model.pt").exists()
+        if finished:
+            ckpt = load_checkpoint(sdir / "model.pt", qmodel)
+            want = json.loads(json.dumps(_cfg_dict(cfg)))
+            if ckpt["config"] != want:
+                raise CheckpointError(f"{sdir / 'model.pt'} was written by another fine-tuning plan; "
+                                      "use another checkpoint_dir or resume=False")
+            qmodel.load_state_dict(ckpt["model"])
+            log_epochs = ckpt["history"]
+            before = cached.get(stage, {}).get("before")
+        else:
+            if stage == 1 and calibration_batches:
+                if hasattr(train_data, "set_epoch"):
+                    train_data.set_epoch(0)
+                calibrate_activations(qmodel, train_data, num_batches=calibration_batches)
+            if stage in cached:
+                before = cached[stage]["before"]
+            else:
+                before = _eval_record(qmodel, val_data) if group else None
+            if sdir is not None and stage not in cached:  # record the pre-fine-tuning point before training
+                cached[stage] = {"stage": stage, "quantized": group, "before": before, "epochs": []}
+                _write_history(hist_path, plan, [cached[s] for s in sorted(cached)])
+            if progress:
+                from tqdm.auto import tqdm
+                tqdm.write(f"stage {stage}/{len(runs)}: quantizing {len(group)} block(s) {group}"
+                           if group else f"stage {stage}/{len(runs)}: final fine-tuning, all blocks quantized")
+            log = train(qmodel, _GlobalEpochs(train_data, done_epochs), val_data, config=cfg,
+                        checkpoint_dir=sdir, resume=resume, progress=progress)
+            log_epochs = log["epochs"]
+        recs = []
+        for r in log_epochs:
+            r = dict(r, stage=stage, global_epoch=done_epochs + r["epoch"])
+            recs.append(r)
+        entry = {"stage": stage, "quantized": group,
+                 "quantized_total": sum(len(g) for g in groups[:stage]) if group else len(names),
+                 "before": before, "epochs": recs}
+        history["stages"].append(entry)
+        history["epochs"].extend(recs)
+        cached[stage] = entry
+        if hist_path is not None:
+            _write_history(hist_path, plan, history["stages"])
+        done_epochs += epochs
+        if bar is not None:
+            post = {"blocks": entry["quantized_total"]}
+            if recs and "val_top1" in recs[-1]:
+                post["val"] = f"{recs[-1]['val_top1']:.2f}"
+            bar.set_postfix(post)
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return qmodel, history
+
+
+def _cfg_dict(cfg: TrainConfig) -> dict:
+    from dataclasses import asdict
+
+    d = asdict(cfg)
+    d["milestones"] = list(d["milestones"])
+    return d
+
+
+def _write_history(path: Path, plan: dict, stages: list) -> None:
+    atomic_write_json(path, {"plan": plan, "stages": stages,
+                             "epochs": [r for s in stages for r in s.get("epochs", [])]})
+
+
+def direct_finetune(model: nn.Module, bit_config: BitConfig, train_data, val_data=None, *, epochs: int,
+                    lr: float, **kwargs) -> tuple[nn.Module, dict]:
+    """The direct baseline: every block quantized at once, then ``epochs`` epochs of fine-tuning.
+
+    Same as :func:`staged_finetune` with one stage (the order is irrelevant there); other keywords pass on.
+    """
+    bit_config.validate(model)
+    names = [b.name for b in quant_blocks(model, bit_config.granularity)]
+    return staged_finetune(model, bit_config, names, train_data, val_data, stages=1, epochs_per_stage=epochs,
+                           lr=lr, **kwargs)
