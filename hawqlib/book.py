@@ -35,10 +35,11 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from . import profiles
-from .storage import atomic_write_json
+from .storage import atomic_write, atomic_write_json
 
 __all__ = ["NOTEBOOKS", "NotebookError", "BuildError", "project_root", "available", "toc_documents",
-           "kernel_spec_dir", "execute", "run_notebooks", "check_executed", "build", "run", "main"]
+           "kernel_spec_dir", "execute", "run_notebooks", "check_executed", "package_modules", "api_pages", "build",
+           "run", "main"]
 
 #: The notebooks, in book order. Each is ``notebooks/<name>.ipynb`` and becomes ``book/executed/<name>``.
 NOTEBOOKS = ("baseline", "hessian_spectrum", "loss_landscape", "bit_allocation", "resnet20_cifar10",
@@ -161,7 +162,7 @@ def execute(name: str, profile: str, *, notebooks_dir: str | os.PathLike | None 
     _check_source(src)
     out.mkdir(parents=True, exist_ok=True)
     dest, failed = out / f"{name}.ipynb", out / f"{name}.failed.ipynb"
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".ipynb.tmp", dir=out)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp.ipynb", dir=out)
     os.close(fd)
     tmp = Path(tmp)
     with tempfile.TemporaryDirectory(prefix="hawqlib-kernel-") as kdir:
@@ -281,14 +282,52 @@ def check_executed(book_dir: str | os.PathLike, profile: str | None = None) -> l
     return paths
 
 
+def package_modules() -> list[str]:
+    """Every module of the ``hawqlib`` package (except ``__main__``), sorted: what the API reference documents."""
+    import pkgutil
+
+    import hawqlib
+
+    return sorted(m.name for m in pkgutil.walk_packages(hawqlib.__path__, "hawqlib.")
+                  if not m.name.endswith("__main__"))
+
+
+def api_pages(book_dir: str | os.PathLike | None = None) -> list[Path]:
+    """Write ``<book_dir>/api/<module>.md`` for every module that has no API page yet; return the new pages.
+
+    A page is one ``automodule`` directive (members of a plain module, the docstring alone for a
+    package, whose members are documented in their own modules). The table of contents picks the
+    pages up by its ``api/hawqlib.*`` glob, so a new module is never missing from the reference.
+    """
+    import importlib
+
+    book = Path(book_dir) if book_dir is not None else project_root() / "book"
+    new = []
+    for name in package_modules():
+        page = book / "api" / f"{name}.md"
+        if page.exists():
+            continue
+        is_package = hasattr(importlib.import_module(name), "__path__")
+        opts = "" if is_package else ":members:\n:show-inheritance:\n"
+        text = f"# `{name}`\n\n```{{automodule}} {name}\n{opts}```\n"
+        atomic_write(page, lambda f: f.write(text), mode="w")
+        os.chmod(page, 0o644)
+        new.append(page)
+    return new
+
+
 def build(book_dir: str | os.PathLike | None = None, *, profile: str | None = None, quiet: bool = False) -> Path:
     """Build the book in ``book_dir`` (default ``book/``) with warnings as errors; return the built index.html.
+
+    Modules without an API page get one first (:func:`api_pages`).
 
     Every page is rebuilt (``--all``): pasted glue values live in other pages than the notebooks
     that glue them, so an incremental build could show stale numbers.
     """
     book = Path(book_dir) if book_dir is not None else project_root() / "book"
     check_executed(book, profile)
+    for page in api_pages(book):
+        print(f"new API page {page} (commit it)", file=sys.stderr)
     cmd = [sys.executable, "-c", "import sys; from jupyter_book.cli.main import main; sys.exit(main())",
            "build", str(book), "--all", "-W", "--keep-going"] + (["-q"] if quiet else [])
     proc = subprocess.run(cmd, capture_output=quiet, text=True)

@@ -1,0 +1,264 @@
+"""The book: the runner's contract, and a full smoke-profile build checked page by page.
+
+The build test runs ``python -m hawqlib book --profile smoke`` once (shared with
+test_notebooks.py, see _book_smoke.py) on a copy of book/, then checks the HTML: every page of
+_toc.yml rendered, every image present and non-empty, every internal link and anchor resolving,
+and the values pasted into the prose equal to those the notebooks glued. Unresolved glue keys and
+missing figures are build warnings, and the runner builds with warnings as errors.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+import nbformat
+import pytest
+
+import hawqlib
+from hawqlib import book
+
+from _book_smoke import ROOT, smoke_book
+
+BOOK = ROOT / "book"
+sys.path.insert(0, str(BOOK / "_ext"))
+import hawq_book  # noqa: E402  (the book's Sphinx extension)
+
+
+# ----------------------------------------------------------------------------- structure, no build
+
+def test_toc_lists_every_notebook_in_book_order():
+    docs = book.toc_documents(BOOK)
+    executed = [d.split("/", 1)[1] for d in docs if d.startswith("executed/")]
+    assert executed == list(book.NOTEBOOKS)
+    for d in docs:
+        if not d.startswith("executed/"):
+            assert (BOOK / f"{d}.md").is_file(), f"_toc.yml lists {d} but book/{d}.md does not exist"
+
+
+def test_api_reference_covers_every_module():
+    pages = {p.stem for p in (BOOK / "api").glob("hawqlib.*.md")}
+    modules = set(book.package_modules())
+    assert not modules - pages, (f"modules without an API page in book/api/: {sorted(modules - pages)} "
+                                 "(python -c 'from hawqlib import book; book.api_pages()' writes them)")
+    assert not pages - modules, f"API pages of modules that do not exist: {sorted(pages - modules)}"
+    for name in pages:
+        text = (BOOK / "api" / f"{name}.md").read_text()
+        assert f"{{automodule}} {name}\n" in text
+
+
+def test_every_module_docstring_exists():
+    for name in book.package_modules():
+        mod = importlib.import_module(name)
+        assert mod.__doc__ and mod.__doc__.strip(), f"{name} has no module docstring for the API reference"
+
+
+def test_our_choices_collects_docstrings_and_comments():
+    found = hawq_book.collect_choices()
+    # The option-A shortcut is a docstring choice; the baseline schedule is a comment in profiles.py.
+    assert any("option A" in it["text"] for it in found["hawqlib.models.resnet_cifar"])
+    comments = [it for it in found["hawqlib.profiles"] if it["kind"] == "comment"]
+    assert any("cosine" in it["text"] for it in comments)
+    assert all(hawq_book.CHOICE.search(it["text"]) for items in found.values() for it in items)
+
+
+def test_profile_lookup_pastes_values_and_rejects_unknown_keys():
+    assert hawq_book._lookup("cpu:baseline.epochs") == hawqlib.profiles.get("cpu")["baseline"]["epochs"]
+    assert hawq_book._fmt(5e-4) == "0.0005" and hawq_book._fmt([2, 3]) == "2, 3" and hawq_book._fmt(None) == "all"
+    with pytest.raises(KeyError, match="no 'epoch'"):
+        hawq_book._lookup("cpu:baseline.epoch")
+    with pytest.raises(ValueError, match="unknown profile"):
+        hawq_book._lookup("gpu:baseline.epochs")
+    with pytest.raises(ValueError, match="profile:section.key"):
+        hawq_book._lookup("baseline.epochs")
+
+
+# ----------------------------------------------------------------------------- the runner's contract
+
+def _notebook(path: Path, *code: str, parameters: bool = True) -> None:
+    cells = [nbformat.v4.new_markdown_cell("# A test notebook")]
+    if parameters:
+        cells.append(nbformat.v4.new_code_cell('profile = "cpu"', metadata={"tags": ["parameters"]}))
+    cells += [nbformat.v4.new_code_cell(c) for c in code]
+    nb = nbformat.v4.new_notebook(cells=cells)
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nbformat.write(nb, path)
+
+
+def test_runner_rejects_bad_input(tmp_path):
+    with pytest.raises(ValueError, match="unknown profile"):
+        book.run_notebooks("fast", notebooks_dir=tmp_path, out_dir=tmp_path / "out")
+    with pytest.raises(ValueError, match="unknown notebook"):
+        book.run_notebooks("smoke", ["baseline", "nonsense"], notebooks_dir=tmp_path, out_dir=tmp_path / "out")
+    with pytest.raises(FileNotFoundError, match="no notebooks to run"):
+        book.run_notebooks("smoke", notebooks_dir=tmp_path, out_dir=tmp_path / "out")
+    _notebook(tmp_path / "nb" / "baseline.ipynb", "x = 1", parameters=False)
+    with pytest.raises(ValueError, match="no cell tagged 'parameters'"):
+        book.execute("baseline", "smoke", notebooks_dir=tmp_path / "nb", out_dir=tmp_path / "out")
+
+
+def test_runner_executes_with_profile_and_records_time(tmp_path):
+    nb_dir, out = tmp_path / "nb", tmp_path / "out"
+    _notebook(nb_dir / "ablation.ipynb",
+              "import os, sys\nfrom myst_nb import glue\n"
+              "glue('ablation_profile', profile, display=False)\n"
+              "glue('ablation_env', os.environ['HAWQ_PROFILE'], display=False)\n"
+              "glue('ablation_python', sys.executable, display=False)\n"
+              "glue('ablation_cwd', os.getcwd(), display=False)")
+    times = book.run_notebooks("smoke", notebooks_dir=nb_dir, out_dir=out, progress=False)
+    assert list(times) == ["ablation"] and times["ablation"] > 0
+    nb = nbformat.read(out / "ablation.ipynb", as_version=4)
+    glued = {o["metadata"]["scrapbook"]["name"]: o["data"]["application/papermill.record/text/plain"]
+             for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+             if "scrapbook" in o.get("metadata", {})}
+    assert glued["ablation_profile"] == "'smoke'" and glued["ablation_env"] == "'smoke'"
+    assert glued["ablation_python"] == repr(sys.executable)  # the kernel is this interpreter
+    assert glued["ablation_cwd"] == repr(str(nb_dir))
+    assert nb.metadata["papermill"]["parameters"] == {"profile": "smoke"}
+    timings = json.loads((out / "timings.json").read_text())["notebooks"]
+    assert timings["ablation"]["profile"] == "smoke" and timings["ablation"]["wall_s"] == round(times["ablation"], 2)
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")], "temp files left behind"
+
+
+def test_runner_failure_names_notebook_and_cell_and_leaves_no_executed_copy(tmp_path):
+    nb_dir, out = tmp_path / "nb", tmp_path / "out"
+    _notebook(nb_dir / "loss_landscape.ipynb", "a = 1", "raise RuntimeError('the landscape broke')", "b = 2")
+    out.mkdir()
+    stale = out / "loss_landscape.ipynb"
+    stale.write_text("{}")  # an older executed copy must not survive a failed run
+    with pytest.raises(book.NotebookError) as err:
+        book.run_notebooks("smoke", notebooks_dir=nb_dir, out_dir=out, progress=False)
+    msg = str(err.value)
+    assert "'loss_landscape'" in msg and "the landscape broke" in msg and "RuntimeError" in msg
+    assert "raise RuntimeError" in msg  # the failing cell's first line
+    assert not stale.exists()
+    assert (out / "loss_landscape.failed.ipynb").is_file()
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")], "temp files left behind"
+    # The failed notebook's time is not recorded as if it had finished.
+    assert not (out / "timings.json").exists()
+
+
+def test_build_refuses_missing_or_other_profile_notebooks(tmp_path):
+    dst = tmp_path / "book"
+    dst.mkdir()
+    (dst / "_toc.yml").write_text("format: jb-book\nroot: intro\nchapters:\n- file: executed/baseline\n"
+                                  "- file: executed/ablation\n")
+    with pytest.raises(book.BuildError, match=r"baseline.ipynb is missing(.|\n)*ablation.ipynb is missing"):
+        book.build(dst, profile="smoke")
+    (dst / "executed").mkdir()
+    for name, profile in (("baseline", "smoke"), ("ablation", "cpu")):
+        nb = nbformat.v4.new_notebook()
+        nb.metadata["papermill"] = {"parameters": {"profile": profile}}
+        nbformat.write(nb, dst / "executed" / f"{name}.ipynb")
+    with pytest.raises(book.BuildError, match=r"ablation.ipynb was executed at profile 'cpu', not 'smoke'"):
+        book.build(dst, profile="smoke")
+    with pytest.raises(book.BuildError, match=r"baseline.ipynb was executed at profile 'smoke', not 'cpu'"):
+        book.check_executed(dst, "cpu")
+
+
+def test_cli_reports_errors_without_traceback(capsys):
+    from hawqlib.__main__ import main
+
+    with pytest.raises(SystemExit):
+        main(["book", "--only", "nonsense"])
+    assert "invalid choice" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- the smoke build
+
+class _Links(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.hrefs, self.imgs, self.ids = [], [], set()
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if a.get("id"):
+            self.ids.add(a["id"])
+        if tag == "a" and a.get("href"):
+            self.hrefs.append(a["href"])
+        if tag == "img" and a.get("src"):
+            self.imgs.append(a["src"])
+
+
+def _parse(path: Path) -> _Links:
+    p = _Links()
+    p.feed(path.read_text(encoding="utf-8"))
+    return p
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, cifar_root):
+    run = smoke_book(tmp_path_factory.mktemp("smoke_book"), cifar_root)
+    missing = [n for n in book.NOTEBOOKS if n not in book.available(ROOT / "notebooks")]
+    assert run.returncode == 0, (f"the smoke book failed" + (f" (notebooks missing: {missing})" if missing else "")
+                                 + f":\n{run.output[-6000:]}")
+    return run
+
+
+def test_every_toc_page_rendered(built):
+    for doc in book.toc_documents(built.book_dir):
+        page = built.html / f"{doc}.html"
+        assert page.is_file(), f"{doc} (in _toc.yml) was not rendered"
+        assert _parse(page).ids, f"{page} has no content"
+    assert (built.html / "index.html").is_file()
+    assert "book: " in built.output and "index.html" in built.output
+
+
+def test_images_exist_and_are_not_empty(built):
+    n = 0
+    for page in built.html.rglob("*.html"):
+        for src in _parse(page).imgs:
+            if src.startswith(("data:", "http:", "https:")):
+                continue
+            target = (page.parent / unquote(urlsplit(src).path)).resolve()
+            assert target.is_file() and target.stat().st_size > 0, f"{page.name}: image {src} missing or empty"
+            n += 1
+    assert n >= len(book.NOTEBOOKS), f"only {n} images in the whole book"
+
+
+def test_no_broken_internal_link(built):
+    ids: dict[Path, set] = {}
+    broken = []
+    for page in sorted(built.html.rglob("*.html")):
+        for href in _parse(page).hrefs:
+            parts = urlsplit(href)
+            if parts.scheme or href.startswith(("//", "mailto:", "javascript:")):
+                continue
+            target = (page.parent / unquote(parts.path)).resolve() if parts.path else page.resolve()
+            if target.is_dir():
+                target = target / "index.html"
+            if not target.exists():
+                broken.append(f"{page.relative_to(built.html)} -> {href}")
+                continue
+            if parts.fragment and target.suffix == ".html":
+                if target not in ids:
+                    ids[target] = _parse(target).ids
+                if parts.fragment not in ids[target]:
+                    broken.append(f"{page.relative_to(built.html)} -> {href} (no such anchor)")
+    assert not broken, "broken internal links:\n" + "\n".join(broken[:30])
+
+
+def test_pasted_values_match_the_notebooks(built):
+    nb = nbformat.read(built.executed / "baseline.ipynb", as_version=4)
+    glued = {o["metadata"]["scrapbook"]["name"]: o["data"] for c in nb.cells if c.cell_type == "code"
+             for o in c.get("outputs", []) if "scrapbook" in o.get("metadata", {})}
+    top1 = float(glued["baseline_top1"]["application/papermill.record/text/plain"])
+    intro = (built.html / "intro.html").read_text(encoding="utf-8")
+    assert f"{top1:.2f}%" in intro.replace("</span>", "")
+    reproduce = (built.html / "reproduce.html").read_text(encoding="utf-8")
+    timings = json.loads((built.executed / "timings.json").read_text())["notebooks"]
+    assert set(timings) == set(book.NOTEBOOKS)
+    for name, entry in timings.items():
+        assert f"{entry['wall_s']:.1f}" in reproduce, f"{name}'s wall time is not on the Reproduce page"
+
+
+def test_executed_copies_are_from_the_smoke_profile(built):
+    for path in book.check_executed(built.book_dir, "smoke"):
+        nb = nbformat.read(path, as_version=4)
+        assert not [c for c in nb.cells if c.cell_type == "code"
+                    and any(o.get("output_type") == "error" for o in c.get("outputs", []))]

@@ -1,0 +1,84 @@
+"""nbval over every notebook at the smoke profile: a second execution reproduces the first's outputs.
+
+The first execution is the smoke run of the book runner (papermill, ``profile = "smoke"`` injected;
+shared with test_book.py, see _book_smoke.py). nbval then re-executes each executed copy in a fresh
+kernel and compares every output cell by cell: printed text, tables and glued values must be
+identical. What legitimately varies is sanitized (tests/nbval_sanitize.cfg: durations, clock
+times, progress bars, memory addresses, temporary paths), and a cell whose glued values are wall
+times (glue keys naming seconds, hours, wall time or throughput) has its output ignored. Images are
+not compared (nbval's default); test_book.py checks they exist.
+
+The second execution reuses the artifacts the first one stored (in the run's temporary artifacts
+folder), so it checks that a notebook rendered from stored artifacts shows exactly what it showed
+when it computed them. ``HAWQ_NBVAL_FORCE=1`` makes the second execution recompute everything
+instead, which checks bit-identical recomputation at twice the cost.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from hawqlib import book
+
+from _book_smoke import ROOT, smoke_book
+
+SANITIZE = Path(__file__).with_name("nbval_sanitize.cfg")
+#: Glue keys whose values are measured times or speeds: their cell's output is not compared.
+TIME_KEY = re.compile(r"(^|_)(wall|time|times|timing|seconds|elapsed|speed|throughput|machine)(_|$)|_(s|h|ms|min)$"
+                      r"|per_s")
+
+
+def time_cells(nb) -> list[int]:
+    """Indices of code cells that glue a time-like key."""
+    out = []
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type != "code":
+            continue
+        names = [o.get("metadata", {}).get("scrapbook", {}).get("name", "") for o in cell.get("outputs", [])]
+        if any(n and TIME_KEY.search(n) for n in names):
+            out.append(i)
+    return out
+
+
+def test_time_key_pattern():
+    for key in ("baseline_wall_h", "baseline_epoch_s", "baseline_images_per_s", "hessian_time_total",
+                "ablation_machine"):
+        assert TIME_KEY.search(key), key
+    for key in ("baseline_top1", "hessian_lambda_max", "bit_allocation_sizes", "resnet20_cifar10_table"):
+        assert not TIME_KEY.search(key), key
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory, cifar_root):
+    return smoke_book(tmp_path_factory.mktemp("smoke_book"), cifar_root)
+
+
+@pytest.mark.parametrize("name", book.NOTEBOOKS)
+def test_notebook_reproduces_its_outputs(name, smoke, tmp_path):
+    if name not in book.available(ROOT / "notebooks"):
+        pytest.skip(f"notebooks/{name}.ipynb does not exist yet")
+    executed = smoke.executed / f"{name}.ipynb"
+    assert executed.is_file(), f"the smoke run did not execute {name}:\n{smoke.output[-4000:]}"
+    nb = nbformat.read(executed, as_version=4)
+    assert nb.metadata["papermill"]["parameters"] == {"profile": "smoke"}
+    for i in time_cells(nb):
+        tags = nb.cells[i].metadata.setdefault("tags", [])
+        if "nbval-ignore-output" not in tags:
+            tags.append("nbval-ignore-output")
+    copy = tmp_path / f"{name}.ipynb"
+    nbformat.write(nb, copy)
+    env = dict(smoke.env)
+    if os.environ.get("HAWQ_NBVAL_FORCE", "") not in ("", "0"):
+        env["FORCE"] = "1"
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--nbval",
+                           "--nbval-current-env", "--nbval-sanitize-with", str(SANITIZE),
+                           "--nbval-cell-timeout", "1200", str(copy)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, f"nbval found differences or errors in {name}:\n{proc.stdout[-8000:]}"
+    assert re.search(r"\d+ passed", proc.stdout)
