@@ -147,7 +147,8 @@ def execute(name: str, profile: str, *, notebooks_dir: str | os.PathLike | None 
     """Execute ``notebooks/<name>.ipynb`` at ``profile`` into ``<out_dir>/<name>.ipynb``; return wall seconds.
 
     The kernel sees ``HAWQ_PROFILE=<profile>`` and, when ``force``, ``FORCE=1``; its working
-    directory is the notebooks folder. The output is renamed into place only after every cell
+    directory is the notebooks folder. ``PYTHONHASHSEED`` is ``0`` unless already set (our choice:
+    string hashing, hence set iteration order, is then the same in every run, so outputs are too). The output is renamed into place only after every cell
     ran. On failure raises :class:`NotebookError` naming the notebook and the failing cell.
     """
     import papermill as pm
@@ -184,7 +185,11 @@ def execute(name: str, profile: str, *, notebooks_dir: str | os.PathLike | None 
                 f"notebook {name!r} failed at cell {exc.cell_index} of the executed copy (In [{exc.exec_count}], "
                 f"starting {first!r}): {exc.ename}: {exc.evalue}\n"
                 f"partial executed copy kept at {failed}") from exc
-        except BaseException:
+        except Exception as exc:  # kernel died (memory), could not start, bad notebook file, ...
+            tmp.unlink(missing_ok=True)
+            dest.unlink(missing_ok=True)
+            raise NotebookError(f"notebook {name!r} could not be executed: {type(exc).__name__}: {exc}") from exc
+        except BaseException:  # interrupted: leave the previous executed copy as it was
             tmp.unlink(missing_ok=True)
             raise
         wall = time.perf_counter() - t0
