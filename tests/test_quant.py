@@ -1,0 +1,276 @@
+"""hawqlib.quant: the quantizer, the fake-quant modules, BitConfig and quantize_model."""
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from hawqlib.blocks import quant_blocks
+from hawqlib.models import resnet20
+from hawqlib.quant import (BitConfig, QuantAct, QuantConv2d, QuantLinear, calibrate_activations, quant_modules,
+                           quant_params, quant_scale, quantize_model, quantize_tensor, quantize_to_int,
+                           set_quant_enabled)
+
+
+def _weight(seed=0, shape=(16, 8, 3, 3)):
+    g = torch.Generator().manual_seed(seed)
+    # channels with very different magnitudes, so per-channel scales must differ
+    return torch.randn(shape, generator=g) * torch.logspace(-2, 1, shape[0]).view(-1, *([1] * (len(shape) - 1)))
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_levels_idempotence_and_int_codes(bits):
+    w = _weight(bits)
+    q = quantize_tensor(w, bits)
+    assert q.shape == w.shape and q.dtype == w.dtype
+    for c in range(w.shape[0]):
+        n = q[c].unique().numel()
+        assert n <= 2 ** bits
+        if bits >= 2:
+            assert n <= 2 ** bits - 1  # symmetric restricted range
+    assert torch.equal(quantize_tensor(q, bits), q)
+    k, s = quantize_to_int(w, bits)
+    assert k.dtype == torch.int8
+    qmax = 1 if bits == 1 else 2 ** (bits - 1) - 1
+    assert int(k.abs().max()) == qmax
+    assert torch.equal(k.float() * s.view(-1, 1, 1, 1), q)
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_error_within_half_a_step_and_per_channel_scale(bits):
+    w = _weight(10 + bits)
+    s = quant_scale(w, bits)
+    qmax = 2 ** (bits - 1) - 1
+    assert s.shape == (w.shape[0],)
+    assert torch.allclose(s, w.abs().amax(dim=(1, 2, 3)) / qmax, rtol=0, atol=0)
+    assert len(set(s.tolist())) == w.shape[0]
+    err = (quantize_tensor(w, bits) - w).abs()
+    assert (err <= 0.5 * s.view(-1, 1, 1, 1) * (1 + 1e-6)).all()
+    # per tensor: one scale, set by the largest channel
+    st = quant_scale(w, bits, per_channel=False)
+    assert st.dim() == 0 and st == s.max()
+
+
+def test_one_bit_is_sign_times_mean_abs():
+    w = _weight(3)
+    q = quantize_tensor(w, 1)
+    alpha = w.abs().mean(dim=(1, 2, 3), dtype=torch.float64).float()
+    expect = torch.where(w >= 0, 1.0, -1.0) * alpha.view(-1, 1, 1, 1)
+    assert torch.equal(q, expect)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_bit_identical_to_torch_fused_fake_quant(bits):
+    w = _weight(20 + bits, (32, 16, 3, 3))
+    s = quant_scale(w, bits)
+    qmax = 2 ** (bits - 1) - 1
+    ref = torch.fake_quantize_per_channel_affine(w, s, torch.zeros(32, dtype=torch.int32), 0, -qmax, qmax)
+    assert torch.equal(quantize_tensor(w, bits), ref)
+    # asymmetric, per tensor
+    x = torch.randn(64, 50, generator=torch.Generator().manual_seed(bits)) * 3 + 1
+    sc, zp, qmin, qm = quant_params(x, bits, per_channel=False, symmetric=False)
+    ref = torch.fake_quantize_per_tensor_affine(x, sc.reshape(1), zp.reshape(1), qmin, qm)
+    assert torch.equal(quantize_tensor(x, bits, per_channel=False, symmetric=False), ref)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_ste_gradient_is_identity(bits):
+    w = _weight(5).requires_grad_()
+    g = torch.randn(w.shape, generator=torch.Generator().manual_seed(1))
+    (quantize_tensor(w, bits) * g).sum().backward()
+    assert torch.equal(w.grad, g)
+
+
+@pytest.mark.parametrize("bad", [0, 9, 2.5, True, "4", None])
+def test_bad_bits_are_named(bad):
+    with pytest.raises(ValueError, match=r"1\.\.8 \(valid: 1, 2, 3, 4, 5, 6, 7, 8\), got"):
+        quantize_tensor(_weight(), bad)
+
+
+def test_bad_tensor_input():
+    with pytest.raises(TypeError, match="floating-point"):
+        quantize_tensor(torch.ones(3, 3, dtype=torch.int64), 4)
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        quantize_tensor([1.0, 2.0], 4)
+
+
+# ---------------------------------------------------------------------------------------- QuantAct
+
+def test_quant_act_range_rule_and_freeze():
+    a = QuantAct(4)
+    assert not a.has_range()
+    g = torch.Generator().manual_seed(0)
+    x1 = torch.randn(4, 3, 5, 5, generator=g).relu()        # a ReLU output
+    a.train()
+    y1 = a(x1)
+    assert a.running_min == x1.min() and a.running_max == x1.max()   # first batch initializes
+    assert a.zero_point.item() == 0                                   # unsigned after ReLU
+    assert (y1 >= 0).all() and y1.unique().numel() <= 16
+    assert torch.allclose(a.scale, x1.max().reshape(1) / 15)
+    x2 = torch.rand(4, 3, 5, 5, generator=g) * 6.0 + 1.0
+    rmin, rmax = a.running_min.clone(), a.running_max.clone()
+    a(x2)
+    assert torch.allclose(a.running_max, rmax + 0.01 * (x2.max() - rmax))   # EMA with c = 0.01
+    assert torch.allclose(a.running_min, rmin + 0.01 * (x2.min() - rmin))
+    assert a.running_min > 0 and a.zero_point.item() == 0                    # the grid still contains 0
+    assert torch.allclose(a.scale, a.running_max.reshape(1) / 15)
+    # eval: frozen
+    a.eval()
+    state = {k: v.clone() for k, v in a.state_dict().items()}
+    ya = a(x2 * 3)
+    assert all(torch.equal(state[k], v) for k, v in a.state_dict().items())
+    # saturates at the top of the frozen grid
+    assert ya.max() == a.scale * 15
+
+
+def test_quant_act_signed_input_and_gradient_matches_torch():
+    a = QuantAct(3).train()
+    g = torch.Generator().manual_seed(1)
+    a(torch.randn(64, 8, generator=g))           # range [-~2.5, ~2.5]
+    x = (torch.randn(64, 8, generator=g) * 2).requires_grad_()   # some elements outside the range
+    a.eval()
+    y = a(x)
+    assert 0 < a.zero_point.item() < 7                  # signed input: asymmetric grid
+    w = torch.randn(64, 8, generator=g)
+    (y * w).sum().backward()
+    xr = x.detach().clone().requires_grad_()
+    yr = torch.fake_quantize_per_tensor_affine(xr, a.scale, a.zero_point, 0, 7)
+    (yr * w).sum().backward()
+    assert torch.equal(y, yr)
+    assert torch.equal(x.grad, xr.grad)
+    assert (x.grad == 0).any() and (x.grad == w).any()   # clipped outside, identity inside
+
+
+def test_quant_act_needs_a_range_in_eval_and_disable():
+    a = QuantAct(4).eval()
+    with pytest.raises(RuntimeError, match="calibrate_activations"):
+        a(torch.ones(2, 2))
+    a.enabled = False
+    x = torch.randn(3, 3)
+    assert a(x) is x
+    with pytest.raises(ValueError, match="activation bits"):
+        QuantAct(0)
+
+
+# -------------------------------------------------------------------------------------- BitConfig
+
+def _mixed(model, act_bits=4):
+    names = [b.name for b in quant_blocks(model)]
+    return BitConfig({n: (2, 3, 4, 8)[i % 4] for i, n in enumerate(names)}, act_bits)
+
+
+def test_bitconfig_json_roundtrip(tmp_path):
+    m = resnet20()
+    cfg = _mixed(m)
+    back = BitConfig.from_json(cfg.to_json())
+    assert back == cfg and list(back.weights) == list(cfg.weights)
+    cfg.save(tmp_path / "cfg.json")
+    assert BitConfig.load(tmp_path / "cfg.json") == cfg
+    assert json.loads((tmp_path / "cfg.json").read_text())["act_bits"] == 4
+    u = BitConfig.uniform(m, 3, act_bits=4, granularity="residual")
+    assert set(u.weights.values()) == {3} and len(u.weights) == 11
+    assert BitConfig.from_json(u.to_json()).validate(m) == u
+    assert _mixed(m).mean_bits(m) == pytest.approx(
+        sum(cfg.weights[b.name] * b.numel for b in quant_blocks(m)) / sum(b.numel for b in quant_blocks(m)))
+
+
+def test_bitconfig_errors_name_the_offender():
+    m = resnet20()
+    cfg = BitConfig.uniform(m, 4)
+    bad = BitConfig({**cfg.weights, "layer9.conv": 4})
+    with pytest.raises(ValueError, match=r"unknown block\(s\) \['layer9.conv'\].*valid block names: \['conv1'"):
+        bad.validate(m)
+    w = dict(cfg.weights)
+    del w["fc"]
+    with pytest.raises(ValueError, match=r"missing block\(s\) \['fc'\].*valid block names"):
+        BitConfig(w).validate(m)
+    for b in (0, 9, 2.5):
+        with pytest.raises(ValueError, match=rf"bits of block 'fc' must be an integer in 1\.\.8 .*got {b}"):
+            BitConfig({**cfg.weights, "fc": b})
+    with pytest.raises(ValueError, match="act_bits"):
+        BitConfig(cfg.weights, act_bits=16)
+    with pytest.raises(ValueError, match="unknown BitConfig field"):
+        BitConfig.from_dict({"weights": {}, "wbits": 3})
+    with pytest.raises(ValueError, match="does not parse"):
+        BitConfig.from_json("{oops")
+
+
+# --------------------------------------------------------------------------------- quantize_model
+
+def test_quantize_model_swaps_exactly_the_configured_modules():
+    torch.manual_seed(0)
+    m = resnet20()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    cfg = _mixed(m)
+    q = quantize_model(m, cfg)
+    # input untouched
+    assert not any(isinstance(x, (QuantConv2d, QuantLinear, QuantAct)) for x in m.modules())
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    qm = dict(quant_modules(q))
+    assert list(qm) == list(cfg.weights)
+    for name, mod in qm.items():
+        assert mod.weight_bits == cfg.weights[name]
+        assert isinstance(mod, QuantLinear if name == "fc" else QuantConv2d)
+        assert torch.equal(mod.weight, before[name + ".weight"])
+        assert mod.weight is not m.get_submodule(name).weight
+        if name == "conv1":
+            assert mod.act_quant is None            # the image input stays FP32
+        else:
+            assert mod.act_quant.bits == 4
+    # no other module changed type
+    types_m = {n: type(x) for n, x in m.named_modules() if n not in qm}
+    types_q = {n: type(x) for n, x in q.named_modules() if n not in qm and ".act_quant" not in n}
+    assert types_m == types_q
+    assert q.bit_config == cfg
+
+
+def test_quantize_model_act_bits_and_granularity():
+    m = resnet20()
+    q = quantize_model(m, BitConfig.uniform(m, 4), act_bits=None)
+    assert not any(isinstance(x, QuantAct) for x in q.modules())
+    q = quantize_model(m, BitConfig.uniform(m, 4, act_bits=8), act_bits=2)
+    assert {x.bits for x in q.modules() if isinstance(x, QuantAct)} == {2} and q.bit_config.act_bits == 2
+    cfg = BitConfig.uniform(m, 4, granularity="residual")
+    cfg.weights["layer2.0"] = 2
+    q = quantize_model(m, cfg)
+    assert q.layer2[0].conv1.weight_bits == 2 and q.layer2[0].conv2.weight_bits == 2
+    assert q.layer2[1].conv1.weight_bits == 4
+    with pytest.raises(ValueError, match="already quantized"):
+        quantize_model(q, cfg)
+    with pytest.raises(ValueError, match="missing block"):
+        quantize_model(m, BitConfig({"conv1": 4}))
+
+
+def test_quantized_forward_backward_and_set_quant_enabled():
+    torch.manual_seed(0)
+    m = resnet20()
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    q = quantize_model(m, _mixed(m))
+    calibrate_activations(q, [x])
+    q.eval()
+    m.eval()
+    assert not torch.equal(q(x), m(x))
+    set_quant_enabled(q, None, False)
+    assert torch.equal(q(x), m(x))           # everything disabled: the FP32 network exactly
+    set_quant_enabled(q, ["layer1.0.conv1"], True)
+    assert q.layer1[0].conv1.quant_enabled and q.layer1[0].conv1.act_quant.enabled
+    assert not q.layer1[0].conv2.quant_enabled
+    assert not torch.equal(q(x), m(x))
+    set_quant_enabled(q, None, True)
+    q.train()
+    q(x).square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in q.named_parameters() if n.endswith("weight"))
+    with pytest.raises(ValueError, match=r"unknown block\(s\) \['nope'\]; valid block names"):
+        set_quant_enabled(q, ["nope"], True)
+
+
+def test_calibrate_activations_leaves_batchnorm_alone():
+    m = resnet20()
+    q = quantize_model(m, BitConfig.uniform(m, 4, act_bits=4))
+    bn = {k: v.clone() for k, v in q.state_dict().items() if "bn" in k}
+    xs = [torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    assert calibrate_activations(q, xs, num_batches=2) == 2
+    assert all(a.has_range() for a in q.modules() if isinstance(a, QuantAct))
+    assert all(torch.equal(bn[k], v) for k, v in q.state_dict().items() if "bn" in k)
+    assert q.training                                    # mode restored
+    q.eval()(xs[2])    # evaluates without complaint
