@@ -1,6 +1,7 @@
 """The book runner: execute the notebooks with papermill, then build the Jupyter Book.
 
-``python -m hawqlib book [--profile P] [--only NAME ...] [--no-build] [--force]`` (also ``make book``):
+``python -m hawqlib book [--profile P] [--only NAME ...] [--no-build | --build-only] [--force]``
+(also ``make book``):
 
 1. Each notebook ``notebooks/<name>.ipynb`` that exists (in book order, :data:`NOTEBOOKS`) is
    executed by papermill with ``profile`` injected into its ``parameters`` cell, in a kernel
@@ -271,8 +272,11 @@ def check_executed(book_dir: str | os.PathLike, profile: str | None = None) -> l
     for name in _executed_in_toc(book):
         path = book / "executed" / f"{name}.ipynb"
         if not path.is_file():
-            problems.append(f"{path} is missing (run: python -m hawqlib book --only {name}"
-                            + (f" --profile {profile}" if profile else "") + ")")
+            if not (project_root() / "notebooks" / f"{name}.ipynb").is_file():
+                problems.append(f"{path} is missing, and so is its source notebooks/{name}.ipynb")
+            else:
+                problems.append(f"{path} is missing (run: python -m hawqlib book --only {name}"
+                                + (f" --profile {profile}" if profile else "") + ")")
             continue
         if profile is not None:
             nb = nbformat.read(path, as_version=4)
@@ -347,13 +351,14 @@ def build(book_dir: str | os.PathLike | None = None, *, profile: str | None = No
 
 
 def run(profile: str | None = None, only: Sequence[str] | None = None, *, build_book: bool = True,
-        force: bool | None = None, book_dir: str | os.PathLike | None = None,
+        execute_notebooks: bool = True, force: bool | None = None, book_dir: str | os.PathLike | None = None,
         notebooks_dir: str | os.PathLike | None = None, progress: bool = True,
         quiet_build: bool = False) -> Path | None:
     """Execute the notebooks at ``profile`` into ``<book_dir>/executed`` and build the book; return index.html.
 
     ``force=None`` reads ``FORCE`` from the environment (:func:`hawqlib.runs.force_recompute`).
-    With ``build_book=False`` only the notebooks run and None is returned.
+    With ``build_book=False`` only the notebooks run and None is returned; with
+    ``execute_notebooks=False`` the book is built from the executed copies already there.
     """
     from .runs import force_recompute
 
@@ -361,9 +366,12 @@ def run(profile: str | None = None, only: Sequence[str] | None = None, *, build_
     profiles.get(profile)
     force = force_recompute() if force is None else force
     book = Path(book_dir) if book_dir is not None else project_root() / "book"
+    if not (execute_notebooks or build_book):
+        raise ValueError("nothing to do: neither executing the notebooks nor building the book")
     t0 = time.perf_counter()
-    run_notebooks(profile, only, force=force, notebooks_dir=notebooks_dir, out_dir=book / "executed",
-                  progress=progress)
+    if execute_notebooks:
+        run_notebooks(profile, only, force=force, notebooks_dir=notebooks_dir, out_dir=book / "executed",
+                      progress=progress)
     if not build_book:
         return None
     t1 = time.perf_counter()
@@ -380,6 +388,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--only", nargs="+", metavar="NAME", choices=NOTEBOOKS,
                    help="execute only these notebooks (the build uses the others' executed copies)")
     p.add_argument("--no-build", action="store_true", help="execute the notebooks, do not build the book")
+    p.add_argument("--build-only", action="store_true",
+                   help="build the book from the executed notebooks already in book/executed")
     p.add_argument("--force", action="store_true", help="recompute artifacts (same as FORCE=1)")
     p.add_argument("--book-dir", default=None, help="book source folder (default: book/)")
 
@@ -387,8 +397,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def cli(args: argparse.Namespace) -> int:
     """Run the ``book`` command from parsed ``args``; print the path of the built index.html."""
     try:
-        index = run(args.profile, args.only, build_book=not args.no_build, force=True if args.force else None,
-                    book_dir=args.book_dir)
+        index = run(args.profile, args.only, build_book=not args.no_build, execute_notebooks=not args.build_only,
+                    force=True if args.force else None, book_dir=args.book_dir)
     except (NotebookError, BuildError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
