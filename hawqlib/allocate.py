@@ -1,0 +1,488 @@
+"""Bit allocation and the fine-tuning order: HAWQ sections 3.1 and 3.2, solved exactly.
+
+Notation (paper section 3.1): block B_i holds the weights W_i (``n_i`` of them, see
+:mod:`hawqlib.blocks`); ``lambda_i`` is the top eigenvalue of its Hessian block H_i (from
+:mod:`hawqlib.hessian`). Then
+
+- **sensitivity** ``S_i = lambda_i / n_i`` (section 3.1); the paper sorts blocks by S_i and
+  gives more sensitive blocks more bits;
+- **second-order perturbation** of quantizing B_i to ``b`` bits:
+  ``Omega_i(b) = lambda_i * ||Q_b(W_i) - W_i||_2^2`` (the quantity of section 3.2, i.e. the
+  quadratic model ``1/2 dW^T H_i dW`` bounded by its top eigenvalue, without the constant 1/2);
+- **fine-tuning order** (section 3.2): blocks by ``Omega_i`` at their assigned bits, largest first.
+
+Allocation (beyond the paper; the paper picks the exact bit numbers by hand within the S order).
+Our choice: among all assignments of bits from ``choices`` that are *monotone* in the S order
+(a more sensitive block never gets fewer bits than a less sensitive one) and whose model size
+(by :func:`hawqlib.size.model_size_bytes`) fits the budget, :func:`allocate_bits` returns the one
+that minimizes the total predicted perturbation ``sum_i Omega_i(b_i)``. This is solved exactly by
+dynamic programming over the blocks in S order, with the bit level of the last block as state and,
+in each state, the Pareto frontier of (size, perturbation) pairs of all monotone prefixes ending at
+that level (a dominated prefix can be swapped for the one dominating it in any completion, so
+pruning it loses nothing). Sizes are counted in whole bits (integers), so the budget test is exact.
+
+Policies (``policy=``):
+
+- ``"hawq"``: the S order, most sensitive first (ties broken by module order: our choice);
+- ``"reverse"``: the exact reverse of that order (the paper's ablation, section 4.3);
+- ``"random"``: a seeded random permutation of the blocks takes the place of the S order
+  (``random.Random(seed)``), with the same optimizer;
+- ``"uniform"``: one bit width for every block, the largest in ``choices`` that fits the budget.
+
+The quantizer behind ``Q_b`` is :func:`hawqlib.quant.quantize_tensor` with the same settings that
+:func:`hawqlib.quant.quantize_model` uses, so the predicted perturbation is of the weights the
+fine-tuned model starts from.
+"""
+from __future__ import annotations
+
+import math
+import random
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .blocks import quant_blocks
+
+__all__ = ["POLICIES", "DEFAULT_CHOICES", "MB", "sensitivities", "allocate_bits", "allocation_table",
+           "pareto_front", "finetune_order", "OmegaEntry", "ParetoPoint", "quant_errors", "block_order"]
+
+POLICIES = ("hawq", "reverse", "random", "uniform")
+DEFAULT_CHOICES = (2, 3, 4, 8)
+#: Bytes in one megabyte for ``target_size_mb`` and the tables. Our choice: 2**20 (MiB), the unit
+#: in which the paper's model sizes (e.g. ResNet20 FP32 = 1.05 MB = 0.27 M weights x 4 bytes) agree.
+MB = 2 ** 20
+
+
+# --------------------------------------------------------------------------- inputs
+
+def _lambda_of(spec: Any) -> float:
+    """The top eigenvalue of a spectrum object: ``.eigenvalue`` (a number, or a sequence whose max is taken)."""
+    if not hasattr(spec, "eigenvalue"):
+        raise TypeError(f"a spectrum needs .name, .numel and .eigenvalue attributes; got {type(spec).__name__}")
+    lam = spec.eigenvalue
+    if isinstance(lam, torch.Tensor):
+        lam = lam.max().item() if lam.numel() > 1 else lam.item()
+    elif isinstance(lam, Sequence):
+        if not lam:
+            raise ValueError(f"spectrum of block {getattr(spec, 'name', '?')!r} has no eigenvalue")
+        lam = max(float(v) for v in lam)
+    lam = float(lam)
+    if not math.isfinite(lam):
+        raise ValueError(f"block {getattr(spec, 'name', '?')!r} has a non-finite eigenvalue {lam}")
+    return lam
+
+
+def _spectra_list(spectra) -> list:
+    if isinstance(spectra, Mapping):
+        spectra = list(spectra.values())
+    if isinstance(spectra, (str, bytes)) or not isinstance(spectra, Sequence):
+        spectra = list(spectra)
+    for s in spectra:
+        for attr in ("name", "numel", "eigenvalue"):
+            if not hasattr(s, attr):
+                raise TypeError(f"a spectrum needs .name, .numel and .eigenvalue attributes; "
+                                f"{type(s).__name__} has no .{attr}")
+    names = [s.name for s in spectra]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"spectra name blocks more than once: {dup}")
+    if not spectra:
+        raise ValueError("spectra is empty: need one spectrum per block")
+    return list(spectra)
+
+
+def sensitivities(spectra) -> dict[str, float]:
+    """S_i = lambda_i / n_i for each block (paper section 3.1), as ``{name: S_i}`` in the spectra's order.
+
+    ``spectra`` is a sequence (or a name-keyed mapping) of objects with ``.name``, ``.numel`` and
+    ``.eigenvalue`` (the top Hessian eigenvalue of the block; a sequence of eigenvalues counts by its max).
+    """
+    out = {}
+    for s in _spectra_list(spectra):
+        n = int(s.numel)
+        if n < 1:
+            raise ValueError(f"block {s.name!r} has numel {s.numel!r}; must be >= 1")
+        out[s.name] = _lambda_of(s) / n
+    return out
+
+
+def _check_choices(choices) -> tuple[int, ...]:
+    if isinstance(choices, int) and not isinstance(choices, bool):
+        choices = (choices,)
+    try:
+        vals = list(choices)
+    except TypeError:
+        raise TypeError(f"choices must be a sequence of integer bit widths in 1..8, got {choices!r}") from None
+    if not vals:
+        raise ValueError("choices is empty; give bit widths among 1..8, e.g. (2, 3, 4, 8)")
+    for b in vals:
+        if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= 8:
+            raise ValueError(f"bad bit width {b!r} in choices: each must be an int in 1..8 "
+                             "(e.g. choices=(2, 3, 4, 8))")
+    return tuple(sorted(set(vals)))
+
+
+def _check_policy(policy) -> str:
+    if policy not in POLICIES:
+        raise ValueError(f"unknown policy {policy!r}; valid policies: {', '.join(POLICIES)}")
+    return policy
+
+
+@dataclass
+class _Problem:
+    """Everything the optimizer needs, per block in module order."""
+
+    names: list[str]
+    numel: list[int]
+    lam: list[float]
+    S: list[float]
+    choices: tuple[int, ...]
+    err: list[list[float]]      #: err[i][j] = ||Q_{choices[j]}(W_i) - W_i||^2
+    size_bits: list[list[int]]  #: size_bits[i][j] = bits block i adds at choices[j]
+    base_bits: int              #: bits of everything not in a block (BN, biases, ...)
+    fp32_bytes: float           #: size of the unquantized model
+    granularity: Any
+    act_bits: int | None
+
+    def cost(self, i: int, j: int) -> float:
+        """Omega_i at choices[j]; a negative lambda counts as 0 (see :func:`allocate_bits`)."""
+        return max(self.lam[i], 0.0) * self.err[i][j]
+
+
+def _match_blocks(model: nn.Module, spectra, granularity):
+    blocks = quant_blocks(model, granularity)
+    specs = _spectra_list(spectra)
+    by_name = {s.name: s for s in specs}
+    names = [b.name for b in blocks]
+    missing = [n for n in names if n not in by_name]
+    extra = [n for n in by_name if n not in set(names)]
+    if missing or extra:
+        raise ValueError(f"spectra do not match the model's blocks at granularity {granularity!r}: "
+                         f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                         f"unknown {extra[:5]}{'...' if len(extra) > 5 else ''}; valid block names: {names[:8]}"
+                         f"{'...' if len(names) > 8 else ''}")
+    ordered = [by_name[n] for n in names]
+    for b, s in zip(blocks, ordered):
+        if int(s.numel) != b.numel:
+            raise ValueError(f"spectrum of block {b.name!r} says numel={s.numel} but the model's block "
+                             f"has {b.numel} weights: the spectrum belongs to another model or granularity")
+    return blocks, ordered
+
+
+def quant_errors(block, choices) -> list[float]:
+    """``||Q_b(W_i) - W_i||_2^2`` of one block for each ``b`` in ``choices`` (summed over its weight tensors)."""
+    from .quant import quantize_tensor
+
+    out = []
+    with torch.no_grad():
+        for b in choices:
+            tot = 0.0
+            for w in block.params:
+                w = w.detach().float()
+                tot += float((quantize_tensor(w, b) - w).double().pow(2).sum())
+            out.append(tot)
+    return out
+
+
+def _block_sizes(model: nn.Module, blocks, choices, granularity, act_bits):
+    """Per-block size in bits at each choice, the bits outside blocks, and the FP32 size in bytes.
+
+    Read from :func:`hawqlib.size.size_table` (one uniform configuration per choice), so this module
+    follows hawqlib.size's accounting (codes packed per tensor, one FP32 scale per output channel, ...)
+    without restating it. The total is additive over blocks there; :func:`allocate_bits` checks the final
+    answer against :func:`hawqlib.size.model_size_bytes`.
+    """
+    from .quant import BitConfig
+    from .size import fp32_size_bytes, size_table
+
+    names = [b.name for b in blocks]
+    sizes = [[0] * len(choices) for _ in names]
+    other = None
+    for j, c in enumerate(choices):
+        cfg = BitConfig(weights={n: c for n in names}, act_bits=act_bits, granularity=granularity)
+        rows = {r["block"]: r for r in size_table(model, cfg)}
+        for i, n in enumerate(names):
+            sizes[i][j] = _to_bits(rows[n]["bytes"])
+        o = _to_bits(rows["other (FP32)"]["bytes"])
+        if other is not None and o != other:
+            raise RuntimeError("hawqlib.size counts bytes outside the blocks that depend on the weight bits; "
+                               "the allocator assumes they do not")
+        other = o
+    return sizes, other, float(fp32_size_bytes(model))
+
+
+def _to_bits(nbytes) -> int:
+    bits = float(nbytes) * 8
+    r = round(bits)
+    if abs(bits - r) > 1e-6 * max(1.0, abs(bits)):
+        raise RuntimeError(f"hawqlib.size returned {nbytes} bytes, not a whole number of bits")
+    return int(r)
+
+
+def _problem(model, spectra, choices, granularity, act_bits) -> tuple[_Problem, list]:
+    choices = _check_choices(choices)
+    blocks, specs = _match_blocks(model, spectra, granularity)
+    lam = [_lambda_of(s) for s in specs]
+    neg = [b.name for b, l in zip(blocks, lam) if l < 0]
+    if neg:
+        warnings.warn(f"negative top eigenvalue for blocks {neg[:5]}: their predicted perturbation counts as 0 "
+                      "(the quadratic model predicts no damage there)", RuntimeWarning, stacklevel=3)
+    numel = [b.numel for b in blocks]
+    S = [l / n for l, n in zip(lam, numel)]
+    err = [quant_errors(b, choices) for b in blocks]
+    sizes, base, fp32 = _block_sizes(model, blocks, choices, granularity, act_bits)
+    return _Problem([b.name for b in blocks], numel, lam, S, choices, err, sizes, base, fp32,
+                    granularity, act_bits), blocks
+
+
+# --------------------------------------------------------------------------- the exact optimizer
+
+def block_order(S: Sequence[float], policy: str, seed: int = 0) -> list[int]:
+    """Indices of the blocks, from the one that must get the most bits to the one that may get the fewest.
+
+    ``hawq``: S descending (ties by index); ``reverse``: that list reversed; ``random``: a
+    ``random.Random(seed)`` shuffle of the indices; ``uniform``: the ``hawq`` order (irrelevant there).
+    """
+    _check_policy(policy)
+    idx = sorted(range(len(S)), key=lambda i: (-S[i], i))
+    if policy == "reverse":
+        idx.reverse()
+    elif policy == "random":
+        idx = list(range(len(S)))
+        random.Random(seed).shuffle(idx)
+    return idx
+
+
+def _pareto(points):
+    """Non-dominated (size, cost, node) triples, by size ascending; equal points keep the first."""
+    points = sorted(points, key=lambda p: (p[0], p[1]))
+    out, best = [], math.inf
+    for p in points:
+        if p[1] < best:
+            out.append(p)
+            best = p[1]
+    return out
+
+
+def _monotone_frontier(order: Sequence[int], size: Sequence[Sequence[int]], cost: Sequence[Sequence[float]],
+                       nlev: int, uniform: bool = False):
+    """Pareto frontier of (total size, total cost, assignment) over assignments non-increasing along ``order``.
+
+    ``size[i][j]``, ``cost[i][j]``: block i at level j (levels ascending in bits). The result is a list of
+    ``(size, cost, levels)`` with ``levels[i]`` the level of block i, by size ascending. With ``uniform``,
+    only the assignments giving every block the same level.
+    """
+    n = len(order)
+    if uniform:
+        pts = []
+        for j in range(nlev):
+            pts.append((sum(size[i][j] for i in range(n)), sum(cost[i][j] for i in range(n)), [j] * n))
+        return [(s, c, lv) for s, c, lv in _pareto(pts)]
+    # node = (level, parent node); frontier[j] = Pareto list of (size, cost, node) for prefixes ending at level j
+    first = order[0]
+    frontier = [[(size[first][j], cost[first][j], (j, None))] for j in range(nlev)]
+    for i in order[1:]:
+        new = [None] * nlev
+        suffix = []
+        for j in range(nlev - 1, -1, -1):  # prefixes whose last level is >= j may continue at level j
+            suffix = _pareto(suffix + frontier[j])
+            new[j] = [(s + size[i][j], c + cost[i][j], (j, node)) for s, c, node in suffix]
+        frontier = new
+    final = _pareto([p for f in frontier for p in f])
+    out = []
+    for s, c, node in final:
+        levels = [0] * n
+        k = n - 1
+        while node is not None:
+            levels[order[k]] = node[0]
+            node, k = node[1], k - 1
+        out.append((s, c, levels))
+    return out
+
+
+def _budget_bits(problem: _Problem, target_size_mb, target_compression) -> int:
+    if target_size_mb is not None and target_compression is not None:
+        raise ValueError("give exactly one of target_size_mb and target_compression, not both")
+    if target_size_mb is not None:
+        if not (isinstance(target_size_mb, (int, float)) and target_size_mb > 0 and math.isfinite(target_size_mb)):
+            raise ValueError(f"target_size_mb must be a positive number, got {target_size_mb!r}")
+        return math.floor(target_size_mb * MB * 8 + 1e-6)
+    if not (isinstance(target_compression, (int, float)) and target_compression > 0
+            and math.isfinite(target_compression)):
+        raise ValueError(f"target_compression must be a positive number (FP32 size / quantized size), "
+                         f"got {target_compression!r}")
+    return math.floor(problem.fp32_bytes * 8 / target_compression)
+
+
+def _solve(problem: _Problem, policy: str, seed: int):
+    n, m = len(problem.names), len(problem.choices)
+    cost = [[problem.cost(i, j) for j in range(m)] for i in range(n)]
+    order = block_order(problem.S, policy, seed)
+    front = _monotone_frontier(order, problem.size_bits, cost, m, uniform=(policy == "uniform"))
+    return [(problem.base_bits + s, c, lv) for s, c, lv in front]
+
+
+def _to_config(problem: _Problem, levels):
+    from .quant import BitConfig
+
+    return BitConfig(weights={n: problem.choices[j] for n, j in zip(problem.names, levels)},
+                     act_bits=problem.act_bits, granularity=problem.granularity)
+
+
+def allocate_bits(model: nn.Module, spectra, *, target_size_mb: float | None = None,
+                  target_compression: float | None = None, choices=DEFAULT_CHOICES, policy: str = "hawq",
+                  act_bits: int | None = None, granularity="layer", seed: int = 0):
+    """The exact best monotone bit allocation under a size budget (see the module docstring); a ``BitConfig``.
+
+    Give exactly one budget: ``target_size_mb`` (model size in MB of :data:`MB` bytes, by
+    :func:`hawqlib.size.model_size_bytes`) or ``target_compression`` (FP32 size / quantized size, at least).
+    Our choice: with ``policy="uniform"`` and a single bit width in ``choices``, the budget may be
+    omitted (the answer is that width everywhere; a given budget is still checked).
+
+    Among the allocations monotone in the policy's block order and within budget, the result minimizes
+    ``sum_i lambda_i ||Q_{b_i}(W_i) - W_i||^2``; ties go to the smaller model. A negative top eigenvalue
+    counts as zero in that sum (with a warning). ``granularity`` selects the blocks
+    (:func:`hawqlib.blocks.quant_blocks`) and must be the one the spectra were computed at; ``act_bits``
+    is stored in the config. Raises ValueError when no allocation fits, stating the smallest size reachable.
+    """
+    _check_policy(policy)
+    choices = _check_choices(choices)
+    if act_bits is not None and (isinstance(act_bits, bool) or not isinstance(act_bits, int)
+                                 or not 1 <= act_bits <= 8):
+        raise ValueError(f"act_bits must be None or an int in 1..8, got {act_bits!r}")
+    if not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {seed!r}")
+    no_budget = target_size_mb is None and target_compression is None
+    if no_budget and not (policy == "uniform" and len(choices) == 1):
+        raise ValueError("give exactly one of target_size_mb and target_compression (only policy='uniform' "
+                         "with a single bit width in choices needs no budget)")
+    problem, _ = _problem(model, spectra, choices, granularity, act_bits)
+    front = _solve(problem, policy, seed)
+    if no_budget:
+        size, cost, levels = front[0]
+        return _to_config(problem, levels)
+    budget = _budget_bits(problem, target_size_mb, target_compression)
+    feasible = [p for p in front if p[0] <= budget]
+    if not feasible:
+        smallest = front[0][0]
+        raise ValueError(
+            f"no {policy} allocation with bits {problem.choices} fits the budget of "
+            f"{budget / 8 / MB:.6f} MB (compression {problem.fp32_bytes * 8 / budget:.2f}x): the smallest "
+            f"achievable size is {smallest / 8 / MB:.6f} MB (compression {problem.fp32_bytes * 8 / smallest:.2f}x, "
+            f"every block at {problem.choices[0]} bits)")
+    size, cost, levels = min(feasible, key=lambda p: (p[1], p[0]))
+    cfg = _to_config(problem, levels)
+    _check_additive(model, cfg, size)
+    return cfg
+
+
+def _check_additive(model, cfg, predicted_bits: int) -> None:
+    from .size import model_size_bytes
+
+    got = _to_bits(model_size_bytes(model, cfg))
+    if got != predicted_bits:
+        raise RuntimeError(f"hawqlib.size accounting is not additive over blocks: predicted {predicted_bits} bits, "
+                           f"measured {got}; the allocator's exactness assumes a per-block sum")
+
+
+# --------------------------------------------------------------------------- tables for the notebooks
+
+def allocation_table(model: nn.Module, spectra, bit_config) -> list[dict]:
+    """One row per block, in module order, for a given ``bit_config``.
+
+    Row keys: ``name``, ``numel`` (n_i), ``lambda`` (lambda_i), ``S`` (lambda_i/n_i), ``bits``,
+    ``quant_error`` (||Q(W_i)-W_i||^2), ``omega`` (lambda_i ||Q(W_i)-W_i||^2, the predicted
+    perturbation; a negative lambda counts as 0, as in :func:`allocate_bits`), ``size_bytes`` (the
+    block's packed weights and scales, by :func:`hawqlib.size.size_table`).
+    """
+    from .size import size_table
+
+    blocks, specs = _match_blocks(model, spectra, bit_config.granularity)
+    _check_config_blocks(blocks, bit_config)
+    sizes = {r["block"]: r["bytes"] for r in size_table(model, bit_config)}
+    rows = []
+    for b, s in zip(blocks, specs):
+        bits = bit_config.weights[b.name]
+        lam = _lambda_of(s)
+        err = quant_errors(b, (bits,))[0]
+        rows.append({"name": b.name, "numel": b.numel, "lambda": lam, "S": lam / b.numel, "bits": bits,
+                     "quant_error": err, "omega": max(lam, 0.0) * err, "size_bytes": sizes[b.name]})
+    return rows
+
+
+def _check_config_blocks(blocks, bit_config) -> None:
+    names = [b.name for b in blocks]
+    missing = [n for n in names if n not in bit_config.weights]
+    extra = [n for n in bit_config.weights if n not in set(names)]
+    if missing or extra:
+        raise ValueError(f"bit config does not match the model's blocks at granularity "
+                         f"{bit_config.granularity!r}: missing {missing[:5]}, unknown {extra[:5]}")
+
+
+@dataclass(frozen=True)
+class ParetoPoint:
+    """One point of a policy's (size, predicted perturbation) trade-off curve."""
+
+    size_bytes: float
+    size_mb: float
+    compression: float          #: FP32 size / this size
+    perturbation: float         #: sum_i lambda_i ||Q_{b_i}(W_i) - W_i||^2
+    bits: dict                  #: block name -> bits
+    mean_bits: float            #: weight-count-weighted mean bit width
+
+
+def pareto_front(model: nn.Module, spectra, policy: str = "hawq", choices=DEFAULT_CHOICES, *,
+                 granularity="layer", seed: int = 0) -> list[ParetoPoint]:
+    """Every size/perturbation trade-off the policy can reach, non-dominated, by size ascending.
+
+    Point k is the best allocation (least predicted perturbation) of all monotone allocations no larger
+    than its size, so ``allocate_bits`` at any budget returns the largest point that fits.
+    """
+    _check_policy(policy)
+    problem, _ = _problem(model, spectra, choices, granularity, None)
+    front = _solve(problem, policy, seed)
+    total = sum(problem.numel)
+    out = []
+    for s, c, levels in front:
+        bits = {n: problem.choices[j] for n, j in zip(problem.names, levels)}
+        mean = sum(problem.choices[j] * k for j, k in zip(levels, problem.numel)) / total
+        out.append(ParetoPoint(s / 8, s / 8 / MB, problem.fp32_bytes * 8 / s, c, bits, mean))
+    return out
+
+
+# --------------------------------------------------------------------------- fine-tuning order
+
+@dataclass(frozen=True)
+class OmegaEntry:
+    """A block in the fine-tuning order: ``omega`` = lambda ||Q(W) - W||_2^2 at ``bits`` (section 3.2)."""
+
+    name: str
+    omega: float
+    bits: int
+    lam: float
+
+    @property
+    def lambda_(self) -> float:
+        """The block's top Hessian eigenvalue (alias of ``lam``)."""
+        return self.lam
+
+
+def finetune_order(model: nn.Module, spectra, bit_config) -> list[OmegaEntry]:
+    """Blocks by ``Omega_i = lambda_i ||Q(W_i) - W_i||_2^2`` at their bits, largest first (paper section 3.2).
+
+    Ties (e.g. several blocks left at 8 bits with tiny errors that coincide) keep module order.
+    Negative eigenvalues are used as they are here (the order is the paper's rule, unclamped).
+    """
+    blocks, specs = _match_blocks(model, spectra, bit_config.granularity)
+    _check_config_blocks(blocks, bit_config)
+    entries = []
+    for b, s in zip(blocks, specs):
+        bits = bit_config.weights[b.name]
+        lam = _lambda_of(s)
+        entries.append(OmegaEntry(b.name, lam * quant_errors(b, (bits,))[0], bits, lam))
+    order = sorted(range(len(entries)), key=lambda i: (-entries[i].omega, i))
+    return [entries[i] for i in order]
