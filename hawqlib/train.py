@@ -11,8 +11,9 @@ A run writes into ``checkpoint_dir``:
 - ``model.pt``: the final weights alone, when the run completes.
 
 ``resume=True`` continues from ``checkpoint.pt``; since each epoch's shuffle and augmentation
-are a pure function of (seed, epoch), an interrupted and resumed run ends with exactly the
-weights of an uninterrupted one on the CPU.
+are a pure function of (seed, epoch), and the checkpoint also holds torch's global random state
+(which dropout draws from), an interrupted and resumed run ends with exactly the weights of an
+uninterrupted one on the CPU.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -136,12 +137,15 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
 def train(model: nn.Module, train_data, val_data=None, *, epochs: int | None = None,
           config: TrainConfig | None = None, checkpoint_dir: str | Path | None = None,
           resume: bool = True, progress: bool = True, channels_last: bool = True,
-          loss_fn: nn.Module | None = None, **kwargs) -> dict:
+          loss_fn: nn.Module | None = None, callback: Callable[[dict], bool | None] | None = None,
+          **kwargs) -> dict:
     """Train ``model`` in place with SGD; return the log (config and per-epoch records).
 
     ``train_data`` is a :class:`~hawqlib.data.TensorLoader` (or any re-iterable of batches with an
     optional ``set_epoch``); ``val_data`` is evaluated every ``eval_every`` epochs. Pass either a
     :class:`TrainConfig` or its fields as keywords (``epochs=``, ``lr=``, ``schedule=``, ...).
+    ``callback(record)`` is called after each epoch, once its checkpoint and log are on disk; if it
+    returns True the run stops there (resumable later; ``model.pt`` is written only by a complete run).
     """
     if config is None:
         config = TrainConfig(epochs=epochs, **kwargs) if epochs is not None else None
@@ -179,6 +183,8 @@ def train(model: nn.Module, train_data, val_data=None, *, epochs: int | None = N
             model.load_state_dict(ckpt["model"])
             opt.load_state_dict(ckpt["optimizer"])
             start_epoch, log["epochs"] = ckpt["epoch"], ckpt["history"]
+            if "rng_state" in ckpt:  # absent in checkpoints written before it was saved
+                torch.set_rng_state(ckpt["rng_state"])
             if progress:
                 print(f"resuming from {ckpt_path} at epoch {start_epoch}/{config.epochs}")
 
@@ -222,7 +228,8 @@ def train(model: nn.Module, train_data, val_data=None, *, epochs: int | None = N
             atomic_torch_save(ckpt_path, {"format": CHECKPOINT_FORMAT, "model_class": type(model).__name__,
                                           "fingerprint": _fingerprint(model), "config": log["config"],
                                           "epoch": epoch + 1, "model": model.state_dict(),
-                                          "optimizer": opt.state_dict(), "history": log["epochs"]})
+                                          "optimizer": opt.state_dict(), "history": log["epochs"],
+                                          "rng_state": torch.get_rng_state()})
             atomic_write_json(log_path, log)
         if bar is not None:
             post = {"loss": f"{rec['train_loss']:.3f}", "acc": f"{rec['train_top1']:.1f}",
@@ -231,6 +238,12 @@ def train(model: nn.Module, train_data, val_data=None, *, epochs: int | None = N
                 post["val"] = f"{rec['val_top1']:.2f}"
             bar.set_postfix(post)
             bar.update(1)
+        if callback is not None and callback(rec):
+            if bar is not None:
+                bar.close()
+            if progress and ckpt_path is not None:
+                print(f"stopped after epoch {epoch + 1}/{config.epochs}; resume from {ckpt_path}")
+            return log
     if bar is not None:
         bar.close()
     if ckpt_path is not None:

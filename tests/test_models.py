@@ -17,6 +17,15 @@ from hawqlib.models.squeezenext import ConvBNReLU
 QUANT = (nn.Conv2d, nn.Linear)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One torch thread (our choice for tests): on oversubscribed cores two OpenMP threads run 10x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
