@@ -21,7 +21,9 @@ def _train(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     _, log, folder = pipeline.baseline(cfg, args.model, args.data, progress=True)
     last = log["epochs"][-1]
-    print(f"done: {folder} (test top-1 {last.get('val_top1', float('nan')):.2f}%)")
+    print(f"done: {folder} (test top-1 {last.get('val_top1', float('nan')):.2f}%)\n"
+          f"  weights {folder / 'model.pt'}\n  epoch log {folder / 'log.json'}\n"
+          f"  checkpoint {folder / 'checkpoint.pt'}")
     return 0
 
 

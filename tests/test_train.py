@@ -214,3 +214,17 @@ def test_bad_arguments():
         train(Tiny(), tr, epochs=1, schedule="linear")
     with pytest.raises(ValueError, match="epochs"):
         TrainConfig(epochs=0).validate()
+
+
+def test_command_line_says_where_files_go(cifar_root, tmp_path, monkeypatch, capsys):
+    """``python -m hawqlib train`` (smoke profile, 1 epoch on 1,024 images) prints its folder and files."""
+    from hawqlib.__main__ import main
+
+    monkeypatch.setenv("HAWQ_ARTIFACTS", str(tmp_path))
+    monkeypatch.delenv("FORCE", raising=False)
+    assert main(["train", "--profile", "smoke", "--epochs", "1", "--data", str(cifar_root)]) == 0
+    out = capsys.readouterr().out
+    folders = [p for p in tmp_path.iterdir() if p.name.startswith("baseline_resnet20-")]
+    assert len(folders) == 1
+    for name in ("checkpoint.pt", "log.json", "model.pt"):
+        assert (folders[0] / name).is_file() and str(folders[0] / name) in out
