@@ -46,6 +46,8 @@ import torch
 from torch import nn
 
 from .blocks import quant_blocks
+from .quant import BitConfig, quantize_tensor
+from .size import fp32_size_bytes, model_size_bytes, size_table
 
 __all__ = ["POLICIES", "DEFAULT_CHOICES", "MB", "sensitivities", "allocate_bits", "allocation_table",
            "pareto_front", "finetune_order", "OmegaEntry", "ParetoPoint", "quant_errors", "block_order"]
@@ -175,8 +177,6 @@ def _match_blocks(model: nn.Module, spectra, granularity):
 
 def quant_errors(block, choices) -> list[float]:
     """``||Q_b(W_i) - W_i||_2^2`` of one block for each ``b`` in ``choices`` (summed over its weight tensors)."""
-    from .quant import quantize_tensor
-
     out = []
     with torch.no_grad():
         for b in choices:
@@ -196,9 +196,6 @@ def _block_sizes(model: nn.Module, blocks, choices, granularity, act_bits):
     without restating it. The total is additive over blocks there; :func:`allocate_bits` checks the final
     answer against :func:`hawqlib.size.model_size_bytes`.
     """
-    from .quant import BitConfig
-    from .size import fp32_size_bytes, size_table
-
     names = [b.name for b in blocks]
     sizes = [[0] * len(choices) for _ in names]
     other = None
@@ -277,11 +274,9 @@ def _monotone_frontier(order: Sequence[int], size: Sequence[Sequence[int]], cost
     only the assignments giving every block the same level.
     """
     n = len(order)
-    if uniform:
-        pts = []
-        for j in range(nlev):
-            pts.append((sum(size[i][j] for i in range(n)), sum(cost[i][j] for i in range(n)), [j] * n))
-        return [(s, c, lv) for s, c, lv in _pareto(pts)]
+    if uniform:  # every uniform assignment, by size (not pruned: uniform picks by bits, not by cost)
+        pts = [(sum(size[i][j] for i in range(n)), sum(cost[i][j] for i in range(n)), [j] * n) for j in range(nlev)]
+        return sorted(pts, key=lambda p: (p[0], p[2][0]))
     # node = (level, parent node); frontier[j] = Pareto list of (size, cost, node) for prefixes ending at level j
     first = order[0]
     frontier = [[(size[first][j], cost[first][j], (j, None))] for j in range(nlev)]
@@ -327,8 +322,6 @@ def _solve(problem: _Problem, policy: str, seed: int):
 
 
 def _to_config(problem: _Problem, levels):
-    from .quant import BitConfig
-
     return BitConfig(weights={n: problem.choices[j] for n, j in zip(problem.names, levels)},
                      act_bits=problem.act_bits, granularity=problem.granularity)
 
@@ -374,15 +367,16 @@ def allocate_bits(model: nn.Module, spectra, *, target_size_mb: float | None = N
             f"{budget / 8 / MB:.6f} MB (compression {problem.fp32_bytes * 8 / budget:.2f}x): the smallest "
             f"achievable size is {smallest / 8 / MB:.6f} MB (compression {problem.fp32_bytes * 8 / smallest:.2f}x, "
             f"every block at {problem.choices[0]} bits)")
-    size, cost, levels = min(feasible, key=lambda p: (p[1], p[0]))
+    if policy == "uniform":  # the largest single bit width that fits
+        size, cost, levels = max(feasible, key=lambda p: p[2][0])
+    else:
+        size, cost, levels = min(feasible, key=lambda p: (p[1], p[0]))
     cfg = _to_config(problem, levels)
     _check_additive(model, cfg, size)
     return cfg
 
 
 def _check_additive(model, cfg, predicted_bits: int) -> None:
-    from .size import model_size_bytes
-
     got = _to_bits(model_size_bytes(model, cfg))
     if got != predicted_bits:
         raise RuntimeError(f"hawqlib.size accounting is not additive over blocks: predicted {predicted_bits} bits, "
@@ -399,8 +393,6 @@ def allocation_table(model: nn.Module, spectra, bit_config) -> list[dict]:
     perturbation; a negative lambda counts as 0, as in :func:`allocate_bits`), ``size_bytes`` (the
     block's packed weights and scales, by :func:`hawqlib.size.size_table`).
     """
-    from .size import size_table
-
     blocks, specs = _match_blocks(model, spectra, bit_config.granularity)
     _check_config_blocks(blocks, bit_config)
     sizes = {r["block"]: r["bytes"] for r in size_table(model, bit_config)}
@@ -440,7 +432,8 @@ def pareto_front(model: nn.Module, spectra, policy: str = "hawq", choices=DEFAUL
     """Every size/perturbation trade-off the policy can reach, non-dominated, by size ascending.
 
     Point k is the best allocation (least predicted perturbation) of all monotone allocations no larger
-    than its size, so ``allocate_bits`` at any budget returns the largest point that fits.
+    than its size, so ``allocate_bits`` at any budget returns the largest point that fits. For
+    ``"uniform"``: one point per bit width in ``choices``.
     """
     _check_policy(policy)
     problem, _ = _problem(model, spectra, choices, granularity, None)

@@ -37,7 +37,6 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from .blocks import quant_blocks

@@ -154,6 +154,10 @@ def test_uniform_policy_and_no_budget_case():
     s8 = model_size_bytes(model, BitConfig.uniform(model, 8))
     cfg = al.allocate_bits(model, spectra, target_size_mb=(s4 + s8) / 2 / al.MB, policy="uniform")
     assert set(cfg.weights.values()) == {4}
+    flat = [Spec(s.name, s.numel, 0.0) for s in spectra]  # no predicted damage anywhere: still by bits
+    cfg = al.allocate_bits(model, flat, target_size_mb=(s4 + s8) / 2 / al.MB, policy="uniform")
+    assert set(cfg.weights.values()) == {4}
+    assert [p.bits[spectra[0].name] for p in al.pareto_front(model, spectra, "uniform")] == list(CHOICES)
     cfg = al.allocate_bits(model, spectra, choices=(3,), policy="uniform", act_bits=4)
     assert set(cfg.weights.values()) == {3} and cfg.act_bits == 4
     with pytest.raises(ValueError, match="exactly one of target_size_mb and target_compression"):

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 import re
 
 import pytest
 import torch
 from torch import nn
 
+from hawqlib.allocate import finetune_order
 from hawqlib.blocks import quant_blocks
 from hawqlib.data import TensorLoader
 from hawqlib.finetune import direct_finetune, stage_groups, staged_finetune
@@ -24,7 +26,7 @@ def _one_thread():
     torch.set_num_threads(old)
 
 
-def synthetic(n: int, seed: int, classes: int = 10, signal: float = 0.3):
+def synthetic(n: int, seed: int, classes: int = 10, signal: float = 0.4):
     """uint8 3x8x8 images: a fixed random template per class blended with uniform noise."""
     templates = torch.randint(0, 256, (classes, 3, 8, 8), generator=torch.Generator().manual_seed(1234)).float()
     g = torch.Generator().manual_seed(seed)
@@ -41,6 +43,15 @@ def small_cnn(seed: int = 0, width: int = 8) -> nn.Module:
                          nn.Conv2d(w, 2 * w, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(2 * w), nn.ReLU(),
                          nn.Conv2d(2 * w, 2 * w, 3, padding=1, bias=False), nn.BatchNorm2d(2 * w), nn.ReLU(),
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * w, 10))
+
+
+@dataclass
+class Spec:
+    """A stand-in for hawqlib.hessian.BlockSpectrum."""
+
+    name: str
+    numel: int
+    eigenvalue: float
 
 
 class Crash(Exception):
@@ -63,12 +74,12 @@ class FailingLoader(TensorLoader):
 def task():
     """A briefly trained FP32 model and its data (module-scoped: trained once)."""
     torch.manual_seed(0)
-    xtr, ytr = synthetic(512, 1)
+    xtr, ytr = synthetic(1024, 1)
     xte, yte = synthetic(256, 2)
     tr = TensorLoader(xtr, ytr, 64, shuffle=True, seed=0)
     te = TensorLoader(xte, yte, 256)
     model = small_cnn(0)
-    train(model, tr, te, epochs=4, lr=0.05, progress=False)
+    train(model, tr, te, epochs=6, lr=0.05, progress=False)
     return model, (xtr, ytr), tr, te
 
 
@@ -154,3 +165,31 @@ def test_bad_inputs(task):
         staged_finetune(model, {"0": 4}, names, tr, te, stages=2, **common)
     with pytest.raises(ValueError, match="missing block"):
         staged_finetune(model, BitConfig({"0": 4}), ["0"], tr, te, stages=1, **common)
+
+
+def test_staged_recovers_what_direct_quantization_loses(task):
+    """Staged fine-tuning at 2-bit weights / 4-bit activations ends far better than direct quantization.
+
+    Direct quantization (every block at once, no fine-tuning) is the accuracy at the start of the
+    one-stage run (its ``before`` record). Both runs are recorded with the same epoch budget; the
+    comparison of staged against direct *fine-tuning* at equal epochs is a measurement (see the report
+    of the fine-tuning notebook), not asserted here: on this tiny task direct fine-tuning recovers as well.
+    """
+    model, _, tr, te = task
+    cfg = BitConfig.uniform(model, 2, act_bits=4)
+    names = [b.name for b in quant_blocks(model)]
+    fp32 = evaluate(model, te)
+    _, direct = direct_finetune(model, cfg, tr, te, epochs=5, lr=0.02, progress=False)
+    # Omega order with unit eigenvalues: largest quantization error first
+    order = finetune_order(model, [Spec(b.name, b.numel, 1.0) for b in quant_blocks(model)], cfg)
+    _, staged = staged_finetune(model, cfg, order, tr, te, stages=5, epochs_per_stage=1, lr=0.02,
+                                progress=False)
+    ptq = direct["stages"][0]["before"]
+    final = staged["epochs"][-1]
+    print(f"fp32 {fp32['top1']:.1f}%  direct quantization {ptq['val_top1']:.1f}% (loss {ptq['val_loss']:.3f})  "
+          f"staged {final['val_top1']:.1f}% (loss {final['val_loss']:.3f})  "
+          f"direct fine-tuning {direct['epochs'][-1]['val_top1']:.1f}%")
+    assert ptq["val_top1"] < fp32["top1"] - 10, "2-bit direct quantization should hurt this model"
+    assert final["val_loss"] < 0.7 * ptq["val_loss"]
+    assert final["val_top1"] > ptq["val_top1"] + 10
+    assert len(staged["epochs"]) == len(direct["epochs"]) == 5
