@@ -252,3 +252,21 @@ def test_blocks_at_both_granularities(imagenet_models, name, n_layer, n_residual
     expected = {"resnet20": "layer1.0", "squeezenext": "stage1.0", "resnet50": "layer1.0",
                 "inception_v3": "Mixed_5b"}[name]
     assert expected in names and names[-1] == "fc"
+
+
+@pytest.mark.parametrize("name,size", [("resnet20", 32), ("squeezenext", 64), ("resnet50", 64), ("inception_v3", 75)])
+def test_quantization_module_swapping(imagenet_models, name, size):
+    """hawqlib.quant swaps every weight layer of every model, at both granularities; 8 bits stay close to FP32."""
+    from hawqlib.quant import BitConfig, QuantConv2d, QuantLinear, quantize_model
+
+    m = (imagenet_models.get(name) or M.get(name)).eval()
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        ref = m(x)
+    n_weights = sum(isinstance(x, QUANT) for x in m.modules())
+    for gran in ("layer", "residual"):
+        q = quantize_model(m, BitConfig.uniform(m, 8, granularity=gran)).eval()
+        assert sum(isinstance(x, (QuantConv2d, QuantLinear)) for x in q.modules()) == n_weights
+        with torch.no_grad():
+            out = q(x)
+        assert out.shape == ref.shape and float((out - ref).norm() / ref.norm()) < 0.15
