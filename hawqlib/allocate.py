@@ -49,10 +49,15 @@ from .blocks import quant_blocks
 from .quant import BitConfig, quantize_tensor
 from .size import fp32_size_bytes, model_size_bytes, size_table
 
-__all__ = ["POLICIES", "DEFAULT_CHOICES", "MB", "sensitivities", "allocate_bits", "allocation_table",
+__all__ = ["POLICIES", "MEASURES", "ORDER_POLICIES", "DEFAULT_CHOICES", "MB", "sensitivities", "allocate_bits", "allocation_table",
            "pareto_front", "finetune_order", "OmegaEntry", "ParetoPoint", "quant_errors", "block_order"]
 
 POLICIES = ("hawq", "reverse", "random", "uniform")
+#: What a budget measures: the whole model (hawqlib.size.model_size_bytes, compression_ratio) or the
+#: quantized weights' bits alone (hawqlib.size.weight_compression, the paper's "weight size reduction").
+MEASURES = ("model", "weights")
+#: Orders of staged fine-tuning: the paper's (largest Omega first) and the ablation's.
+ORDER_POLICIES = ("omega", "reverse", "random")
 DEFAULT_CHOICES = (2, 3, 4, 8)
 #: Bytes in one megabyte for ``target_size_mb`` and the tables. Our choice: 2**20 (MiB), the unit
 #: in which the paper's model sizes (e.g. ResNet20 FP32 = 1.05 MB = 0.27 M weights x 4 bytes) agree.
@@ -220,8 +225,16 @@ def _to_bits(nbytes) -> int:
     return int(r)
 
 
-def _problem(model, spectra, choices, granularity, act_bits) -> tuple[_Problem, list]:
+def _check_measure(measure) -> str:
+    if measure not in MEASURES:
+        raise ValueError(f"unknown measure {measure!r}; valid: {', '.join(MEASURES)} (whole model as "
+                         "hawqlib.size.model_size_bytes counts it, or the weights' bits alone)")
+    return measure
+
+
+def _problem(model, spectra, choices, granularity, act_bits, measure="model") -> tuple[_Problem, list]:
     choices = _check_choices(choices)
+    _check_measure(measure)
     blocks, specs = _match_blocks(model, spectra, granularity)
     lam = [_lambda_of(s) for s in specs]
     neg = [b.name for b, l in zip(blocks, lam) if l < 0]
@@ -231,7 +244,10 @@ def _problem(model, spectra, choices, granularity, act_bits) -> tuple[_Problem, 
     numel = [b.numel for b in blocks]
     S = [l / n for l, n in zip(lam, numel)]
     err = [quant_errors(b, choices) for b in blocks]
-    sizes, base, fp32 = _block_sizes(model, blocks, choices, granularity, act_bits)
+    if measure == "model":
+        sizes, base, fp32 = _block_sizes(model, blocks, choices, granularity, act_bits)
+    else:  # the weights' bits alone: n_i * b per block, FP32 = 32 bits per weight (hawqlib.size.weight_compression)
+        sizes, base, fp32 = [[n * c for c in choices] for n in numel], 0, 4.0 * sum(numel)
     return _Problem([b.name for b in blocks], numel, lam, S, choices, err, sizes, base, fp32,
                     granularity, act_bits), blocks
 
@@ -328,11 +344,15 @@ def _to_config(problem: _Problem, levels):
 
 def allocate_bits(model: nn.Module, spectra, *, target_size_mb: float | None = None,
                   target_compression: float | None = None, choices=DEFAULT_CHOICES, policy: str = "hawq",
-                  act_bits: int | None = None, granularity="layer", seed: int = 0):
+                  act_bits: int | None = None, granularity="layer", seed: int = 0, measure: str = "model"):
     """The exact best monotone bit allocation under a size budget (see the module docstring); a ``BitConfig``.
 
     Give exactly one budget: ``target_size_mb`` (model size in MB of :data:`MB` bytes, by
     :func:`hawqlib.size.model_size_bytes`) or ``target_compression`` (FP32 size / quantized size, at least).
+    ``measure="model"`` (default) counts the whole model as :mod:`hawqlib.size` does (packed weights,
+    per-channel scales, BatchNorm, biases, activation quantizer parameters: ``compression_ratio``);
+    ``measure="weights"`` counts the weights' bits alone (``weight_compression``, 32 / mean bits, the
+    paper's "weight size reduction").
     Our choice: with ``policy="uniform"`` and a single bit width in ``choices``, the budget may be
     omitted (the answer is that width everywhere; a given budget is still checked).
 
@@ -353,7 +373,7 @@ def allocate_bits(model: nn.Module, spectra, *, target_size_mb: float | None = N
     if no_budget and not (policy == "uniform" and len(choices) == 1):
         raise ValueError("give exactly one of target_size_mb and target_compression (only policy='uniform' "
                          "with a single bit width in choices needs no budget)")
-    problem, _ = _problem(model, spectra, choices, granularity, act_bits)
+    problem, _ = _problem(model, spectra, choices, granularity, act_bits, measure)
     front = _solve(problem, policy, seed)
     if no_budget:
         size, cost, levels = front[0]
@@ -372,7 +392,8 @@ def allocate_bits(model: nn.Module, spectra, *, target_size_mb: float | None = N
     else:
         size, cost, levels = min(feasible, key=lambda p: (p[1], p[0]))
     cfg = _to_config(problem, levels)
-    _check_additive(model, cfg, size)
+    if measure == "model":
+        _check_additive(model, cfg, size)
     return cfg
 
 
@@ -428,15 +449,17 @@ class ParetoPoint:
 
 
 def pareto_front(model: nn.Module, spectra, policy: str = "hawq", choices=DEFAULT_CHOICES, *,
-                 granularity="layer", seed: int = 0) -> list[ParetoPoint]:
+                 granularity="layer", seed: int = 0, act_bits: int | None = None,
+                 measure: str = "model") -> list[ParetoPoint]:
     """Every size/perturbation trade-off the policy can reach, non-dominated, by size ascending.
 
     Point k is the best allocation (least predicted perturbation) of all monotone allocations no larger
     than its size, so ``allocate_bits`` at any budget returns the largest point that fits. For
-    ``"uniform"``: one point per bit width in ``choices``.
+    ``"uniform"``: one point per bit width in ``choices``. ``act_bits`` and ``measure`` as in
+    :func:`allocate_bits` (sizes and compressions are in that measure).
     """
     _check_policy(policy)
-    problem, _ = _problem(model, spectra, choices, granularity, None)
+    problem, _ = _problem(model, spectra, choices, granularity, act_bits, measure)
     front = _solve(problem, policy, seed)
     total = sum(problem.numel)
     out = []
@@ -464,12 +487,17 @@ class OmegaEntry:
         return self.lam
 
 
-def finetune_order(model: nn.Module, spectra, bit_config) -> list[OmegaEntry]:
+def finetune_order(model: nn.Module, spectra, bit_config, *, policy: str = "omega",
+                   seed: int = 0) -> list[OmegaEntry]:
     """Blocks by ``Omega_i = lambda_i ||Q(W_i) - W_i||_2^2`` at their bits, largest first (paper section 3.2).
 
     Ties (e.g. several blocks left at 8 bits with tiny errors that coincide) keep module order.
     Negative eigenvalues are used as they are here (the order is the paper's rule, unclamped).
+    For the ablation, ``policy="reverse"`` returns the exact reverse (smallest Omega first) and
+    ``policy="random"`` a ``random.Random(seed)`` shuffle; each record still carries its Omega.
     """
+    if policy not in ORDER_POLICIES:
+        raise ValueError(f"unknown order policy {policy!r}; valid: {', '.join(ORDER_POLICIES)}")
     blocks, specs = _match_blocks(model, spectra, bit_config.granularity)
     _check_config_blocks(blocks, bit_config)
     entries = []
@@ -478,4 +506,9 @@ def finetune_order(model: nn.Module, spectra, bit_config) -> list[OmegaEntry]:
         lam = _lambda_of(s)
         entries.append(OmegaEntry(b.name, lam * quant_errors(b, (bits,))[0], bits, lam))
     order = sorted(range(len(entries)), key=lambda i: (-entries[i].omega, i))
+    if policy == "reverse":
+        order.reverse()
+    elif policy == "random":
+        order = list(range(len(entries)))
+        random.Random(seed).shuffle(order)
     return [entries[i] for i in order]

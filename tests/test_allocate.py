@@ -13,7 +13,7 @@ from torch import nn
 from hawqlib import allocate as al
 from hawqlib.blocks import quant_blocks
 from hawqlib.quant import BitConfig, quantize_tensor
-from hawqlib.size import compression_ratio, fp32_size_bytes, model_size_bytes
+from hawqlib.size import compression_ratio, fp32_size_bytes, model_size_bytes, weight_compression
 
 CHOICES = (2, 3, 4, 8)
 
@@ -258,6 +258,14 @@ def test_finetune_order_sorted_and_correct():
                                    for w in blocks[e.name].params)
         assert e.omega == pytest.approx(direct, rel=1e-6)
         assert e.bits == cfg.weights[e.name] and e.lam == lam[e.name]
+    rev = al.finetune_order(model, spectra, cfg, policy="reverse")
+    assert rev == order[::-1]
+    rnd = al.finetune_order(model, spectra, cfg, policy="random", seed=5)
+    assert rnd == al.finetune_order(model, spectra, cfg, policy="random", seed=5)
+    assert sorted(rnd, key=lambda e: e.name) == sorted(order, key=lambda e: e.name)
+    assert any(al.finetune_order(model, spectra, cfg, policy="random", seed=k) != order for k in range(3))
+    with pytest.raises(ValueError, match="valid: omega, reverse, random"):
+        al.finetune_order(model, spectra, cfg, policy="largest")
     with pytest.raises(ValueError, match="missing"):
         al.finetune_order(model, spectra, BitConfig({order[0].name: 4}))
 
@@ -284,3 +292,31 @@ def test_dp_pareto_small_exhaustive():
                 assert got == pytest.approx(want, abs=1e-12)
         for s, c, lv in front:
             assert s == sum(size[i][lv[i]] for i in range(n)) and c == pytest.approx(sum(cost[i][lv[i]] for i in range(n)))
+
+
+def test_weight_measure_budget_is_the_papers_weight_compression():
+    model = tiny_model(6, 11)
+    spectra = spectra_for(model, 11)
+    names = [b.name for b in quant_blocks(model)]
+    numel = {b.name: b.numel for b in quant_blocks(model)}
+    lam = {s.name: s.eigenvalue for s in spectra}
+    err = errors(model)
+    order = s_order(spectra)
+    for target in (6.0, 10.0, 14.0):
+        cfg = al.allocate_bits(model, spectra, target_compression=target, measure="weights")
+        assert weight_compression(model, cfg) >= target
+        best = None
+        for bits in itertools.product(CHOICES, repeat=len(names)):
+            b = dict(zip(names, bits))
+            along = [b[n] for n in order]
+            if any(x < y for x, y in zip(along, along[1:])) or sum(b[n] * numel[n] for n in names) * target > 32 * sum(numel.values()):
+                continue
+            cost = sum(lam[n] * err[n][b[n]] for n in names)
+            best = cost if best is None else min(best, cost)
+        assert cost_of(model, spectra, cfg) == pytest.approx(best, rel=1e-6)
+    # the whole-model measure is stricter (scales, BatchNorm, biases count too)
+    assert compression_ratio(model, cfg) < weight_compression(model, cfg)
+    front = al.pareto_front(model, spectra, "hawq", measure="weights")
+    assert front[0].compression == pytest.approx(16.0) and front[-1].compression == pytest.approx(4.0)
+    with pytest.raises(ValueError, match="valid: model, weights"):
+        al.allocate_bits(model, spectra, target_compression=4.0, measure="bytes")
