@@ -328,14 +328,14 @@ def api_pages(book_dir: str | os.PathLike | None = None) -> list[Path]:
 def build(book_dir: str | os.PathLike | None = None, *, profile: str | None = None, quiet: bool = False) -> Path:
     """Build the book in ``book_dir`` (default ``book/``) with warnings as errors; return the built index.html.
 
-    Modules without an API page get one first (:func:`api_pages`).
+    Modules without an API page get one first (:func:`api_pages`), when the book has an ``api/`` folder.
 
     Every page is rebuilt (``--all``): pasted glue values live in other pages than the notebooks
     that glue them, so an incremental build could show stale numbers.
     """
     book = Path(book_dir) if book_dir is not None else project_root() / "book"
     check_executed(book, profile)
-    for page in api_pages(book):
+    for page in api_pages(book) if (book / "api").is_dir() else []:
         print(f"new API page {page} (commit it)", file=sys.stderr)
     cmd = [sys.executable, "-c", "import sys; from jupyter_book.cli.main import main; sys.exit(main())",
            "build", str(book), "--all", "-W", "--keep-going"] + (["-q"] if quiet else [])

@@ -169,6 +169,36 @@ def test_build_refuses_missing_or_other_profile_notebooks(tmp_path):
         book.check_executed(dst, "cpu")
 
 
+def _glued_notebook(path: Path, key: str, value: str) -> None:
+    out = nbformat.v4.new_output("display_data", data={"application/papermill.record/text/plain": value},
+                                 metadata={"scrapbook": {"name": key, "mime_prefix": "application/papermill.record/"}})
+    cell = nbformat.v4.new_code_cell("glue(...)", outputs=[out], execution_count=1)
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("# A chapter"), cell])
+    nb.metadata["papermill"] = {"parameters": {"profile": "smoke"}}
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nbformat.write(nb, path)
+
+
+def test_build_fails_on_unknown_glue_key_and_missing_figure(tmp_path):
+    """Warnings are errors: a pasted key no notebook glued, or a missing image, stops the build."""
+    dst = tmp_path / "book"
+    dst.mkdir()
+    (dst / "_config.yml").write_text("title: t\nauthor: a\nonly_build_toc_files: true\n"
+                                     "execute:\n  execute_notebooks: 'off'\n")
+    (dst / "_toc.yml").write_text("format: jb-book\nroot: intro\nchapters:\n- file: executed/ablation\n")
+    _glued_notebook(dst / "executed" / "ablation.ipynb", "ablation_gain", "1.5")
+    good = "# Intro\n\nGain {glue:text}`executed/ablation.ipynb::ablation_gain:.2f`.\n"
+    (dst / "intro.md").write_text(good)
+    assert book.build(dst, profile="smoke", quiet=True).is_file()
+    assert "Gain 1.50" in (dst / "_build" / "html" / "intro.html").read_text().replace("</span>", "") \
+        .replace('<span class="pasted-text">', "")
+    (dst / "intro.md").write_text(good.replace("ablation_gain", "ablation_gian") + "\n![a figure](missing.png)\n")
+    with pytest.raises(book.BuildError) as err:
+        book.build(dst, profile="smoke", quiet=True)
+    assert "ablation_gian" in str(err.value) and "missing.png" in str(err.value)
+
+
 def test_cli_reports_errors_without_traceback(capsys):
     from hawqlib.__main__ import main
 
