@@ -119,13 +119,16 @@ def staged_finetune(model: nn.Module, bit_config: BitConfig, order, train_data, 
                     stages: int, epochs_per_stage: int, lr: float, checkpoint_dir=None, resume: bool = True,
                     progress: bool = True, seed: int = 0, weight_decay: float = 1e-4, momentum: float = 0.9,
                     nesterov: bool = True, act_bits: int | None = None, final_epochs: int = 0,
-                    calibration_batches: int = 4) -> tuple[nn.Module, dict]:
+                    calibration_batches: int = 4, callback=None) -> tuple[nn.Module, dict]:
     """Quantize ``model`` to ``bit_config`` block group by block group in ``order``, fine-tuning after each.
 
     ``order``: the block names (or :class:`hawqlib.allocate.OmegaEntry` records), first to be quantized
     first; it must name each block of ``bit_config`` once. ``train_data``: a re-iterable of ``(x, y)`` batches
     with ``len`` and, optionally, ``set_epoch`` (:class:`hawqlib.data.TensorLoader`). ``act_bits`` overrides
     ``bit_config.act_bits``. ``checkpoint_dir=None`` keeps nothing on disk (no resume).
+    ``callback(record)`` is called after every epoch (its checkpoint already on disk) with the epoch's
+    record, ``stage`` and ``global_epoch`` included; returning True stops the run there (resumable; the
+    history then has ``complete = False``: a time-boxed run, or a test's interruption).
     ``model`` is not modified. Returns ``(qmodel, history)``: the fine-tuned quantized model
     (:func:`hawqlib.quant.quantize_model`'s modules, every block quantized) and
 
@@ -133,7 +136,8 @@ def staged_finetune(model: nn.Module, bit_config: BitConfig, order, train_data, 
     - ``history["stages"]``: per stage, ``quantized`` (the group switched on), ``before`` (validation right
       after switching it on, before fine-tuning) and ``epochs`` (per epoch: ``train_loss``, ``train_top1``,
       ``val_top1``, ``val_loss``, ``lr``, ``global_epoch``, as :func:`hawqlib.train.train` logs them);
-    - ``history["epochs"]``: all epoch records in one list, each with its ``stage``, for curves.
+    - ``history["epochs"]``: all epoch records in one list, each with its ``stage``, for curves;
+    - ``history["complete"]``: False when ``callback`` stopped the run early.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -167,7 +171,7 @@ def staged_finetune(model: nn.Module, bit_config: BitConfig, order, train_data, 
 
     root = Path(checkpoint_dir) if checkpoint_dir is not None else None
     hist_path = root / "history.json" if root is not None else None
-    history = {"plan": plan, "stages": [], "epochs": []}
+    history = {"plan": plan, "stages": [], "epochs": [], "complete": True}
     cached = {}
     if root is not None and resume and hist_path.exists():
         try:
@@ -217,9 +221,18 @@ def staged_finetune(model: nn.Module, bit_config: BitConfig, order, train_data, 
                 from tqdm.auto import tqdm
                 tqdm.write(f"stage {stage}/{len(runs)}: quantizing {len(group)} block(s) {group}"
                            if group else f"stage {stage}/{len(runs)}: final fine-tuning, all blocks quantized")
+            hook, stopped = None, []
+            if callback is not None:
+                def hook(rec, _stage=stage, _offset=done_epochs):
+                    if callback(dict(rec, stage=_stage, global_epoch=_offset + rec["epoch"])):
+                        stopped.append(True)
+                        return True
+                    return False
             log = train(qmodel, _GlobalEpochs(train_data, done_epochs), val_data, config=cfg,
-                        checkpoint_dir=sdir, resume=resume, progress=progress)
+                        checkpoint_dir=sdir, resume=resume, progress=progress, callback=hook)
             log_epochs = log["epochs"]
+            if stopped:
+                history["complete"] = False
         recs = []
         for r in log_epochs:
             r = dict(r, stage=stage, global_epoch=done_epochs + r["epoch"])
@@ -233,6 +246,8 @@ def staged_finetune(model: nn.Module, bit_config: BitConfig, order, train_data, 
         if hist_path is not None:
             _write_history(hist_path, plan, history["stages"])
         done_epochs += epochs
+        if not history["complete"]:
+            break
         if bar is not None:
             post = {"blocks": entry["quantized_total"]}
             if recs and "val_top1" in recs[-1]:

@@ -105,6 +105,14 @@ def test_resume_after_crashes_is_bit_exact(task, tmp_path):
         with pytest.raises(Crash):
             staged_finetune(model, cfg, order, loader, te, checkpoint_dir=tmp_path / "b", **kw)
     loader.fail_at = None
+    # stopped by the callback at the end of stage 2 (before its model.pt), then mid final stage
+    for stop_at in (4, 7):
+        seen = []
+        part, ph = staged_finetune(model, cfg, order, loader, te, checkpoint_dir=tmp_path / "c", **kw,
+                                   callback=lambda r: seen.append(r["global_epoch"]) or r["global_epoch"] == stop_at)
+        assert seen[-1] == stop_at and not ph["complete"] and ph["epochs"][-1]["global_epoch"] == stop_at
+    got_c, hist_c = staged_finetune(model, cfg, order, loader, te, checkpoint_dir=tmp_path / "c", **kw)
+    assert hist_c["complete"] and all(torch.equal(v, got_c.state_dict()[k]) for k, v in ref.state_dict().items())
     got, hist = staged_finetune(model, cfg, order, loader, te, checkpoint_dir=tmp_path / "b", **kw)
     ref_sd, got_sd = ref.state_dict(), got.state_dict()
     assert list(ref_sd) == list(got_sd)
