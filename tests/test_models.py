@@ -213,7 +213,11 @@ def test_weights_of_another_architecture_refused(tmp_path):
     m = M.get("resnet20", weights=path)
     assert torch.equal(m.fc.weight, torch.load(path)["fc.weight"])
     sd = {"module." + k: v for k, v in m.state_dict().items()}       # a DataParallel state dict
-    assert torch.equal(M.get("resnet20", weights=sd).conv1.weight, m.conv1.weight)
+    m2 = M.get("resnet20", weights=sd)
+    assert torch.equal(m2.conv1.weight, m.conv1.weight) and m2.conv1.weight.requires_grad
+    with torch.no_grad():
+        m2.conv1.weight.zero_()                                      # a copy, not a view of m's weights
+    assert m.conv1.weight.abs().sum() > 0
 
 
 def test_unreadable_and_wrong_kind_of_file_refused(tmp_path):

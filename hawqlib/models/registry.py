@@ -307,7 +307,8 @@ def get(name: str, num_classes: int | None = None, weights=None, **kwargs) -> nn
                                     or num_classes < 1):
         raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
     pretrained_path = None
-    published = isinstance(weights, str) and (weights == PRETRAINED or bool(re.fullmatch(r"[A-Z0-9_]+", weights)))
+    published = isinstance(weights, str) and (weights == PRETRAINED or (
+        bool(re.fullmatch(r"[A-Z0-9_]+", weights)) and not Path(weights).exists()))
     if published:
         if num_classes not in (None, 1000):
             raise ValueError(f"the published {key} weights have 1000 classes, got num_classes={num_classes}; "
@@ -328,8 +329,9 @@ def get(name: str, num_classes: int | None = None, weights=None, **kwargs) -> nn
     # initialisation that the weights replace (Inception-V3's takes seconds).
     with torch.device("meta"):
         model = spec.build(n, **kwargs)
-    if isinstance(weights, Mapping):
-        model = load_state_dict_checked(model, weights, assign=True)
+    if isinstance(weights, Mapping):  # copies: the model must not share storage with the caller's tensors
+        copied = {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in weights.items()}
+        model = load_state_dict_checked(model, copied, assign=True)
     else:
         algorithm = None
         if published:  # a published file carries its digest prefix in its name
