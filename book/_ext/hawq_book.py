@@ -168,7 +168,7 @@ class TimingsTable(SphinxDirective):
 
 def _paragraphs(doc: str) -> list[str]:
     doc = inspect.cleandoc(doc)
-    return [p.strip() for p in re.split(r"\n\s*\n", doc) if p.strip()]
+    return [p.rstrip() for p in re.split(r"\n\s*\n", doc) if p.strip()]
 
 
 def _comment_blocks(source: str) -> list[tuple[int, str, str]]:
@@ -207,10 +207,22 @@ def collect_choices(package: str = "hawqlib") -> dict[str, list[dict]]:
         items, seen = [], set()
 
         def add(where, doc):
-            for para in _paragraphs(doc or ""):
-                if CHOICE.search(para) and para not in seen:
-                    seen.add(para)
-                    items.append({"where": where, "text": para, "kind": "doc"})
+            paras = _paragraphs(doc or "")
+            spans: dict[int, int] = {}
+            for i, para in enumerate(paras):
+                if not CHOICE.search(para):
+                    continue
+                # A paragraph that continues a sentence (after a formula, inside a list) brings its
+                # context: back to the paragraph that starts it; hits sharing that start merge.
+                j = i
+                while j > 0 and (paras[j][:1].islower() or paras[j][:1].isspace()):
+                    j -= 1
+                spans[j] = i
+            for j, i in spans.items():
+                text = textwrap.dedent("\n\n".join(paras[j:i + 1]))
+                if text not in seen:
+                    seen.add(text)
+                    items.append({"where": where, "text": text, "kind": "doc"})
 
         add(modname, mod.__doc__)
         for name, obj in vars(mod).items():
@@ -262,7 +274,7 @@ class OurChoices(SphinxDirective):
                 if item["kind"] == "doc":
                     adm += _rst_nodes(item["text"], self.state.document.settings)
                 else:
-                    adm += nodes.paragraph(text=item["text"])
+                    adm += _rst_nodes(item["text"], self.state.document.settings)
                     if item.get("code"):
                         adm += nodes.literal_block(item["code"], item["code"], language="python")
                 out.append(adm)
