@@ -37,6 +37,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from .blocks import quant_blocks
@@ -87,7 +88,7 @@ def _weights_digest(model: nn.Module) -> str:
     h = hashlib.sha256()
     for k, v in model.state_dict().items():
         h.update(k.encode())
-        h.update(v.detach().contiguous().cpu().numpy().tobytes())
+        h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -130,7 +131,7 @@ def staged_finetune(model: nn.Module, bit_config: BitConfig, order, train_data, 
     record, ``stage`` and ``global_epoch`` included; returning True stops the run there (resumable; the
     history then has ``complete = False``: a time-boxed run, or a test's interruption).
     ``model`` is not modified. Returns ``(qmodel, history)``: the fine-tuned quantized model
-    (:func:`hawqlib.quant.quantize_model`'s modules, every block quantized) and
+    (:func:`hawqlib.quant.quantize_model`'s modules, every block quantized once the run is complete) and
 
     - ``history["plan"]``: the groups, epochs and settings;
     - ``history["stages"]``: per stage, ``quantized`` (the group switched on), ``before`` (validation right
@@ -152,6 +153,8 @@ def staged_finetune(model: nn.Module, bit_config: BitConfig, order, train_data, 
             raise ValueError(f"{what} must be an int >= {lo}, got {v!r}")
     if not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {seed!r}")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+        raise ValueError(f"lr must be a positive number, got {lr!r}")
     if len(train_data) == 0:
         raise ValueError("train_data yields no batches")
 

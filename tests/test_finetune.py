@@ -169,6 +169,8 @@ def test_bad_inputs(task):
             staged_finetune(model, cfg, names, tr, te, stages=bad, **common)
     with pytest.raises(ValueError, match="epochs_per_stage must be an int >= 1"):
         staged_finetune(model, cfg, names, tr, te, stages=2, epochs_per_stage=0, lr=0.01)
+    with pytest.raises(ValueError, match="lr must be a positive number"):
+        staged_finetune(model, cfg, names, tr, te, stages=2, epochs_per_stage=1, lr=0)
     with pytest.raises(TypeError, match="BitConfig"):
         staged_finetune(model, {"0": 4}, names, tr, te, stages=2, **common)
     with pytest.raises(ValueError, match="missing block"):
