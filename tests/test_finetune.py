@@ -12,6 +12,7 @@ from torch import nn
 from hawqlib.allocate import finetune_order
 from hawqlib.blocks import quant_blocks
 from hawqlib.data import TensorLoader
+import hawqlib.finetune as ft
 from hawqlib.finetune import direct_finetune, stage_groups, staged_finetune
 from hawqlib.quant import QUANT_MODULES, BitConfig, quant_modules
 from hawqlib.train import CheckpointError, evaluate, train
@@ -131,16 +132,28 @@ def test_resume_after_crashes_is_bit_exact(task, tmp_path):
         staged_finetune(model, cfg, order, loader, te, checkpoint_dir=tmp_path / "b", **{**kw, "stages": 2})
 
 
-def test_history_plan_and_final_state(task):
+def test_history_plan_and_final_state(task, monkeypatch):
     model, _, tr, te = task
     before_sd = {k: v.clone() for k, v in model.state_dict().items()}
     cfg = BitConfig.uniform(model, 4, act_bits=4)
     names = [b.name for b in quant_blocks(model)]
-    q, hist = staged_finetune(model, cfg, names, tr, te, stages=2, epochs_per_stage=1, lr=0.01, progress=False)
+    seen, real_train = [], ft.train  # which layers' weights and inputs are quantized while each stage trains
+
+    def spy(qmodel, *args, **kwargs):
+        seen.append(([n for n, m in quant_modules(qmodel) if m.quant_enabled],
+                     [n for n, m in quant_modules(qmodel) if m.act_quant is not None and m.act_quant.enabled]))
+        return real_train(qmodel, *args, **kwargs)
+
+    monkeypatch.setattr(ft, "train", spy)
+    q, hist = staged_finetune(model, cfg, names[::-1], tr, te, stages=2, epochs_per_stage=1, lr=0.01,
+                              progress=False)
+    rev = names[::-1]
+    assert [sorted(w) for w, _ in seen] == [sorted(rev[:3]), sorted(names)]
+    assert all(a == names[1:] for _, a in seen), "activations are quantized from the first stage on"
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before_sd.items()), "input model modified"
     assert not any(isinstance(m, QUANT_MODULES) for m in model.modules())
-    assert hist["plan"]["groups"] == [names[:3], names[3:]]
-    assert [s["quantized"] for s in hist["stages"]] == [names[:3], names[3:]]
+    assert hist["plan"]["groups"] == [rev[:3], rev[3:]]
+    assert [s["quantized"] for s in hist["stages"]] == [rev[:3], rev[3:]]
     assert [s["quantized_total"] for s in hist["stages"]] == [3, 5]
     assert [r["global_epoch"] for r in hist["epochs"]] == [1, 2]
     for s in hist["stages"]:
