@@ -163,7 +163,8 @@ def _grid(x: torch.Tensor, scale, inv, lo, hi, clamp: bool = True) -> torch.Tens
     t.round_()
     if clamp:
         t.clamp_(lo, hi)
-    return t.mul_(scale)
+    t.mul_(scale)
+    return t if t.dtype == x.dtype else t.to(x.dtype)
 
 
 class _FakeQuantSTE(torch.autograd.Function):
