@@ -56,12 +56,14 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .quant import QUANT_MODULES, BitConfig, QuantAct, quantize_model
 from .storage import atomic_write_bytes
 
-__all__ = ["save_packed", "load_packed", "read_header", "pack_bits", "unpack_bits", "PACKED_FORMAT",
+__all__ = ["CODE_VERSION", "save_packed", "load_packed", "read_header", "pack_bits", "unpack_bits", "PACKED_FORMAT",
            "MAGIC"]
 
 MAGIC = b"HAWQPACK"
 VERSION = 1
 PACKED_FORMAT = "hawqlib.packed/1"
+#: Bumped whenever the numbers this module computes change (part of artifact cache keys).
+CODE_VERSION = 1
 
 
 def pack_bits(values: np.ndarray, bits: int) -> bytes:

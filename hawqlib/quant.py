@@ -61,7 +61,7 @@ from torch import nn
 from .blocks import QUANT_TYPES, quant_blocks
 from .storage import atomic_write
 
-__all__ = [
+__all__ = ["CODE_VERSION", 
     "VALID_BITS", "check_bits", "quant_scale", "quant_params", "quantize_tensor", "quantize_to_int",
     "BitConfig", "QuantAct", "QuantConv2d", "QuantLinear", "QUANT_MODULES", "quantize_model",
     "quant_modules", "set_quant_enabled", "calibrate_activations", "BITCONFIG_FORMAT",
@@ -70,6 +70,8 @@ __all__ = [
 #: The bit widths a weight or an activation may have.
 VALID_BITS = tuple(range(1, 9))
 BITCONFIG_FORMAT = "hawqlib.BitConfig/1"
+#: Bumped whenever the numbers this module computes change (part of artifact cache keys).
+CODE_VERSION = 1
 # Floor on max|w| so that an all-zero channel gets a finite, nonzero scale (its codes are all 0).
 _MIN_RANGE = 1e-30
 
