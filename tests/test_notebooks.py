@@ -54,6 +54,31 @@ def test_time_key_pattern():
         assert not TIME_KEY.search(key), key
 
 
+def _sanitize(text: str) -> str:
+    from nbval.plugin import get_sanitize_patterns
+
+    patterns = get_sanitize_patterns(SANITIZE.read_text())
+    assert len(patterns) >= 8
+    for regex, replace in patterns:
+        text = re.sub(regex, replace, text)
+    return text
+
+
+def test_sanitize_hides_what_varies_and_keeps_results():
+    varies = ("trained in 0.01 h on 2 CPU cores; epoch 32.1 s, 12 ms per batch, finished 2026-11-26T23:23:22Z\n"
+              "train:  45%|####5     | 9/20 [00:04<00:05,  2.10it/s]\n"
+              "<function f at 0x7f3a2b1c9d30> wrote /tmp/pytest-of-root/x/y.pt\n"
+              '<style>#T_1a2b3_row0_col0 {}</style><table id="T_1a2b3">')
+    a = _sanitize(varies)
+    b = _sanitize(varies.replace("0.01 h", "0.02 h").replace("32.1 s", "30.9 s").replace("12 ms", "13 ms")
+                  .replace("23:23:22", "23:59:01").replace("45%|####5  ", "50%|#####  ")
+                  .replace("0x7f3a2b1c9d30", "0x7f00deadbeef").replace("pytest-of-root/x", "pytest-of-root/z")
+                  .replace("1a2b3", "9f8e7"))
+    assert a == b
+    keeps = "test top-1 17.80%, lambda 0.5618, 20 blocks, 13.1x smaller, 4 bits, S_i 1.2e-05"
+    assert _sanitize(keeps) == keeps
+
+
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory, cifar_root):
     return smoke_book(tmp_path_factory.mktemp("smoke_book"), cifar_root)
