@@ -274,3 +274,36 @@ def test_calibrate_activations_leaves_batchnorm_alone():
     assert all(torch.equal(bn[k], v) for k, v in q.state_dict().items() if "bn" in k)
     assert q.training                                    # mode restored
     q.eval()(xs[2])    # evaluates without complaint
+
+
+def test_quant_act_training_path_matches_torch_with_and_without_saturation():
+    """In training the clamp and mask are skipped when nothing saturates: outputs and gradients stay torch's."""
+    a = QuantAct(4).train()
+    g = torch.Generator().manual_seed(3)
+    paths = set()
+    for i in range(12):
+        x = (torch.randn(8, 4, 6, 6, generator=g) * (1 + 0.2 * (i % 5))).relu()
+        x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+        w = torch.randn(x.shape, generator=g)
+        y = a(x)
+        (y * w).sum().backward()
+        xr = x.detach().clone().requires_grad_()
+        yr = torch.fake_quantize_per_tensor_affine(xr, a.scale, a.zero_point, 0, 15)
+        (yr * w).sum().backward()
+        assert torch.equal(y, yr) and torch.equal(x.grad, xr.grad)
+        paths.add(bool((xr.grad == 0).any()))
+    assert paths == {True, False}          # both the saturating and the non-saturating path ran
+
+
+def test_fixed_scale_clips_and_masks_the_gradient():
+    conv = QuantConv2d(2, 3, 1, weight_bits=2, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(torch.tensor([0.1, 0.4, 2.0, -3.0, 0.0, 0.2]).view(3, 2, 1, 1))
+    conv.fixed_scale = torch.tensor([0.2, 0.5, 1.0])
+    qw = conv.quantized_weight()
+    assert torch.equal(qw.detach().view(-1), torch.tensor([0.0, 0.2, 0.5, -0.5, 0.0, 0.0]))
+    qw.sum().backward()
+    # 0.4 / 0.2, 2.0 / 0.5 and -3.0 / 0.5 round outside [-1, 1]: no gradient there
+    assert conv.weight.grad.view(-1).tolist() == [1.0, 0.0, 0.0, 0.0, 1.0, 1.0]
+    k, s = conv.int_weight()
+    assert k.view(-1).tolist() == [0, 1, 1, -1, 0, 0] and torch.equal(s, conv.fixed_scale)
