@@ -6,7 +6,9 @@ by its parameters, the code version of the modules it runs and the digest of its
 """
 from __future__ import annotations
 
+import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -14,6 +16,8 @@ import torch
 from . import data as hdata
 from . import models as hmodels
 from . import runs
+from .blocks import quant_blocks
+from .storage import atomic_torch_save, atomic_write_json
 from .train import TrainConfig, load_weights, train
 
 __all__ = ["TRAIN_CODE_VERSION", "baseline_params", "baseline"]
@@ -54,3 +58,395 @@ def baseline(cfg: dict, model: str = "resnet20", data_root=None, *, progress: bo
     total_wall = sum(r["wall_s"] + r.get("eval_s", 0.0) for r in log["epochs"])
     runs.write_manifest(folder, params, wall_s=total_wall, final=log["epochs"][-1], this_session_s=wall)
     return net, log, folder
+
+
+# =============================================================================== notebook steps
+# The steps below serve the notebooks (notebooks/*.ipynb): each wraps one library call so that its
+# result is an artifact keyed by everything that determines it. ``base`` is the key of the weights a
+# step starts from: the baseline's artifact folder name (``folder.name`` from :func:`baseline`), or
+# any string naming other weights (e.g. ``"resnet50-torchvision"``); it already carries the data digest.
+
+#: Bumped when a change here or in :mod:`hawqlib.hessian` changes stored spectra, traces or landscapes.
+HESSIAN_STEP_VERSION = 1
+#: Bumped when a change here, in :mod:`hawqlib.quant`, :mod:`hawqlib.finetune` or :mod:`hawqlib.export`
+#: changes stored fine-tuned models.
+FINETUNE_STEP_VERSION = 1
+
+__all__ += ["HESSIAN_STEP_VERSION", "FINETUNE_STEP_VERSION", "hessian_batch", "spectrum", "spectrum_stability",
+            "block_traces", "loss_surface", "landscape", "order_blocks", "finetuned", "FinetuneResult",
+            "artifact_wall_s", "ORDERS", "imagenet_model", "imagenet_batch"]
+
+
+def _cached(kind: str, params: dict, compute, save, load, force: bool | None):
+    """Load the artifact ``kind``/``params`` when complete, else compute, save and mark it complete."""
+    folder = runs.artifact_dir(kind, params)
+    force = runs.force_recompute() if force is None else force
+    if runs.is_complete(folder, params) and not force:
+        return load(folder), folder
+    folder.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    value = compute(folder)
+    wall = time.perf_counter() - t0
+    facts = save(folder, value) or {}
+    runs.write_manifest(folder, params, wall_s=facts.pop("wall_s", wall), **facts)
+    return value, folder
+
+
+def artifact_wall_s(folder) -> float:
+    """The wall time (s) recorded in an artifact's manifest (0.0 when it has none)."""
+    m = runs.read_manifest(folder)
+    return float(m["wall_s"]) if m else 0.0
+
+
+def hessian_batch(n_samples: int, data_seed: int = 0, data_root=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The seeded sample of ``n_samples`` CIFAR-10 training images (normalized, no augmentation) for the Hessian.
+
+    Our choice: the Hessian of the *training* loss (paper section 3.1), on a sample drawn without
+    augmentation, so that the spectrum is a pure function of the weights and ``(n_samples, data_seed)``.
+    """
+    if not isinstance(n_samples, int) or isinstance(n_samples, bool) or n_samples < 1:
+        raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
+    return hdata.sample_batch(hdata.cifar10("train", data_root), n_samples, data_seed)
+
+
+_SPECTRUM_KEYS = ("method", "solver", "tol", "max_iter", "seed")
+
+
+def _hessian_code() -> dict:
+    from . import hessian
+
+    return {"step": HESSIAN_STEP_VERSION, "hessian": getattr(hessian, "CODE_VERSION", None)}
+
+
+def spectrum(model: torch.nn.Module, base: str, cfg: dict, granularity="layer", *, data=None, data_key=None,
+             vectors: bool = False, progress: bool = False, force: bool | None = None, data_root=None,
+             **overrides):
+    """Top Hessian eigenvalue of every block (paper section 3.1), stored as an artifact; ``(results, folder)``.
+
+    ``cfg`` is a profile's ``hessian`` section (``n_samples``, ``data_seed``, ``method``, ``solver``, ``tol``,
+    ``max_iter``, ``seed``); keyword ``overrides`` replace any of them. Without ``data`` the Hessian is that of
+    the mean loss over :func:`hessian_batch`; with ``data`` (an ``(inputs, targets)`` pair) a JSON-able
+    ``data_key`` naming it is required. ``vectors=True`` also stores each block's top eigenvector.
+    Results are :func:`hawqlib.hessian.top_eigenvalues`'s (``.name``, ``.numel``, ``.eigenvalue``, ...).
+    """
+    from . import hessian
+
+    cfg = {**cfg, **overrides}
+    missing = [k for k in ("n_samples", "data_seed", *_SPECTRUM_KEYS) if k not in cfg and data is None
+               or k in _SPECTRUM_KEYS and k not in cfg]
+    if missing:
+        raise ValueError(f"hessian settings miss {missing}; pass a profile's 'hessian' section")
+    if data is not None and data_key is None:
+        raise ValueError("spectrum(data=...) needs data_key= (a JSON-able name of that data) for the artifact key")
+    gran = granularity if isinstance(granularity, str) else list(granularity)
+    params = {"base": base, "granularity": gran, "vectors": bool(vectors), "code": _hessian_code(),
+              "data": data_key if data is not None else {"cifar10_train": cfg["n_samples"], "seed": cfg["data_seed"]},
+              **{k: cfg[k] for k in _SPECTRUM_KEYS}}
+
+    def compute(folder):
+        batch = data if data is not None else hessian_batch(cfg["n_samples"], cfg["data_seed"], data_root)
+        blocks = quant_blocks(model, gran)
+        return hessian.top_eigenvalues(model, torch.nn.CrossEntropyLoss(), batch, blocks, method=cfg["method"],
+                                       solver=cfg["solver"], tol=cfg["tol"], max_iter=cfg["max_iter"],
+                                       seed=cfg["seed"], return_vectors=vectors, progress=progress)
+
+    def save(folder, results):
+        hessian.save_spectra(folder / "spectrum.json", results)
+        if vectors:
+            atomic_torch_save(folder / "vectors.pt", {r.name: r.vector for r in results})
+
+    def load(folder):
+        results = hessian.load_spectra(folder / "spectrum.json")
+        if vectors:
+            vecs = torch.load(folder / "vectors.pt", map_location="cpu", weights_only=True)
+            for r in results:
+                r.vector = vecs[r.name]
+        return results
+
+    return _cached("spectrum", params, compute, save, load, force)
+
+
+def spectrum_stability(model: torch.nn.Module, base: str, cfg: dict, granularity="layer", *,
+                       progress: bool = False, force: bool | None = None, data_root=None) -> list[dict]:
+    """lambda_i from several seeded samples of several sizes (``cfg["stability"]``): one row per (size, seed, block).
+
+    Each (size, seed) is one :func:`spectrum` artifact, with that seed for both the data sample and the
+    solver's start vector; rows hold ``n_samples``, ``seed``, ``block``, ``eigenvalue``, ``converged``.
+    """
+    st = cfg.get("stability")
+    if not st or not st.get("n_samples") or not st.get("seeds"):
+        raise ValueError("cfg['stability'] must give non-empty 'n_samples' and 'seeds' lists")
+    rows = []
+    for n in st["n_samples"]:
+        for seed in st["seeds"]:
+            res, _ = spectrum(model, base, cfg, granularity, n_samples=int(n), data_seed=int(seed), seed=int(seed),
+                              progress=progress, force=force, data_root=data_root)
+            rows += [{"n_samples": int(n), "seed": int(seed), "block": r.name, "eigenvalue": float(r.eigenvalue),
+                      "converged": bool(r.converged)} for r in res]
+    return rows
+
+
+def block_traces(model: torch.nn.Module, base: str, cfg: dict, granularity="layer", *, progress: bool = False,
+                 force: bool | None = None, data_root=None, **trace_kwargs):
+    """Per-block Hessian traces (:func:`hawqlib.hessian.traces`) on the spectrum's data, as an artifact.
+
+    ``cfg`` is the profile's ``hessian`` section; ``trace_kwargs`` pass on to ``hessian.traces`` and join
+    the key. Returns ``(results, folder)``; the results are ``hessian.traces``'s, stored as JSON.
+    """
+    from . import hessian
+
+    gran = granularity if isinstance(granularity, str) else list(granularity)
+    params = {"base": base, "granularity": gran, "code": _hessian_code(), "kind": "trace",
+              "data": {"cifar10_train": cfg["n_samples"], "seed": cfg["data_seed"]}, "seed": cfg["seed"],
+              "kwargs": trace_kwargs}
+
+    def compute(folder):
+        batch = hessian_batch(cfg["n_samples"], cfg["data_seed"], data_root)
+        return hessian.traces(model, torch.nn.CrossEntropyLoss(), batch, quant_blocks(model, gran),
+                              seed=cfg["seed"], progress=progress, **trace_kwargs)
+
+    def save(folder, results):
+        hessian.save_spectra(folder / "traces.json", results)
+
+    return _cached("traces", params, compute, save, lambda f: hessian.load_spectra(f / "traces.json"), force)
+
+
+@torch.no_grad()
+def loss_surface(model: torch.nn.Module, block, directions, coords, data, *, loss_fn=None,
+                 batch_size: int = 1024) -> torch.Tensor:
+    """The mean loss at ``W + sum_k c_k d_k`` for each row ``c`` of ``coords`` (one block's weights moved).
+
+    ``block`` is a :class:`hawqlib.blocks.Block` of ``model``; ``directions`` a list of K directions,
+    each a flat tensor of length ``block.numel`` (the block's weights concatenated in ``block.params``
+    order) or a list of tensors shaped like ``block.params`` (as the Hessian's eigenvectors come);
+    ``coords`` an (M, K) tensor. BatchNorm runs in eval mode (the Hessian's setting).
+    Returns M losses. The model's weights and mode are restored on return, also after an error.
+    """
+    coords = torch.as_tensor(coords, dtype=torch.float64)
+    if coords.dim() == 1:
+        coords = coords[:, None]
+    dirs = [(torch.cat([t.reshape(-1) for t in d]) if isinstance(d, (list, tuple)) else torch.as_tensor(d))
+            .reshape(-1).to(torch.float32) for d in directions]
+    if coords.shape[1] != len(dirs):
+        raise ValueError(f"coords has {coords.shape[1]} columns but {len(dirs)} directions were given")
+    for d in dirs:
+        if d.numel() != block.numel:
+            raise ValueError(f"a direction has {d.numel()} entries; block {block.name!r} has {block.numel} weights")
+    loss_fn = loss_fn or torch.nn.CrossEntropyLoss(reduction="sum")
+    x, y = data
+    params = block.params
+    saved = [p.detach().clone() for p in params]
+    was_training = model.training
+    model.eval()
+    out = torch.empty(len(coords), dtype=torch.float64)
+    try:
+        for m, c in enumerate(coords):
+            delta = sum(float(ck) * d for ck, d in zip(c, dirs))
+            off = 0
+            for p, w0 in zip(params, saved):
+                p.copy_(w0 + delta[off:off + p.numel()].view_as(p))
+                off += p.numel()
+            total = 0.0
+            for i in range(0, len(y), batch_size):
+                total += float(loss_fn(model(x[i:i + batch_size]), y[i:i + batch_size]))
+            out[m] = total / len(y)
+    finally:
+        for p, w0 in zip(params, saved):
+            p.copy_(w0)
+        model.train(was_training)
+    return out
+
+
+def landscape(model: torch.nn.Module, base: str, cfg: dict, block_name: str, directions, coords, *,
+              directions_key, granularity="layer", force: bool | None = None, data_root=None) -> tuple:
+    """:func:`loss_surface` on the profile's Hessian sample, as an artifact; ``(losses, folder)``.
+
+    ``cfg`` is the profile's ``landscape`` section (``n_samples``, ``data_seed``); ``directions_key`` a
+    JSON-able name of the directions (e.g. the spectrum folder and the random seed) for the key.
+    """
+    coords = torch.as_tensor(coords, dtype=torch.float64)
+    gran = granularity if isinstance(granularity, str) else list(granularity)
+    blocks = {b.name: b for b in quant_blocks(model, gran)}
+    if block_name not in blocks:
+        raise ValueError(f"no block {block_name!r} at granularity {gran!r}; blocks: {list(blocks)}")
+    params = {"base": base, "block": block_name, "granularity": gran, "directions": directions_key,
+              "coords": coords.tolist(), "code": _hessian_code(),
+              "data": {"cifar10_train": cfg["n_samples"], "seed": cfg["data_seed"]}}
+
+    def compute(folder):
+        batch = hessian_batch(cfg["n_samples"], cfg["data_seed"], data_root)
+        return loss_surface(model, blocks[block_name], directions, coords, batch)
+
+    def save(folder, losses):
+        atomic_write_json(folder / "losses.json", {"coords": coords.tolist(), "loss": losses.tolist()})
+
+    def load(folder):
+        return torch.tensor(json.loads((folder / "losses.json").read_text())["loss"], dtype=torch.float64)
+
+    return _cached("landscape", params, compute, save, load, force)
+
+
+ORDERS = ("omega", "reverse", "random")
+
+
+def order_blocks(model: torch.nn.Module, spectra, bit_config, kind: str = "omega", seed: int = 0) -> list[str]:
+    """The fine-tuning order of the blocks: ``"omega"`` (paper section 3.2, largest Omega_i first), its
+    ``"reverse"``, or a ``"random"`` seeded permutation (``random.Random(seed)``; the ablation's baselines)."""
+    from . import allocate
+
+    if kind not in ORDERS:
+        raise ValueError(f"unknown fine-tuning order {kind!r}; valid: {', '.join(ORDERS)}")
+    names = [e.name for e in allocate.finetune_order(model, spectra, bit_config)]
+    if kind == "reverse":
+        return names[::-1]
+    if kind == "random":
+        import random
+
+        rng = random.Random(seed)
+        rng.shuffle(names)
+    return names
+
+
+_FT_KEYS = ("stages", "epochs_per_stage", "final_epochs", "lr", "momentum", "nesterov", "weight_decay",
+            "batch_size", "seed", "train_subset", "test_subset", "calibration_batches")
+
+
+@dataclass
+class FinetuneResult:
+    """A fine-tuned mixed-precision model and what the notebooks report about it.
+
+    ``top1``/``top5``: test accuracy (%) of the fake-quantized model; ``packed_top1``: that of the model
+    restored from the packed file (equal, up to float rounding of the packed scales); ``size_bytes``: the
+    weight size by :func:`hawqlib.size.model_size_bytes`'s accounting; ``packed_bytes``: the size of the
+    packed file on disk; ``wall_s``: the fine-tuning time summed over its epochs and evaluations, across
+    every session that resumed it.
+    """
+
+    qmodel: torch.nn.Module = field(repr=False)
+    history: dict = field(repr=False)
+    bit_config: object
+    order: list | None
+    top1: float
+    top5: float
+    packed_top1: float
+    size_bytes: int
+    packed_bytes: int
+    wall_s: float
+    folder: Path
+
+
+def finetuned(model: torch.nn.Module, base: str, bit_config, order, cfg: dict, *, direct: bool = False,
+              progress: bool = False, force: bool | None = None, data_root=None) -> FinetuneResult:
+    """Fine-tune ``model`` to ``bit_config`` (paper section 3.2), stored as an artifact with its packed file.
+
+    ``order``: block names, first quantized first (e.g. :func:`order_blocks`); ``cfg``: a profile's
+    ``finetune`` section. ``direct=True`` is the direct baseline (every block at once, for the same total
+    number of epochs, :func:`hawqlib.finetune.direct_finetune`; ``order`` is then ignored). The run
+    checkpoints every epoch inside the artifact folder and resumes after an interruption.
+    """
+    from . import export, finetune, quant, size
+    from .train import evaluate
+
+    missing = [k for k in _FT_KEYS if k not in cfg]
+    if missing:
+        raise ValueError(f"finetune settings miss {missing}; pass a profile's 'finetune' section")
+    if not isinstance(bit_config, quant.BitConfig):
+        raise TypeError(f"bit_config must be a hawqlib.quant.BitConfig, got {type(bit_config).__name__}")
+    bit_config.validate(model)
+    order = None if direct else [getattr(o, "name", o) for o in order]
+    ft = {k: cfg[k] for k in _FT_KEYS}
+    params = {"base": base, "bit_config": bit_config.to_dict(), "order": order, "direct": bool(direct),
+              "finetune": ft, "code": {"step": FINETUNE_STEP_VERSION, "finetune": finetune.FINETUNE_FORMAT,
+                                       "quant": getattr(quant, "CODE_VERSION", None),
+                                       "export": getattr(export, "CODE_VERSION", None)}}
+    tr, te = hdata.cifar10_loaders(data_root, batch_size=ft["batch_size"], seed=ft["seed"],
+                                   train_subset=ft["train_subset"], test_subset=ft["test_subset"])
+    common = dict(lr=ft["lr"], checkpoint_dir=None, resume=True, progress=progress, seed=ft["seed"],
+                  weight_decay=ft["weight_decay"], momentum=ft["momentum"], nesterov=ft["nesterov"],
+                  calibration_batches=ft["calibration_batches"])
+
+    def compute(folder):
+        kw = dict(common, checkpoint_dir=folder / "run", resume=not runs.force_recompute() if force is None
+                  else not force)
+        if direct:
+            epochs = ft["stages"] * ft["epochs_per_stage"] + ft["final_epochs"]
+            qmodel, history = finetune.direct_finetune(model, bit_config, tr, te, epochs=epochs, **kw)
+        else:
+            qmodel, history = finetune.staged_finetune(model, bit_config, order, tr, te, stages=ft["stages"],
+                                                       epochs_per_stage=ft["epochs_per_stage"],
+                                                       final_epochs=ft["final_epochs"], **kw)
+        ev = evaluate(qmodel, te)
+        packed = folder / "model.hawq"
+        export.save_packed(qmodel, packed)
+        restored = export.load_packed(packed, model)
+        pev = evaluate(restored, te)
+        atomic_torch_save(folder / "qmodel.pt", qmodel.state_dict())
+        atomic_write_json(folder / "history.json", history)
+        bit_config.save(folder / "bit_config.json")
+        wall = sum(r.get("wall_s", 0.0) + r.get("eval_s", 0.0) for r in history["epochs"])
+        return {"qmodel": qmodel, "history": history, "top1": ev["top1"], "top5": ev["top5"],
+                "packed_top1": pev["top1"], "size_bytes": int(size.model_size_bytes(model, bit_config)),
+                "packed_bytes": packed.stat().st_size, "wall_s": wall}
+
+    def save(folder, r):
+        return {"wall_s": r["wall_s"], **{k: r[k] for k in ("top1", "top5", "packed_top1", "size_bytes",
+                                                              "packed_bytes")}}
+
+    def load(folder):
+        m = runs.read_manifest(folder)
+        qmodel = quant.quantize_model(model, bit_config)
+        qmodel.load_state_dict(torch.load(folder / "qmodel.pt", map_location="cpu", weights_only=True))
+        qmodel.eval()
+        return {"qmodel": qmodel, "history": json.loads((folder / "history.json").read_text()),
+                "wall_s": m["wall_s"], **{k: m[k] for k in ("top1", "top5", "packed_top1", "size_bytes",
+                                                              "packed_bytes")}}
+
+    r, folder = _cached("finetune", params, compute, save, load, force)
+    return FinetuneResult(bit_config=bit_config, order=order, folder=folder, **r)
+
+
+def imagenet_model(name: str, weights=None, seed: int = 0) -> tuple[torch.nn.Module, str]:
+    """An ImageNet model of the paper (:func:`hawqlib.models.get`) in eval mode, and the key of its weights.
+
+    ``weights=None`` gives a seeded random initialisation (``torch.manual_seed(seed)`` first), keyed
+    ``"<name>-random-<seed>"``; ``"pretrained"`` or a path loads those weights (an error when absent,
+    never a silent random model), keyed by the weights file's name and size.
+    """
+    if weights is None:
+        torch.manual_seed(seed)
+        net = hmodels.get(name)
+        key = f"{name}-random-{seed}"
+    else:
+        net = hmodels.get(name, weights=weights)
+        path = Path(hmodels.find_pretrained(name) if weights == "pretrained" else weights)
+        key = f"{name}-{path.name}-{path.stat().st_size}" if path.exists() else f"{name}-{weights}"
+    return net.eval(), key
+
+
+def imagenet_batch(model_name: str, n_samples: int, seed: int = 0, *, root=None,
+                   image_size: int | None = None) -> tuple[tuple[torch.Tensor, torch.Tensor], dict]:
+    """``((inputs, targets), data_key)``: ``n_samples`` ImageNet validation images, or synthetic ones.
+
+    With ``root`` (an ImageFolder tree with ``val/``): a seeded sample of the validation split with the
+    model's eval transforms (:func:`hawqlib.data.imagenet_transforms`). Without: seeded standard-normal
+    images of ``image_size`` x ``image_size`` pixels and uniform random labels in 0..999, which exercise
+    the pipeline but say nothing about accuracy (our choice for machines without ImageNet).
+    """
+    if not isinstance(n_samples, int) or n_samples < 1:
+        raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
+    g = torch.Generator().manual_seed(seed)
+    if root is None:
+        if not image_size:
+            raise ValueError("synthetic ImageNet inputs need image_size= (pixels per side)")
+        x = torch.randn(n_samples, 3, image_size, image_size, generator=g)
+        y = torch.randint(0, 1000, (n_samples,), generator=g)
+        return (x, y), {"synthetic": n_samples, "size": image_size, "seed": seed}
+    from torchvision.datasets import ImageFolder
+
+    ds = ImageFolder(str(Path(root).expanduser() / "val"), transform=hdata.imagenet_transforms(model_name))
+    if len(ds) == 0:
+        raise ValueError(f"no images under {root}/val")
+    idx = torch.randperm(len(ds), generator=g)[:n_samples].sort().values.tolist()
+    xs, ys = zip(*(ds[i] for i in idx))
+    return (torch.stack(xs), torch.tensor(ys)), {"imagenet_val": n_samples, "seed": seed, "root": str(root),
+                                                 "files": len(ds), "model_transform": model_name}

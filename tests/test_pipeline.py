@@ -1,0 +1,151 @@
+"""The notebook steps of hawqlib.pipeline: artifacts load what was computed, inputs are checked."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from hawqlib import allocate, hessian, pipeline, quant, runs
+from hawqlib.blocks import quant_blocks
+from hawqlib.models import resnet20
+
+
+@pytest.fixture
+def artifacts(tmp_path, monkeypatch):
+    monkeypatch.setenv("HAWQ_ARTIFACTS", str(tmp_path / "artifacts"))
+    monkeypatch.delenv("FORCE", raising=False)
+    return tmp_path / "artifacts"
+
+
+def _tiny():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                        nn.Flatten(), nn.Linear(4, 5))
+    net.eval()
+    g = torch.Generator().manual_seed(1)
+    return net, (torch.randn(12, 3, 6, 6, generator=g), torch.randint(0, 5, (12,), generator=g))
+
+
+CFG = {"method": "autograd", "solver": "lanczos", "tol": 1e-6, "max_iter": 50, "seed": 0}
+
+
+def test_spectrum_is_stored_then_loaded_without_recomputing(artifacts, monkeypatch):
+    net, data = _tiny()
+    res, folder = pipeline.spectrum(net, "tiny", CFG, "layer", data=data, data_key="tiny-data", vectors=True)
+    assert runs.read_manifest(folder) is not None and folder.parent == artifacts
+    ref = hessian.top_eigenvalues(net, nn.CrossEntropyLoss(), data, "layer", **CFG, progress=False)
+    assert [r.eigenvalue for r in res] == [r.eigenvalue for r in ref]
+
+    def boom(*a, **k):
+        raise AssertionError("recomputed a stored spectrum")
+
+    monkeypatch.setattr(hessian, "top_eigenvalues", boom)
+    again, folder2 = pipeline.spectrum(net, "tiny", CFG, "layer", data=data, data_key="tiny-data", vectors=True)
+    assert folder2 == folder
+    assert [r.eigenvalue for r in again] == [r.eigenvalue for r in res]
+    assert all(torch.equal(a, b) for r, q in zip(res, again) for a, b in zip(r.vector, q.vector))
+    # another key (tolerance) is another artifact; force recomputes
+    with pytest.raises(AssertionError, match="recomputed"):
+        pipeline.spectrum(net, "tiny", CFG, "layer", data=data, data_key="tiny-data", tol=1e-5)
+    with pytest.raises(AssertionError, match="recomputed"):
+        pipeline.spectrum(net, "tiny", CFG, "layer", data=data, data_key="tiny-data", vectors=True, force=True)
+
+
+def test_spectrum_checks_its_inputs(artifacts):
+    net, data = _tiny()
+    with pytest.raises(ValueError, match="data_key"):
+        pipeline.spectrum(net, "tiny", CFG, "layer", data=data)
+    with pytest.raises(ValueError, match="miss"):
+        pipeline.spectrum(net, "tiny", {"tol": 1e-3}, "layer", data=data, data_key="d")
+    with pytest.raises(ValueError, match="n_samples"):
+        pipeline.hessian_batch(0)
+
+
+def test_loss_surface_moves_one_block_and_restores_it():
+    net, data = _tiny()
+    block = quant_blocks(net, "layer")[0]
+    d = torch.randn(block.numel, generator=torch.Generator().manual_seed(2))
+    before = [p.detach().clone() for p in net.parameters()]
+    coords = torch.tensor([[0.0], [0.5], [-1.0]])
+    losses = pipeline.loss_surface(net, block, [d], coords, data)
+    for c, got in zip(coords[:, 0], losses):
+        moved, _ = _tiny()
+        with torch.no_grad():
+            moved[0].weight += float(c) * d.view_as(moved[0].weight)
+        want = nn.functional.cross_entropy(moved(data[0]), data[1]).item()
+        assert got.item() == pytest.approx(want, rel=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
+    # the list-of-tensors form of a direction gives the same numbers
+    assert torch.equal(pipeline.loss_surface(net, block, [[d.view_as(block.params[0])]], coords, data), losses)
+    with pytest.raises(ValueError, match="columns"):
+        pipeline.loss_surface(net, block, [d, d], coords, data)
+    with pytest.raises(ValueError, match="entries"):
+        pipeline.loss_surface(net, block, [d[:-1]], coords, data)
+
+
+def test_landscape_is_an_artifact(artifacts, monkeypatch, cifar_root):
+    net = resnet20().eval()
+    block = quant_blocks(net, "layer")[-1]
+    d = torch.randn(block.numel, generator=torch.Generator().manual_seed(0))
+    cfg = {"n_samples": 8, "data_seed": 0}
+    coords = torch.linspace(-1, 1, 3)[:, None]
+    losses, folder = pipeline.landscape(net, "r20", cfg, block.name, [d], coords, directions_key="rand0",
+                                        data_root=cifar_root)
+    monkeypatch.setattr(pipeline, "loss_surface", lambda *a, **k: (_ for _ in ()).throw(AssertionError("again")))
+    again, folder2 = pipeline.landscape(net, "r20", cfg, block.name, [d], coords, directions_key="rand0",
+                                        data_root=cifar_root)
+    assert folder2 == folder and torch.equal(again, losses)
+    with pytest.raises(ValueError, match="no block"):
+        pipeline.landscape(net, "r20", cfg, "nope", [d], coords, directions_key="rand0")
+
+
+def test_order_blocks(artifacts):
+    net, data = _tiny()
+    spectra = hessian.top_eigenvalues(net, nn.CrossEntropyLoss(), data, "layer", **CFG, progress=False)
+    bc = quant.BitConfig.uniform(net, 2)
+    omega = pipeline.order_blocks(net, spectra, bc, "omega")
+    assert omega == [e.name for e in allocate.finetune_order(net, spectra, bc)]
+    assert pipeline.order_blocks(net, spectra, bc, "reverse") == omega[::-1]
+    rnd = pipeline.order_blocks(net, spectra, bc, "random", seed=3)
+    assert sorted(rnd) == sorted(omega) and rnd == pipeline.order_blocks(net, spectra, bc, "random", seed=3)
+    with pytest.raises(ValueError, match="valid: omega, reverse, random"):
+        pipeline.order_blocks(net, spectra, bc, "sideways")
+
+
+def test_imagenet_batch_synthetic_is_seeded():
+    (x, y), key = pipeline.imagenet_batch("resnet50", 3, 7, image_size=16)
+    (x2, y2), key2 = pipeline.imagenet_batch("resnet50", 3, 7, image_size=16)
+    assert x.shape == (3, 3, 16, 16) and torch.equal(x, x2) and torch.equal(y, y2) and key == key2
+    assert int(y.max()) < 1000
+    with pytest.raises(ValueError, match="image_size"):
+        pipeline.imagenet_batch("resnet50", 3)
+
+
+FT = {"stages": 2, "epochs_per_stage": 1, "final_epochs": 0, "lr": 0.01, "momentum": 0.9, "nesterov": True,
+      "weight_decay": 1e-4, "batch_size": 32, "seed": 0, "train_subset": 64, "test_subset": 64,
+      "calibration_batches": 1}
+
+
+def test_finetuned_stores_model_history_and_packed_file(artifacts, cifar_root, monkeypatch):
+    torch.manual_seed(0)
+    net = resnet20().eval()
+    bc = quant.BitConfig.uniform(net, 4, act_bits=4)
+    order = [b.name for b in quant_blocks(net, "layer")]
+    r = pipeline.finetuned(net, "r20-random", bc, order, FT, data_root=cifar_root)
+    assert len(r.history["stages"]) == 2 and len(r.history["epochs"]) == 2
+    assert r.top1 == r.history["epochs"][-1]["val_top1"]
+    assert r.packed_top1 == pytest.approx(r.top1, abs=100 / 64 + 1e-9)
+    assert r.size_bytes <= r.packed_bytes <= 1.02 * r.size_bytes + 4096
+    assert (r.folder / "model.hawq").stat().st_size == r.packed_bytes
+    from hawqlib import finetune
+
+    monkeypatch.setattr(finetune, "staged_finetune", lambda *a, **k: (_ for _ in ()).throw(AssertionError("again")))
+    again = pipeline.finetuned(net, "r20-random", bc, order, FT, data_root=cifar_root)
+    assert again.folder == r.folder and again.top1 == r.top1 and again.packed_bytes == r.packed_bytes
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    r.qmodel.eval()
+    assert torch.equal(again.qmodel(x), r.qmodel(x))
+    with pytest.raises(ValueError, match="miss"):
+        pipeline.finetuned(net, "r20-random", bc, order, {"lr": 0.1})
+    with pytest.raises(TypeError, match="BitConfig"):
+        pipeline.finetuned(net, "r20-random", {"conv1": 4}, order, FT)
