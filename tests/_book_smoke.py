@@ -5,6 +5,10 @@ caller runs ``python -m hawqlib book --profile smoke`` on a copy of ``book/`` in
 (artifacts in a temporary ``HAWQ_ARTIFACTS``, never in ``data/artifacts``), and later callers get
 the same result. The result is cached in this module, so it is shared whichever test file asks
 first.
+
+``HAWQ_BOOK_TEST_ARTIFACTS=<folder>`` keeps the smoke artifacts in that folder across sessions
+instead (a developer's cache: the notebooks then load rather than compute; CI leaves it unset so
+every run computes from scratch). Never point it at ``data/artifacts``.
 """
 from __future__ import annotations
 
@@ -59,7 +63,7 @@ def smoke_book(tmp_root: Path, data_root: Path) -> SmokeBook:
         pytest.skip("notebooks/ holds none of the book's notebooks yet")
     dst = tmp_root / "book"
     shutil.copytree(ROOT / "book", dst, ignore=shutil.ignore_patterns("_build", "executed", "__pycache__"))
-    artifacts = tmp_root / "artifacts"
+    artifacts = Path(os.environ.get("HAWQ_BOOK_TEST_ARTIFACTS") or tmp_root / "artifacts")
     env = dict(os.environ, HAWQ_ARTIFACTS=str(artifacts), HAWQ_DATA=str(data_root), HAWQ_PROFILE="smoke")
     env.pop("FORCE", None)
     t0 = time.perf_counter()
