@@ -64,6 +64,8 @@ def smoke_book(tmp_root: Path, data_root: Path) -> SmokeBook:
     dst = tmp_root / "book"
     shutil.copytree(ROOT / "book", dst, ignore=shutil.ignore_patterns("_build", "executed", "__pycache__"))
     artifacts = Path(os.environ.get("HAWQ_BOOK_TEST_ARTIFACTS") or tmp_root / "artifacts")
+    if artifacts.resolve() == (ROOT / "data" / "artifacts").resolve():
+        pytest.fail("HAWQ_BOOK_TEST_ARTIFACTS must not be the project's data/artifacts (the published results)")
     env = dict(os.environ, HAWQ_ARTIFACTS=str(artifacts), HAWQ_DATA=str(data_root), HAWQ_PROFILE="smoke")
     env.pop("FORCE", None)
     t0 = time.perf_counter()
