@@ -24,14 +24,16 @@ Any other distribution can be given as ``blocks=(...)``.
 Which variant is "SqueezeNext" in HAWQ (our choice, with its reasoning)
 --------------------------------------------------------------------------
 The HAWQ paper reports an FP32 baseline of 69.38% top-1 for "SqueezeNext" without naming the
-variant. The SqueezeNext paper's 1.0-width networks stay near 59-62% top-1 (1.0-SqNxt-23: about
-59%; 1.0-SqNxt-23v5 about the same), so a 1.0 variant cannot be the HAWQ baseline; only the
-2.0-width networks come near 69%. The same group's next quantization paper (ZeroQ, Cai et al.,
-2020, with HAWQ's authors) evaluates the public PyTorch port of SqueezeNext under the name
-``sqnxt23_w2`` = **2.0-SqNxt-23**, whose public ImageNet weights score about 69% top-1. We
-therefore take 2.0-SqNxt-23 as the paper's SqueezeNext: ``squeezenext()`` with its defaults,
-``hawqlib.models.get("squeezenext")``. Uncertainty: the HAWQ paper itself does not say; the
-choice rests on the accuracy range and on the sibling paper's code. 2.0-SqNxt-23 has
+variant. In the SqueezeNext paper (its ImageNet tables, as we recall them) the 1.0-width networks
+reach about 59% top-1 (1.0-SqNxt-23 and 1.0-SqNxt-23v5 alike) and only the 2.0-width ones come
+near 67-69%, so a 1.0 variant (1.0-SqNxt-23v5 was a first guess) cannot be the HAWQ baseline.
+The same group's next quantization paper (ZeroQ, Cai et al., 2020, with HAWQ's authors) runs
+SqueezeNext through the public PyTorch port under the name ``sqnxt23_w2`` = **2.0-SqNxt-23**;
+the port lists its ImageNet weights for that variant at 11.0% top-5 error, the range of a
+69%-top-1 network. We therefore take 2.0-SqNxt-23 as the paper's SqueezeNext: ``squeezenext()``
+with its defaults, ``hawqlib.models.get("squeezenext")``. Uncertainty: the HAWQ paper itself does
+not say; the choice rests on the accuracy range and on the sibling paper's code, and
+2.0-SqNxt-23v5 (3.37 M parameters) remains the other candidate. 2.0-SqNxt-23 has
 **2,583,752 parameters** (measured by ``tests/test_models.py``; 2,548,096 of them in
 convolution and linear weights, the rest in biases and BatchNorm).
 
