@@ -61,8 +61,8 @@ class Res(nn.Module):
 
 def resnet():
     torch.manual_seed(0)
-    m = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1, bias=False), nn.ReLU(), Res(3),
-                      nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(12, 4)).double()
+    m = nn.Sequential(nn.Conv2d(3, 2, 3, padding=1, bias=False), nn.ReLU(), Res(2),
+                      nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(8, 4)).double()
     return _bn_eval_stats(m)
 
 
@@ -105,6 +105,17 @@ def exact_hessian(model, loss_fn, data, block):
     return Hm
 
 
+_EXACT: dict = {}
+
+
+def exact_cached(case, i, model, loss_fn, data, block):
+    """(top eigenvalue by magnitude, trace) of the dense Hessian of block ``i`` of a CASES entry, computed once."""
+    if (case, i) not in _EXACT:
+        Hm = exact_hessian(model, loss_fn, data, block)
+        _EXACT[case, i] = (top_abs(Hm), float(Hm.trace()))
+    return _EXACT[case, i]
+
+
 def top_abs(Hm):
     ev = torch.linalg.eigvalsh(Hm)
     return float(ev[ev.abs().argmax()])
@@ -126,11 +137,12 @@ def test_eigenvalues_match_dense_hessian(case, solver):
     make, mk_data, loss_fn, gran = CASES[case]
     model, data = make(), mk_data()
     blocks = quant_blocks(model, gran)
-    exact = [top_abs(exact_hessian(model, loss_fn, data, b)) for b in blocks]
+    exact = [exact_cached(case, i, model, loss_fn, data, b)[0] for i, b in enumerate(blocks)]
     methods = ["autograd", "auto"]
     if all(H.gauss_newton_exact(model, loss_fn, b)[0] for b in blocks):
         methods.append("gauss-newton")
-    kw = dict(tol=1e-9, max_iter=3000) if solver == "power" else dict(tol=1e-9, max_iter=300)
+    tol = 1e-6 if solver == "power" else 1e-9  # power: eigenvalue error ~ tol^2, far below RTOL
+    kw = dict(tol=tol, max_iter=3000 if solver == "power" else 300)
     for method in methods:
         res = H.top_eigenvalues(model, loss_fn, data, blocks, method=method, solver=solver,
                                 progress=False, **kw)
@@ -139,7 +151,7 @@ def test_eigenvalues_match_dense_hessian(case, solver):
             assert r.converged, (case, method, r)
             assert abs(r.eigenvalue - e) <= RTOL * abs(e), (case, method, solver, r.name, r.eigenvalue, e)
             assert r.numel == b.numel and r.solver == solver and r.iterations == len(r.history)
-            assert r.history[-1] <= 1e-9 and r.residual < 1e-6
+            assert r.history[-1] <= tol and r.residual < 1e-5
 
 
 def test_auto_picks_gauss_newton_where_exact_and_autograd_elsewhere():
@@ -197,12 +209,12 @@ def test_many_batches_chunks_and_memory_groups_give_the_mean_hessian():
     blocks = quant_blocks(model)
     exact = [top_abs(exact_hessian(model, nn.CrossEntropyLoss(), (x, y), b)) for b in blocks]
     batches = [(x[:4], y[:4]), (x[4:11], y[4:11]), (x[11:], y[11:])]
-    for kw in (dict(chunk_size=3), dict(chunk_size=5, max_memory=1), dict(chunk_size=100)):
-        for method in ("gauss-newton", "autograd"):
-            res = H.top_eigenvalues(model, nn.CrossEntropyLoss(), batches, method=method, tol=1e-9,
-                                    progress=False, **kw)
-            for r, e in zip(res, exact):
-                assert abs(r.eigenvalue - e) <= RTOL * abs(e), (kw, method, r)
+    for kw, method in ((dict(chunk_size=3), "gauss-newton"), (dict(chunk_size=5, max_memory=1), "gauss-newton"),
+                       (dict(chunk_size=100), "gauss-newton"), (dict(chunk_size=3), "autograd")):
+        res = H.top_eigenvalues(model, nn.CrossEntropyLoss(), batches, method=method, tol=1e-9,
+                                progress=False, **kw)
+        for r, e in zip(res, exact):
+            assert abs(r.eigenvalue - e) <= RTOL * abs(e), (kw, method, r)
     # a one-shot generator is accepted too
     res = H.top_eigenvalues(model, nn.CrossEntropyLoss(), iter(batches), tol=1e-9, progress=False)
     assert abs(res[0].eigenvalue - exact[0]) <= RTOL * abs(exact[0])
@@ -251,7 +263,7 @@ def test_traces_exact(case):
     make, mk_data, loss_fn, gran = CASES[case]
     model, data = make(), mk_data()
     blocks = quant_blocks(model, gran)
-    exact = [float(exact_hessian(model, loss_fn, data, b).trace()) for b in blocks]
+    exact = [exact_cached(case, i, model, loss_fn, data, b)[1] for i, b in enumerate(blocks)]
     for method in ("auto", "autograd"):
         res = H.traces(model, loss_fn, data, gran, method=method, exact_max=10_000, progress=False)
         for r, e in zip(res, exact):
@@ -383,8 +395,8 @@ def test_float32_resnet20_gauss_newton_matches_autograd():
 
     torch.manual_seed(0)
     model = resnet20()
-    x, y = torch.randn(6, 3, 32, 32), torch.randint(0, 10, (6,))
-    names = ["conv1", "layer2.0.conv1", "fc"]
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    names = ["layer2.0.conv1", "fc"]
     gn = H.top_eigenvalues(model, nn.CrossEntropyLoss(), (x, y), names, progress=False)
     ag = H.top_eigenvalues(model, nn.CrossEntropyLoss(), (x, y), names, method="autograd", progress=False)
     for a, b in zip(gn, ag):
