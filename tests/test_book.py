@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 import sys
 from html.parser import HTMLParser
 from pathlib import Path
@@ -74,6 +75,60 @@ def test_profile_lookup_pastes_values_and_rejects_unknown_keys():
         hawq_book._lookup("gpu:baseline.epochs")
     with pytest.raises(ValueError, match="profile:section.key"):
         hawq_book._lookup("baseline.epochs")
+
+
+_PASTE = re.compile(r"\{glue(?::(?:text|any|figure|math|md))?\}`([^`]+)`"
+                    r"|[`:]{3}\{glue(?::(?:any|figure|math|md))?\}\s+(\S+)")
+_GLUE = re.compile(r"\bglue\(\s*(f?)([\"'])(.+?)\2")
+
+
+def _glued_keys(path: Path) -> tuple[list[re.Pattern], bool]:
+    """Patterns of the keys a source notebook glues, and whether every glue call names its key literally."""
+    nb = nbformat.read(path, as_version=4)
+    pats, literal = [], True
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        for fflag, _, key in _GLUE.findall(cell.source):
+            rx = re.escape(key)
+            if fflag:  # an f-string key: any text for each {...}
+                rx = re.sub(r"\\\{[^}]*\\\}", ".+", rx)
+            pats.append(re.compile(rx))
+        if re.search(r"\bglue\(\s*(?![fFrR]?[\"'])", cell.source):
+            literal = False
+    return pats, literal
+
+
+def test_every_pasted_key_is_glued_by_its_notebook():
+    """Static check, before any execution: a typo in a glue key is caught in seconds, not after a build."""
+    nb_dir = ROOT / "notebooks"
+    sources = {n: nb_dir / f"{n}.ipynb" for n in book.available(nb_dir)}
+    if not sources:
+        pytest.skip("no notebooks yet")
+    glued = {n: _glued_keys(p) for n, p in sources.items()}
+    texts = [(f"notebooks/{n}.ipynb", n, c.source) for n, p in sources.items()
+             for c in nbformat.read(p, as_version=4).cells if c.cell_type == "markdown"]
+    texts += [(str(p.relative_to(ROOT)), None, p.read_text()) for p in BOOK.rglob("*.md")
+              if "_build" not in p.parts]
+    problems, checked = [], 0
+    for where, owner, text in texts:
+        for m in _PASTE.finditer(text):
+            ref = next(g for g in m.groups() if g)
+            doc, _, key = ref.rpartition("::")
+            if m.group(1):  # the role form may end in :format
+                key = key.rsplit(":", 1)[0]
+            name = Path(doc).stem if doc else owner
+            if name not in glued:
+                if name is None or name in book.NOTEBOOKS:
+                    continue  # that notebook is not written yet (the build would say so)
+                problems.append(f"{where}: {ref!r} names no notebook")
+                continue
+            pats, literal = glued[name]
+            checked += 1
+            if literal and not any(p.fullmatch(key) for p in pats):
+                problems.append(f"{where}: key {key!r} is not glued by notebooks/{name}.ipynb")
+    assert not problems, "\n".join(problems)
+    assert checked > 0
 
 
 # ----------------------------------------------------------------------------- the runner's contract
