@@ -113,7 +113,7 @@ PROFILES: dict[str, dict] = {
         "landscape": _with(_LANDSCAPE_CPU, n_samples=16, points=9, grid=5),
         "allocation": _with(_ALLOCATION_CPU, pareto_compressions=[4.0, 8.0, 13.1], random_seeds=[0, 1]),
         "finetune": _with(_FINETUNE_CPU, stages=2, epochs_per_stage=1, batch_size=64,
-                          train_subset=256, test_subset=256),
+                          train_subset=256, test_subset=500),
         "ablation": dict(_ABLATION_CPU),
         "imagenet": _with(_IMAGENET_CPU, synthetic={"n_samples": 2, "image_size": {
                               "resnet50": 64, "inception_v3": 75, "squeezenext": 64}},
