@@ -20,6 +20,9 @@ weights:
 - ``plain 2 workers``: the same with ``num_workers=2`` (one per core of the 2-core machine).
 
 A data-only pass (the loader alone, no model) is timed too, to show whether loading bounds the step.
+Two clocks: wall time, and CPU time (user + system) of the process and of its finished children
+(the DataLoader workers, reaped at the end of each epoch). On a shared CPU the CPU time is the
+steadier measure of the work each variant does; the wall time is what a user waits.
 
 The CPU may be shared with other work, so variants are interleaved: each repetition runs one
 epoch of every variant in turn (order rotated per repetition); the figures are medians over
@@ -31,6 +34,7 @@ Run: ``python benchmarks/train_speed.py [--reps 3 --steps 40 --batch 128 --threa
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import time
 
@@ -72,11 +76,10 @@ def plain_loader(images, labels, batch: int, workers: int):
                                        num_workers=workers)
 
 
-def plain_epoch(model: nn.Module, loader) -> float:
-    """One epoch of the obvious loop; returns its wall time."""
+def plain_epoch(model: nn.Module, loader) -> None:
+    """One epoch of the obvious loop."""
     opt = torch.optim.SGD(model.parameters(), **OPT)
     crit = nn.CrossEntropyLoss()
-    t0 = time.perf_counter()
     model.train()
     running, correct, seen = 0.0, 0, 0
     for x, y in loader:
@@ -88,22 +91,31 @@ def plain_epoch(model: nn.Module, loader) -> float:
         running += loss.item() * len(y)
         correct += (out.argmax(1) == y).sum().item()
         seen += len(y)
-    return time.perf_counter() - t0
 
 
-def hawq_epoch(model: nn.Module, loader, channels_last: bool) -> float:
-    """One epoch through :func:`hawqlib.train.train`; returns its wall time."""
-    t0 = time.perf_counter()
+def hawq_epoch(model: nn.Module, loader, channels_last: bool) -> None:
+    """One epoch through :func:`hawqlib.train.train`."""
     train(model, loader, epochs=1, schedule="constant", progress=False, channels_last=channels_last, **OPT)
-    return time.perf_counter() - t0
 
 
-def data_only(loader) -> float:
-    """Wall time of one pass over ``loader`` alone."""
-    t0 = time.perf_counter()
+def data_only(loader) -> None:
+    """One pass over ``loader`` alone."""
     for _ in loader:
         pass
-    return time.perf_counter() - t0
+
+
+def _cpu() -> float:
+    """CPU seconds of this process and of its finished children (DataLoader workers), user + system."""
+    own = time.process_time()
+    ch = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own + ch.ru_utime + ch.ru_stime
+
+
+def timed(fn) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of ``fn()``."""
+    w0, c0 = time.perf_counter(), _cpu()
+    fn()
+    return time.perf_counter() - w0, _cpu() - c0
 
 
 def main(argv=None) -> dict:
@@ -152,30 +164,39 @@ def main(argv=None) -> dict:
     plain_epoch(fresh(), plain_loader(small_images, small_labels, args.batch, 0))
 
     names = list(variants) + list(data_variants)
-    walls: dict[str, list[float]] = {k: [] for k in names}
+    clocks = ("wall", "cpu")
+    times: dict[str, dict[str, list[float]]] = {c: {k: [] for k in names} for c in clocks}
     for r in range(args.reps):
         order = names[r % len(names):] + names[:r % len(names)]
         for k in order:
-            walls[k].append((variants.get(k) or data_variants[k])())
-        print(f"  rep {r + 1}: " + ", ".join(f"{k} {n / walls[k][-1]:.0f} img/s" for k in names), flush=True)
+            wall, cpu = timed(variants.get(k) or data_variants[k])
+            times["wall"][k].append(wall)
+            times["cpu"][k].append(cpu)
+        print(f"  rep {r + 1}: " + ", ".join(f"{k} {n / times['wall'][k][-1]:.0f} img/s "
+                                            f"({n / times['cpu'][k][-1]:.0f} per CPU s)" for k in names),
+              flush=True)
 
-    ips = {k: statistics.median(n / w for w in walls[k]) for k in names}
-    ratio = {f"hawqlib / {k}": statistics.median(walls[k][i] / walls["hawqlib"][i] for i in range(args.reps))
-             for k in ("plain", "plain 2 workers", "hawqlib NCHW")}
-    ratio["TensorLoader / DataLoader (data only)"] = statistics.median(
-        walls["DataLoader"][i] / walls["TensorLoader"][i] for i in range(args.reps))
-    print("\nmedian images/s (training epoch, data included):")
+    ips = {c: {k: statistics.median(n / t for t in times[c][k]) for k in names} for c in clocks}
+    ratio = {}
+    for c in clocks:
+        t = times[c]
+        ratio[c] = {f"hawqlib / {k}": statistics.median(t[k][i] / t["hawqlib"][i] for i in range(args.reps))
+                    for k in ("plain", "plain 2 workers", "hawqlib NCHW")}
+        ratio[c]["TensorLoader / DataLoader (data only)"] = statistics.median(
+            t["DataLoader"][i] / t["TensorLoader"][i] for i in range(args.reps))
+    print("\nmedian images per second of wall time | per CPU second (this process and its loader workers):")
+    print("  training epoch, data included:")
     for k in variants:
-        print(f"  {k:<16} {ips[k]:8.1f}")
-    print("median images/s (data loading alone):")
+        print(f"    {k:<16} {ips['wall'][k]:9.1f} | {ips['cpu'][k]:9.1f}")
+    print("  data loading alone:")
     for k in data_variants:
-        print(f"  {k:<16} {ips[k]:8.1f}")
-    print("speed ratios (median of per-repetition ratios; > 1 means the first is faster):")
-    for k, v in ratio.items():
-        print(f"  {k:<40} {v:6.2f}x")
+        print(f"    {k:<16} {ips['wall'][k]:9.1f} | {ips['cpu'][k]:9.1f}")
+    print("speed ratios, median of per-repetition ratios (> 1: the first is faster), wall | CPU:")
+    for k in ratio["wall"]:
+        print(f"  {k:<40} {ratio['wall'][k]:6.2f}x | {ratio['cpu'][k]:6.2f}x")
     result = {"model": "resnet20", "steps": args.steps, "batch": args.batch, "threads": torch.get_num_threads(),
-              "reps": args.reps, "images_per_s": ips, "ratios": ratio,
-              "walls_s": walls, "torch": torch.__version__, "numpy": np.__version__}
+              "reps": args.reps, "images_per_s": ips, "ratios": ratio, "times_s": times,
+              "torch": torch.__version__, "numpy": np.__version__}
     if args.out:
         from hawqlib.storage import atomic_write_json
 
