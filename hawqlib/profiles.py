@@ -117,7 +117,7 @@ PROFILES: dict[str, dict] = {
         "ablation": dict(_ABLATION_CPU),
         "imagenet": _with(_IMAGENET_CPU, synthetic={"n_samples": 2, "image_size": {
                               "resnet50": 64, "inception_v3": 75, "squeezenext": 64}},
-                          n_samples=8, tol=1e-2, max_iter=10),
+                          n_samples=8, tol=1e-2, max_iter=6),
     },
     "cpu": {
         "description": "the published results: hours on a 2-core CPU, resumable",

@@ -122,7 +122,7 @@ def test_imagenet_batch_synthetic_is_seeded():
 
 
 FT = {"stages": 2, "epochs_per_stage": 1, "final_epochs": 0, "lr": 0.01, "momentum": 0.9, "nesterov": True,
-      "weight_decay": 1e-4, "batch_size": 32, "seed": 0, "train_subset": 64, "test_subset": 64,
+      "weight_decay": 1e-4, "batch_size": 16, "seed": 0, "train_subset": 32, "test_subset": 32,
       "calibration_batches": 1}
 
 
@@ -134,7 +134,7 @@ def test_finetuned_stores_model_history_and_packed_file(artifacts, cifar_root, m
     r = pipeline.finetuned(net, "r20-random", bc, order, FT, data_root=cifar_root)
     assert len(r.history["stages"]) == 2 and len(r.history["epochs"]) == 2
     assert r.top1 == r.history["epochs"][-1]["val_top1"]
-    assert r.packed_top1 == pytest.approx(r.top1, abs=100 / 64 + 1e-9)
+    assert r.packed_top1 == r.top1  # the packed file restores the fake-quantized model exactly
     assert r.size_bytes <= r.packed_bytes <= 1.02 * r.size_bytes + 4096
     assert (r.folder / "model.hawq").stat().st_size == r.packed_bytes
     from hawqlib import finetune
