@@ -16,7 +16,7 @@ later phase does not hide inside memory an earlier phase left mapped.
 Weights: the newest ``data/artifacts/baseline_resnet20-*/checkpoint.pt`` (read-only; its epoch is
 printed: it may be a partially trained baseline), else a ResNet20 trained here for ``--epochs``.
 
-Usage: python benchmarks/hessian_speed.py [--n 512] [--layers conv1,fc] [--skip-pyhessian]
+Usage: python benchmarks/hessian_speed.py [--n 512] [--layers conv1,fc] [--threads N] [--skip-pyhessian]
 """
 from __future__ import annotations
 
@@ -135,7 +135,10 @@ def main():
     ap.add_argument("--layers", default="", help="comma-separated layer names (default: all 20)")
     ap.add_argument("--epochs", type=int, default=3, help="epochs to train when there is no baseline checkpoint")
     ap.add_argument("--skip-pyhessian", action="store_true")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own choice)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; load average {os.getloadavg()}", flush=True)

@@ -830,9 +830,14 @@ def top_eigenvalues(model: nn.Module, loss_fn, data, blocks=None, *, method: str
             if gn:
                 sub = [blocks[i] for i in gn]
                 rec, order, C = _shapes(model, data, sub)
-                if C is None or C < 2:
+                if (C is None or C < 2) and method == "auto":  # not (batch, classes) logits: autograd
+                    fallback = [(i, "gauss-newton refused: the output is not (batch, classes>=2) logits")
+                                for i in gn]
+                    gn, sub = [], []
+                elif C is None or C < 2:
                     raise HessianError(f"blocks {', '.join(b.name for b in sub)}: the Gauss-Newton route needs "
                                        "(batch, classes>=2) logits")
+            if gn:
                 kinds, groups = _plan_groups(sub, rec, order, data.n, C, torch.finfo(dtype).bits // 8,
                                              max_memory)
                 for grp in groups:

@@ -15,6 +15,16 @@ from hawqlib.blocks import Block, quant_blocks
 RTOL = 1e-5
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny float64 models gain nothing from threads, and on an oversubscribed CPU a second thread makes
+    every small op wait for the scheduler (measured here: 10x slower); restore the setting afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # --------------------------------------------------------------------------- tiny models
 
 def _bn_eval_stats(model):
