@@ -132,8 +132,8 @@ def spectrum(model: torch.nn.Module, base: str, cfg: dict, granularity="layer", 
     from . import hessian
 
     cfg = {**cfg, **overrides}
-    missing = [k for k in ("n_samples", "data_seed", *_SPECTRUM_KEYS) if k not in cfg and data is None
-               or k in _SPECTRUM_KEYS and k not in cfg]
+    needed = _SPECTRUM_KEYS + (("n_samples", "data_seed") if data is None else ())
+    missing = [k for k in needed if k not in cfg]
     if missing:
         raise ValueError(f"hessian settings miss {missing}; pass a profile's 'hessian' section")
     if data is not None and data_key is None:
