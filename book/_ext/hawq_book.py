@@ -2,6 +2,8 @@
 
 - role ``{profile}`` ```cpu:baseline.epochs``` pastes one profile parameter (:mod:`hawqlib.profiles`);
   an unknown profile or key is a build error.
+- role ``{book-profile}`` pastes the profile the executed notebooks ran at (from
+  ``executed/timings.json``); notebooks from mixed profiles are a build error.
 - directive ``{profile-table}`` ``section`` tabulates one profile section for every profile.
 - directive ``{timings-table}`` tabulates ``executed/timings.json`` (notebook wall times written by
   :mod:`hawqlib.book`) and the machine they ran on; a missing file is a build error.
@@ -69,6 +71,29 @@ class ProfileRole(SphinxRole):
             msg = self.inliner.reporter.error(f"profile role: {exc}", line=self.lineno)
             return [nodes.problematic(self.rawtext, self.rawtext)], [msg]
         return [nodes.literal(text, text, classes=["profile-value"])], []
+
+
+class BookProfileRole(SphinxRole):
+    """``{book-profile}`executed/timings.json``` -> the profile every executed notebook ran at.
+
+    An empty target reads ``executed/timings.json``; notebooks from different profiles are an error.
+    """
+
+    def run(self):
+        rel = self.text.strip() or "executed/timings.json"
+        path = Path(self.env.srcdir) / rel
+        self.env.note_dependency(str(path))
+        try:
+            entries = json.loads(path.read_text())["notebooks"]
+            found = sorted({e["profile"] for e in entries.values()})
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            msg = self.inliner.reporter.error(f"book-profile role: cannot read {path} ({exc})", line=self.lineno)
+            return [nodes.problematic(self.rawtext, self.rawtext)], [msg]
+        if len(found) != 1:
+            msg = self.inliner.reporter.error(f"book-profile role: executed notebooks come from profiles {found}",
+                                              line=self.lineno)
+            return [nodes.problematic(self.rawtext, self.rawtext)], [msg]
+        return [nodes.literal(found[0], found[0], classes=["profile-value"])], []
 
 
 def _table(header: list[str], rows: list[list[str]], widths=None) -> nodes.table:
@@ -287,6 +312,7 @@ class OurChoices(SphinxDirective):
 def setup(app):
     """Register the roles and directives."""
     app.add_role("profile", ProfileRole())
+    app.add_role("book-profile", BookProfileRole())
     app.add_directive("profile-table", ProfileTable)
     app.add_directive("timings-table", TimingsTable)
     app.add_directive("our-choices", OurChoices)
