@@ -229,7 +229,7 @@ def run_notebooks(profile: str, only: Sequence[str] | None = None, *, force: boo
     Wall times are merged into ``<out_dir>/timings.json`` after each notebook, so an interrupted
     run keeps the times it measured.
     """
-    from tqdm.auto import tqdm
+    from .progress import bar as progress_bar, write as progress_write
 
     profiles.get(profile)
     nb_dir = Path(notebooks_dir) if notebooks_dir is not None else project_root() / "notebooks"
@@ -248,13 +248,13 @@ def run_notebooks(profile: str, only: Sequence[str] | None = None, *, force: boo
     timings_path = out / "timings.json"
     machine = _machine()
     times: dict[str, float] = {}
-    bar = tqdm(names, desc=f"notebooks ({profile})", unit="nb", disable=not progress)
+    bar = progress_bar(names, desc=f"notebooks ({profile})", unit="nb", disable=not progress)
     for name in bar:
         bar.set_postfix_str(name)
         wall = execute(name, profile, notebooks_dir=nb_dir, out_dir=out, force=force, progress=progress)
         times[name] = wall
         if progress:
-            tqdm.write(f"{name}: {wall:.1f} s")
+            progress_write(f"{name}: {wall:.1f} s")
         record = _read_timings(timings_path)
         record["notebooks"][name] = {"profile": profile, "wall_s": round(wall, 2), "force": bool(force),
                                      "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

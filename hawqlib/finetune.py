@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from .blocks import quant_blocks
+from .progress import bar as progress_bar, write as progress_write
 from .quant import BitConfig, calibrate_activations, quantize_model, set_quant_enabled
 from .storage import atomic_write_json
 from .train import CheckpointError, TrainConfig, evaluate, load_checkpoint, train
@@ -189,8 +190,7 @@ def staged_finetune(model: nn.Module, bit_config: BitConfig, order, train_data, 
     done_epochs = 0
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=len(runs), desc="stages", unit="stage")
+        bar = progress_bar(total=len(runs), desc="stages", unit="stage")
     for stage, group, epochs in runs:
         if group:
             set_quant_enabled(qmodel, group, True, activations=False)
@@ -221,8 +221,7 @@ def staged_finetune(model: nn.Module, bit_config: BitConfig, order, train_data, 
                 cached[stage] = {"stage": stage, "quantized": group, "before": before, "epochs": []}
                 _write_history(hist_path, plan, [cached[s] for s in sorted(cached)])
             if progress:
-                from tqdm.auto import tqdm
-                tqdm.write(f"stage {stage}/{len(runs)}: quantizing {len(group)} block(s) {group}"
+                progress_write(f"stage {stage}/{len(runs)}: quantizing {len(group)} block(s) {group}"
                            if group else f"stage {stage}/{len(runs)}: final fine-tuning, all blocks quantized")
             hook, stopped = None, []
             if callback is not None:

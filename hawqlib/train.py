@@ -190,8 +190,8 @@ def train(model: nn.Module, train_data, val_data=None, *, epochs: int | None = N
 
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=config.epochs, initial=start_epoch, desc="train", unit="epoch")
+        from .progress import bar as progress_bar
+        bar = progress_bar(total=config.epochs, initial=start_epoch, desc="train", unit="epoch")
     for epoch in range(start_epoch, config.epochs):
         if hasattr(train_data, "set_epoch"):
             train_data.set_epoch(epoch)
