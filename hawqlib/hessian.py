@@ -27,7 +27,8 @@ Two exact routes compute products H_i v (``method``):
     ordinary backward passes per data chunk (no double backward). Per layer we then keep either
 
     * ``"jacobian"`` storage: the rows r_nk themselves (N x (C-1) x numel), when that is no larger
-      than 1.5x the alternative; a product is then two matrix-vector products; or
+      than 1.5x the alternative (computed for all C-1 directions of a chunk in one batched matrix
+      product); a product R^T (R v) is then one pass over the rows, a cache-sized slab at a time; or
     * ``"activation"`` storage: the layer input (N x |in|) and the whitened output gradients
       (N x (C-1) x |out|); a product is one layer forward with weight v and one weight gradient.
 
@@ -42,7 +43,9 @@ Two exact routes compute products H_i v (``method``):
 *proves* it on the run: one random product on the first ``check_samples`` samples is compared with
 the autograd product on the same samples; a relative difference above 1e-4 falls back to autograd
 with a warning. (Our choice: a subset suffices because the identity holds sample by sample; the full
-data would cost one full double-backward product per layer.)
+data would cost one full double-backward product per layer.) The autograd products of all layers of
+a group share one graph: one forward and one gradient with ``create_graph``, then one double
+backward per layer.
 
 Solvers (``solver``): Lanczos with full reorthogonalization (default) and the paper's power
 iteration. Both stop on the Ritz residual ||H v - lambda v|| / |lambda| <= tol, never on the change
