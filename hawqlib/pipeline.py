@@ -67,7 +67,7 @@ def baseline(cfg: dict, model: str = "resnet20", data_root=None, *, progress: bo
 # any string naming other weights (e.g. ``"resnet50-torchvision"``); it already carries the data digest.
 
 #: Bumped when a change here or in :mod:`hawqlib.hessian` changes stored spectra, traces or landscapes.
-HESSIAN_STEP_VERSION = 1
+HESSIAN_STEP_VERSION = 2
 #: Bumped when a change here, in :mod:`hawqlib.quant`, :mod:`hawqlib.finetune` or :mod:`hawqlib.export`
 #: changes stored fine-tuned models.
 FINETUNE_STEP_VERSION = 1
