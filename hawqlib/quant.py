@@ -6,13 +6,23 @@ does not restate its quantizer; everything below that is not in the paper is **o
 its reason:
 
 Weights (our choice): uniform, **symmetric, per output channel** (dim 0 of a Conv2d/Linear weight),
-restricted range. For ``b >= 2`` bits and ``qmax = 2**(b-1) - 1`` the scale of channel ``c`` is
-``s_c = max|W_c| / qmax`` and ``Q(W_c) = s_c * clamp(round(W_c / s_c), -qmax, qmax)``.
-Reasons: per-channel scales are the usual practice for convolution weights and cost one FP32 number
-per output channel; the max |w| range never clips, so the quantization error is at most half a step
-and the straight-through gradient is the identity everywhere; the symmetric restricted range keeps
-zero exact and the grid symmetric (2**b - 1 levels, e.g. ternary {-s, 0, s} at 2 bits), and the
-codes fit in ``b`` bits for :mod:`hawqlib.export`.
+restricted range: for ``b >= 2`` bits and ``qmax = 2**(b-1) - 1``,
+``Q(W_c) = s_c * clamp(round(W_c / s_c), -qmax, qmax)``, one FP32 scale ``s_c`` per channel.
+The scale (our choice, ``rule="mse"``, the default) is the one that minimizes ``||Q(W_c) - W_c||^2``:
+starting from ``max|W_c| / qmax``, we alternate the nearest codes for the current scale and the
+least-squares scale for the current codes, ``s = <W_c, k> / <k, k>``, each step lowering the error,
+until the scale stops changing or for at most :data:`MSE_ITERATIONS` rounds (in float64). Reasons:
+``||Q(W_i) - W_i||^2`` is the very perturbation HAWQ's second-order estimate and its Omega order weigh
+by lambda_i (paper section 3.2), so the grid that minimizes it is the one the method's own model
+prefers; and at low bits the max |w| grid wastes its few levels on a handful of outliers (at 2 bits
+it is ternary {-s, 0, s} with s = max|w|, which rounds most weights to 0).
+``benchmarks/weight_scale_rule.py`` measures both rules side by side on ResNet20 (squared error,
+weights rounded to zero, a short quantization-aware fine-tuning at 2 bits); its figures are in
+``benchmarks/README.md``. The price: weights beyond ``qmax * s_c`` are clipped (their error exceeds
+half a step); the straight-through gradient stays the identity for every weight. ``rule="max"``
+gives the max |w| grid (no clipping, error at most half a step) for comparison. The symmetric
+restricted range keeps zero exact and the grid symmetric (``2**b - 1``
+levels) and the codes fit in ``b`` bits for :mod:`hawqlib.export`.
 
 One bit (our choice): ``Q(W_c) = mean|W_c| * sign(W_c)`` (with sign(0) = +1), the binary-weight rule
 of XNOR-Net: a symmetric 1-bit grid has no zero level, and the mean |w| is the scale minimizing
@@ -61,7 +71,7 @@ from torch import nn
 from .blocks import QUANT_TYPES, quant_blocks
 from .storage import atomic_write
 
-__all__ = ["CODE_VERSION", 
+__all__ = ["CODE_VERSION", "WEIGHT_SCALE_RULES", "MSE_ITERATIONS",
     "VALID_BITS", "check_bits", "quant_scale", "quant_params", "quantize_tensor", "quantize_to_int",
     "BitConfig", "QuantAct", "QuantConv2d", "QuantLinear", "QUANT_MODULES", "quantize_model",
     "quant_modules", "set_quant_enabled", "calibrate_activations", "BITCONFIG_FORMAT",
@@ -71,7 +81,12 @@ __all__ = ["CODE_VERSION",
 VALID_BITS = tuple(range(1, 9))
 BITCONFIG_FORMAT = "hawqlib.BitConfig/1"
 #: Bumped whenever the numbers this module computes change (part of artifact cache keys).
-CODE_VERSION = 1
+CODE_VERSION = 2
+#: How a symmetric weight grid's scale is chosen: least squared error (default) or max |w|.
+WEIGHT_SCALE_RULES = ("mse", "max")
+#: At most this many alternations of the least-squares scale rule (within ~1% of its fixed point
+#: on ResNet20's layers at 2-8 bits; measured beside the project).
+MSE_ITERATIONS = 20
 # Floor on max|w| so that an all-zero channel gets a finite, nonzero scale (its codes are all 0).
 _MIN_RANGE = 1e-30
 
@@ -106,17 +121,43 @@ def _amax(w: torch.Tensor, per_channel: bool) -> torch.Tensor:
     return (a.amax(dim=dims) if dims else a.amax()).float()
 
 
+def _check_rule(rule) -> str:
+    if rule not in WEIGHT_SCALE_RULES:
+        raise ValueError(f"unknown scale rule {rule!r}; valid rules: {', '.join(map(repr, WEIGHT_SCALE_RULES))}")
+    return rule
+
+
+def _mse_scale(w: torch.Tensor, per_channel: bool, qmax: int) -> torch.Tensor:
+    """The symmetric scale minimizing ||Q(w) - w||^2 (per channel or per tensor), by alternating
+    nearest codes and the least-squares scale from the max |w| start (see the module docstring)."""
+    x = w.detach().double().reshape(w.shape[0] if per_channel and w.dim() > 0 else 1, -1)
+    s = x.abs().amax(dim=1, keepdim=True).clamp_min(_MIN_RANGE) / qmax
+    for _ in range(MSE_ITERATIONS):
+        k = torch.clamp(torch.round(x / s), -qmax, qmax)
+        den = (k * k).sum(dim=1, keepdim=True)
+        new = torch.where(den > 0, (x * k).sum(dim=1, keepdim=True) / den.clamp_min(1), s)
+        if torch.equal(new, s):
+            break
+        s = new
+    s = s.float().clamp_min(_MIN_RANGE)
+    return s.reshape(-1) if per_channel and w.dim() > 0 else s.reshape(())
+
+
 @torch.no_grad()
-def quant_params(w: torch.Tensor, bits: int, *, per_channel: bool = True, symmetric: bool = True):
+def quant_params(w: torch.Tensor, bits: int, *, per_channel: bool = True, symmetric: bool = True,
+                 rule: str = "mse"):
     """The quantization grid of ``w``: ``(scale, zero_point, qmin, qmax)``.
 
     ``scale`` is a float32 tensor of shape ``[w.shape[0]]`` (per channel) or ``[]`` (per tensor);
-    ``zero_point`` an int32 tensor of the same shape. Symmetric: ``scale = max|w| / qmax``, zero point 0,
-    codes in ``[-qmax, qmax]`` with ``qmax = 2**(b-1) - 1`` (for 1 bit: ``scale = mean|w|``, codes +-1).
-    Asymmetric: the range ``[min(w, 0), max(w, 0)]`` on codes ``[0, 2**b - 1]``.
+    ``zero_point`` an int32 tensor of the same shape. Symmetric: zero point 0, codes in
+    ``[-qmax, qmax]`` with ``qmax = 2**(b-1) - 1``, and the scale by ``rule``: ``"mse"`` the one with
+    the least squared error, ``"max"`` ``max|w| / qmax`` (see the module docstring); for 1 bit
+    ``scale = mean|w|``, codes +-1, under either rule. Asymmetric: the range ``[min(w, 0), max(w, 0)]``
+    on codes ``[0, 2**b - 1]`` (``rule`` does not apply).
     """
     _check_tensor(w)
     bits = check_bits(bits)
+    _check_rule(rule)
     dims = _reduce_dims(w, per_channel)
     if symmetric:
         if bits == 1:
@@ -127,7 +168,10 @@ def quant_params(w: torch.Tensor, bits: int, *, per_channel: bool = True, symmet
         else:
             qmax = 2 ** (bits - 1) - 1
             qmin = -qmax
-            scale = _amax(w, per_channel).clamp_min(_MIN_RANGE) / qmax
+            if rule == "max":
+                scale = _amax(w, per_channel).clamp_min(_MIN_RANGE) / qmax
+            else:
+                scale = _mse_scale(w, per_channel, qmax)
         zero_point = torch.zeros(scale.shape, dtype=torch.int32, device=w.device)
         return scale, zero_point, qmin, qmax
     wd = w.detach()
@@ -139,9 +183,10 @@ def quant_params(w: torch.Tensor, bits: int, *, per_channel: bool = True, symmet
     return scale, zero_point, qmin, qmax
 
 
-def quant_scale(w: torch.Tensor, bits: int, *, per_channel: bool = True, symmetric: bool = True) -> torch.Tensor:
+def quant_scale(w: torch.Tensor, bits: int, *, per_channel: bool = True, symmetric: bool = True,
+                rule: str = "mse") -> torch.Tensor:
     """The scale(s) of ``w`` quantized at ``bits`` (one per output channel when ``per_channel``)."""
-    return quant_params(w, bits, per_channel=per_channel, symmetric=symmetric)[0]
+    return quant_params(w, bits, per_channel=per_channel, symmetric=symmetric, rule=rule)[0]
 
 
 class _STE(torch.autograd.Function):
@@ -243,29 +288,30 @@ def _fake_quant(w: torch.Tensor, bits: int, scale: torch.Tensor, zero_point: tor
     return _FakeQuantSTE.apply(w, s, inv, lo, hi, clip_grad)
 
 
-def quantize_tensor(w: torch.Tensor, bits: int, *, per_channel: bool = True, symmetric: bool = True) -> torch.Tensor:
+def quantize_tensor(w: torch.Tensor, bits: int, *, per_channel: bool = True, symmetric: bool = True,
+                    rule: str = "mse") -> torch.Tensor:
     """Q(w): ``w`` fake-quantized to ``bits`` (a float tensor of the same shape and dtype).
 
     Differentiable with the straight-through estimator: the gradient with respect to ``w`` is the
-    identity inside the range (the whole tensor, for the symmetric max |w| range). See the module
-    docstring for the grid (our choice: symmetric, per output channel, max |w| range).
+    identity, clipped weights included. See the module docstring for the grid (our choice: symmetric,
+    per output channel, the scale of least squared error; ``rule="max"`` for the max |w| scale).
     """
-    scale, zp, qmin, qmax = quant_params(w, bits, per_channel=per_channel, symmetric=symmetric)
+    scale, zp, qmin, qmax = quant_params(w, bits, per_channel=per_channel, symmetric=symmetric, rule=rule)
     return _fake_quant(w, bits, scale, zp, qmin, qmax, per_channel, symmetric)
 
 
 @torch.no_grad()
 def quantize_to_int(w: torch.Tensor, bits: int, *, per_channel: bool = True, symmetric: bool = True,
-                    scale: torch.Tensor | None = None):
+                    scale: torch.Tensor | None = None, rule: str = "mse"):
     """The integer codes of Q(w): ``(k, scale)`` with ``k`` an int8 tensor and ``Q(w) == k * scale`` exactly.
 
     ``scale`` is broadcast along dim 0 when per channel. Symmetric codes lie in ``[-qmax, qmax]``
     (``{-1, +1}`` at 1 bit); asymmetric codes are returned centred (``q - zero_point``), so the same
-    identity holds. A given ``scale`` (symmetric only) replaces the one computed from ``w``.
+    identity holds. A given ``scale`` (symmetric only) replaces the one ``rule`` computes from ``w``.
     """
     bits = check_bits(bits)
     if scale is None:
-        scale, zp, qmin, qmax = quant_params(w, bits, per_channel=per_channel, symmetric=symmetric)
+        scale, zp, qmin, qmax = quant_params(w, bits, per_channel=per_channel, symmetric=symmetric, rule=rule)
     else:
         if not symmetric:
             raise ValueError("a given scale is only supported for symmetric quantization")
@@ -490,22 +536,23 @@ class _QuantWeight:
     weight_bits: int
     quant_enabled: bool
 
-    def _init_quant(self, weight_bits: int, act_bits: int | None):
+    def _init_quant(self, weight_bits: int, act_bits: int | None, weight_rule: str = "mse"):
         self.weight_bits = check_bits(weight_bits, "weight_bits")
+        self.weight_rule = _check_rule(weight_rule)
         self.quant_enabled = True
         self.act_quant = QuantAct(act_bits) if act_bits is not None else None
         if self.act_quant is not None:
             self.act_quant.grad_inplace = True
-        # A fixed per-channel scale (set by hawqlib.export.load_packed) replaces the max|w| rule.
+        # A fixed per-channel scale (set by hawqlib.export.load_packed) replaces the scale rule.
         self.register_buffer("fixed_scale", None)
 
     def weight_qparams(self):
-        """``(scale, zero_point, qmin, qmax)`` of the weight: from ``fixed_scale`` if set, else max |w|."""
+        """``(scale, zero_point, qmin, qmax)`` of the weight: ``fixed_scale`` if set, else the default rule's."""
         if self.fixed_scale is not None:
             qmax = 1 if self.weight_bits == 1 else 2 ** (self.weight_bits - 1) - 1
             zp = torch.zeros(self.fixed_scale.shape, dtype=torch.int32, device=self.fixed_scale.device)
             return self.fixed_scale, zp, -qmax, qmax
-        return quant_params(self.weight, self.weight_bits)
+        return quant_params(self.weight, self.weight_bits, rule=self.weight_rule)
 
     def quantized_weight(self) -> torch.Tensor:
         """Q(W) of this module (differentiable by the STE), regardless of ``quant_enabled``."""
@@ -515,7 +562,7 @@ class _QuantWeight:
 
     def int_weight(self):
         """``(k, scale)``: int8 codes and per-channel FP32 scales with ``Q(W) == k * scale``."""
-        return quantize_to_int(self.weight, self.weight_bits, scale=self.fixed_scale)
+        return quantize_to_int(self.weight, self.weight_bits, scale=self.fixed_scale, rule=self.weight_rule)
 
     def _effective(self, x: torch.Tensor):
         if self.act_quant is not None:
@@ -523,7 +570,7 @@ class _QuantWeight:
         return x, (self.quantized_weight() if self.quant_enabled else self.weight)
 
     def _quant_repr(self) -> str:
-        return f"weight_bits={self.weight_bits}, quant_enabled={self.quant_enabled}"
+        return f"weight_bits={self.weight_bits}, weight_rule={self.weight_rule!r}, quant_enabled={self.quant_enabled}"
 
 
 class QuantConv2d(_QuantWeight, nn.Conv2d):
@@ -533,18 +580,20 @@ class QuantConv2d(_QuantWeight, nn.Conv2d):
     runs the plain FP32 convolution on the FP32 weight.
     """
 
-    def __init__(self, *args, weight_bits: int = 8, act_bits: int | None = None, **kwargs):
+    def __init__(self, *args, weight_bits: int = 8, act_bits: int | None = None, weight_rule: str = "mse",
+                 **kwargs):
         super().__init__(*args, **kwargs)
-        self._init_quant(weight_bits, act_bits)
+        self._init_quant(weight_bits, act_bits, weight_rule)
 
     @classmethod
-    def from_float(cls, conv: nn.Conv2d, weight_bits: int, act_bits: int | None = None) -> "QuantConv2d":
+    def from_float(cls, conv: nn.Conv2d, weight_bits: int, act_bits: int | None = None,
+                   weight_rule: str = "mse") -> "QuantConv2d":
         """A QuantConv2d sharing ``conv``'s weight and bias Parameters and hyper-parameters."""
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"expected nn.Conv2d, got {type(conv).__name__}")
         q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                 conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
-                device="meta", weight_bits=weight_bits, act_bits=act_bits)
+                device="meta", weight_bits=weight_bits, act_bits=act_bits, weight_rule=weight_rule)
         q.weight, q.bias = conv.weight, conv.bias
         if q.act_quant is not None:
             q.act_quant.to(conv.weight.device)
@@ -563,17 +612,19 @@ class QuantConv2d(_QuantWeight, nn.Conv2d):
 class QuantLinear(_QuantWeight, nn.Linear):
     """nn.Linear whose weight is fake-quantized to ``weight_bits`` in the forward pass (STE backward)."""
 
-    def __init__(self, *args, weight_bits: int = 8, act_bits: int | None = None, **kwargs):
+    def __init__(self, *args, weight_bits: int = 8, act_bits: int | None = None, weight_rule: str = "mse",
+                 **kwargs):
         super().__init__(*args, **kwargs)
-        self._init_quant(weight_bits, act_bits)
+        self._init_quant(weight_bits, act_bits, weight_rule)
 
     @classmethod
-    def from_float(cls, linear: nn.Linear, weight_bits: int, act_bits: int | None = None) -> "QuantLinear":
+    def from_float(cls, linear: nn.Linear, weight_bits: int, act_bits: int | None = None,
+                   weight_rule: str = "mse") -> "QuantLinear":
         """A QuantLinear sharing ``linear``'s weight and bias Parameters."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"expected nn.Linear, got {type(linear).__name__}")
         q = cls(linear.in_features, linear.out_features, linear.bias is not None, device="meta",
-                weight_bits=weight_bits, act_bits=act_bits)
+                weight_bits=weight_bits, act_bits=act_bits, weight_rule=weight_rule)
         q.weight, q.bias = linear.weight, linear.bias
         if q.act_quant is not None:
             q.act_quant.to(linear.weight.device)
@@ -598,7 +649,8 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def quantize_model(model: nn.Module, bit_config: BitConfig, act_bits: int | None = None) -> nn.Module:
+def quantize_model(model: nn.Module, bit_config: BitConfig, act_bits: int | None = None, *,
+                   weight_rule: str = "mse") -> nn.Module:
     """A quantized deep copy of ``model`` (``model`` itself is untouched).
 
     Each Conv2d/Linear of each block in ``bit_config`` becomes a :class:`QuantConv2d` /
@@ -606,6 +658,7 @@ def quantize_model(model: nn.Module, bit_config: BitConfig, act_bits: int | None
     ``bit_config.act_bits``; when that is None no activation is quantized. Otherwise every
     quantized layer gets a :class:`QuantAct` on its input, except the first quantized layer in
     module order, whose input is the image (left FP32: our choice, see the module docstring).
+    ``weight_rule`` picks the weight scale (``"mse"`` or ``"max"``, see the module docstring).
     The copy carries the effective config as ``qmodel.bit_config``.
     """
     if not isinstance(model, nn.Module):
@@ -615,6 +668,7 @@ def quantize_model(model: nn.Module, bit_config: BitConfig, act_bits: int | None
     if any(isinstance(m, QUANT_MODULES) for m in model.modules()):
         raise ValueError("model is already quantized (it holds QuantConv2d/QuantLinear modules)")
     bit_config.validate(model)
+    _check_rule(weight_rule)
     a_bits = bit_config.act_bits if act_bits is None else check_bits(act_bits, "act_bits")
     qmodel = copy.deepcopy(model)
     first = next((n for n, m in qmodel.named_modules() if isinstance(m, QUANT_TYPES)), None)
@@ -623,7 +677,7 @@ def quantize_model(model: nn.Module, bit_config: BitConfig, act_bits: int | None
         for name, m in zip(block.module_names, block.modules):
             cls = QuantConv2d if isinstance(m, nn.Conv2d) else QuantLinear
             ab = None if (a_bits is None or name == first) else a_bits
-            _set_submodule(qmodel, name, cls.from_float(m, bits, ab))
+            _set_submodule(qmodel, name, cls.from_float(m, bits, ab, weight_rule))
     qmodel.bit_config = BitConfig(dict(bit_config.weights), a_bits,
                                   copy.copy(bit_config.granularity))
     return qmodel

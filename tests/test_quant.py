@@ -37,18 +37,47 @@ def test_levels_idempotence_and_int_codes(bits):
 
 
 @pytest.mark.parametrize("bits", range(2, 9))
-def test_error_within_half_a_step_and_per_channel_scale(bits):
+def test_max_rule_error_within_half_a_step_and_per_channel_scale(bits):
     w = _weight(10 + bits)
-    s = quant_scale(w, bits)
+    s = quant_scale(w, bits, rule="max")
     qmax = 2 ** (bits - 1) - 1
     assert s.shape == (w.shape[0],)
     assert torch.allclose(s, w.abs().amax(dim=(1, 2, 3)) / qmax, rtol=0, atol=0)
     assert len(set(s.tolist())) == w.shape[0]
-    err = (quantize_tensor(w, bits) - w).abs()
+    err = (quantize_tensor(w, bits, rule="max") - w).abs()
     assert (err <= 0.5 * s.view(-1, 1, 1, 1) * (1 + 1e-6)).all()
     # per tensor: one scale, set by the largest channel
-    st = quant_scale(w, bits, per_channel=False)
+    st = quant_scale(w, bits, per_channel=False, rule="max")
     assert st.dim() == 0 and st == s.max()
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_mse_rule_lowers_the_error_per_channel_and_is_a_least_squares_fixed_point(bits):
+    w = _weight(10 + bits)
+    qmax = 2 ** (bits - 1) - 1
+    s = quant_scale(w, bits)  # the default rule
+    assert s.shape == (w.shape[0],) and len(set(s.tolist())) == w.shape[0]
+    q, qm = quantize_tensor(w, bits), quantize_tensor(w, bits, rule="max")
+    e, em = (q - w).pow(2).sum(dim=(1, 2, 3)), (qm - w).pow(2).sum(dim=(1, 2, 3))
+    assert (e <= em * (1 + 1e-5)).all()
+    if bits <= 3:  # where the max |w| grid is coarse, the least-squares scale is much better
+        assert e.sum() < 0.8 * em.sum()
+    # inside the range the error is at most half a step; beyond it, weights are clipped to +-qmax*s
+    sv = s.view(-1, 1, 1, 1)
+    inside = w.abs() <= qmax * sv
+    assert ((q - w).abs()[inside] <= 0.5 * sv.expand_as(w)[inside] * (1 + 1e-5)).all()
+    assert torch.allclose(q.abs()[~inside], (qmax * sv).expand_as(w)[~inside], rtol=1e-6, atol=0)
+    # the scale is (up to float32 rounding) the least-squares scale of its own codes
+    k = torch.round(q / sv).double().flatten(1)
+    ls = (w.double().flatten(1) * k).sum(1) / (k * k).sum(1)
+    assert torch.allclose(s.double(), ls, rtol=1e-5, atol=0)
+    # per tensor: one scale
+    assert quant_scale(w, bits, per_channel=False).dim() == 0
+
+
+def test_unknown_scale_rule_is_named():
+    with pytest.raises(ValueError, match=r"unknown scale rule 'minmax'; valid rules: 'mse', 'max'"):
+        quantize_tensor(_weight(), 4, rule="minmax")
 
 
 def test_one_bit_is_sign_times_mean_abs():
@@ -307,3 +336,19 @@ def test_fixed_scale_clips_and_masks_the_gradient():
     assert conv.weight.grad.view(-1).tolist() == [1.0, 0.0, 0.0, 0.0, 1.0, 1.0]
     k, s = conv.int_weight()
     assert k.view(-1).tolist() == [0, 1, 1, -1, 0, 0] and torch.equal(s, conv.fixed_scale)
+
+
+def test_quantize_model_weight_rule_reaches_every_module_and_the_packed_codes():
+    model = resnet20().eval()
+    bc = BitConfig.uniform(model, 3)
+    for rule in ("mse", "max"):
+        q = quantize_model(model, bc, weight_rule=rule)
+        mods = quant_modules(q)
+        assert mods and all(m.weight_rule == rule for _, m in mods)
+        for _, m in mods:
+            expect = quantize_tensor(m.weight.detach(), 3, rule=rule)
+            assert torch.equal(m.quantized_weight().detach(), expect)
+            k, s = m.int_weight()
+            assert torch.equal(k.float() * s.view(-1, *([1] * (k.dim() - 1))), expect)
+    with pytest.raises(ValueError, match="unknown scale rule 'l1'"):
+        quantize_model(model, bc, weight_rule="l1")

@@ -1,0 +1,81 @@
+"""Weight scale rules side by side: least squared error ("mse", hawqlib's default) against max |w|.
+
+Not a speed benchmark: the measurement behind the scale rule chosen in :mod:`hawqlib.quant`.
+On one ResNet20 (the newest baseline checkpoint under ``data/artifacts``, read-only), in one process:
+
+1. per bit width, the squared quantization error of all Conv2d/Linear weights under each rule, and the
+   fraction of convolution weights each rule rounds to zero;
+2. a short quantization-aware fine-tuning under each rule from the same weights: 2-bit weights (8-bit
+   first and last layer), 4-bit activations, ``--epochs`` epochs on ``--train`` training images,
+   lr 0.01 cosine, evaluated on ``--test`` test images.
+
+    python benchmarks/weight_scale_rule.py [--epochs 2] [--train 10000] [--test 2000] [--threads 1]
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import time
+
+import torch
+
+from hawqlib import data as D
+from hawqlib.finetune import direct_finetune
+from hawqlib.models import resnet20
+from hawqlib.quant import BitConfig, quantize_tensor
+from hawqlib.train import evaluate, load_weights
+
+RULES = ("mse", "max")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--train", type=int, default=10000)
+    ap.add_argument("--test", type=int, default=2000)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    found = sorted(glob.glob("data/artifacts/baseline_resnet20-*/checkpoint.pt"), key=os.path.getmtime)
+    found += sorted(glob.glob("data/artifacts/baseline_resnet20-*/model.pt"), key=os.path.getmtime)
+    if not found:
+        raise SystemExit("no baseline checkpoint under data/artifacts (run: python -m hawqlib train --profile cpu)")
+    path = found[-1]
+    model = resnet20()
+    load_weights(model, path)
+    model.eval()
+    print(f"weights: {path}; torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
+
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    print("\nbits | squared error mse / max | conv weights at zero: mse | max")
+    for bits in (2, 3, 4, 8):
+        err, zero, count = {r: 0.0 for r in RULES}, {r: 0 for r in RULES}, 0
+        for _, m in layers:
+            w = m.weight.detach()
+            for r in RULES:
+                q = quantize_tensor(w, bits, rule=r)
+                err[r] += float((q - w).double().pow(2).sum())
+                if isinstance(m, torch.nn.Conv2d):
+                    zero[r] += int((q == 0).sum())
+            count += w.numel() if isinstance(m, torch.nn.Conv2d) else 0
+        print(f"{bits:4d} | {err['mse'] / err['max']:23.3f} | {zero['mse'] / count:26.1%} | {zero['max'] / count:.1%}")
+
+    tr, te = D.cifar10_loaders(batch_size=128, train_subset=args.train, test_subset=args.test, seed=0)
+    first, last = layers[0][0], layers[-1][0]
+    bc = BitConfig({n: (8 if n in (first, last) else 2) for n, _ in layers}, act_bits=4, granularity="layer")
+    print(f"\nFP32 top-1 on {args.test} test images: {evaluate(model, te)['top1']:.2f}%")
+    print(f"fine-tuning: 2-bit weights (8-bit {first} and {last}), 4-bit activations, {args.epochs} epoch(s) "
+          f"on {args.train} images")
+    for r in RULES:
+        t = time.perf_counter()
+        _, hist = direct_finetune(model, bc, tr, te, epochs=args.epochs, lr=0.01, progress=False, seed=0,
+                                  weight_rule=r)
+        before = hist["stages"][0]["before"]["val_top1"]
+        after = [round(e["val_top1"], 2) for e in hist["epochs"]]
+        print(f"  {r}: top-1 right after quantizing {before:.2f}%, after each epoch {after} "
+              f"({time.perf_counter() - t:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
