@@ -45,7 +45,8 @@ def main() -> None:
     model = resnet20()
     load_weights(model, path)
     model.eval()
-    print(f"weights: {path}; torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
+    epoch = torch.load(path, map_location="cpu", weights_only=True).get("epoch", "final")
+    print(f"weights: {path} (epoch {epoch}); torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
 
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
     print("\nbits | squared error mse / max | conv weights at zero: mse | max")
