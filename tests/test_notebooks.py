@@ -77,6 +77,9 @@ def test_sanitize_hides_what_varies_and_keeps_results():
     assert a == b
     keeps = "test top-1 17.80%, lambda 0.5618, 20 blocks, 13.1x smaller, 4 bits, S_i 1.2e-05"
     assert _sanitize(keeps) == keeps
+    # a glued figure's base64 payload (one long line) is replaced as a whole, before the other patterns
+    png = "iVBORw0KGgo" + "AbCd0123+/" * 20000
+    assert _sanitize(png) == "BASE64-DATA" == _sanitize(png.replace("AbCd", "XyZw"))
 
 
 @pytest.fixture(scope="module")
