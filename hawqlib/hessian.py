@@ -616,7 +616,7 @@ class _GNStore:
         if self.kind == "jacobian":
             R = self.R[:rows].reshape(rows * self.k, self.numel)
             # our choice: R^T (R v) a slab of rows at a time, each slab read while still in cache (one pass
-            # over R instead of two; 1.2-1.9x faster for ResNet20's larger layers on CPU, same order of sums)
+            # over R from memory instead of two; the same order of sums)
             step = max(1, _SLAB_BYTES // (self.numel * R.element_size()))
             if step >= R.shape[0]:
                 return (R.T @ (R @ v)) / rows
@@ -880,7 +880,7 @@ def top_eigenvalues(model: nn.Module, loss_fn, data, blocks=None, *, method: str
                     gblocks = [sub[j] for j in grp]
                     stores = _gn_capture(model, loss_fn, data, gblocks, {t: kinds[j] for t, j in enumerate(grp)},
                                          {t: rec[j] for t, j in enumerate(grp)}, C)
-                    errs = (_prove(model, loss_fn, data, gblocks, [stores[t] for t in range(len(grp))],
+                    errs = (_prove(model, loss_fn, data, gblocks, [stores[t].kind for t in range(len(grp))],
                                    check_samples, seed) if method == "auto" else None)
                     for t, j in enumerate(grp):
                         i, store, b = gn[j], stores[t], gblocks[t]
@@ -915,18 +915,18 @@ def top_eigenvalues(model: nn.Module, loss_fn, data, blocks=None, *, method: str
     return [results[i] for i in range(len(blocks))]
 
 
-def _prove(model, loss_fn, data: _Data, blocks: list[Block], stores: list[_GNStore], check_samples: int,
+def _prove(model, loss_fn, data: _Data, blocks: list[Block], kinds: list[str], check_samples: int,
            seed: int) -> list[float]:
     """Per block, the relative difference between the Gauss-Newton and the autograd product H_i v on the
     first ``check_samples`` samples (one random unit ``v`` per block, drawn from ``seed + 1``).
 
     The check runs in float64 on a copy of the model (our choice): it proves the *identity* H_i = G_i for
     this network, which holds sample by sample, so a few samples suffice. In float32 both products carry
-    rounding errors of up to a few 1e-4 relative for a random ``v`` (cancellation in J v, and in the
-    double backward through softmax where the model is confident), as large as the tolerance; in float64
-    an exact identity agrees to ~1e-10 and a non-exact one (a smooth activation) differs by orders of
-    magnitude more. The float32 stores (``stores``, used by the eigensolver) are tested against dense
-    Hessians in the test suite. All blocks share one autograd graph: one forward and one gradient with
+    rounding errors as large as the tolerance for a random ``v`` (cancellation in J v, and in the double
+    backward through softmax where the model is confident); in float64 an exact identity agrees to
+    rounding level and a non-exact one (a smooth activation) differs by orders of magnitude more. The
+    float32 stores the eigensolver uses (of storage ``kinds``) are tested against dense Hessians in the
+    test suite. All blocks share one autograd graph: one forward and one gradient with
     ``create_graph``, then one double backward per block (d<g_i, v_i>/dW_i is H_i v_i alone)."""
     k = max(1, min(check_samples, data.n))
     ref = copy.deepcopy(model).double() if _model_float(model)[1] != torch.float64 else model
@@ -935,7 +935,7 @@ def _prove(model, loss_fn, data: _Data, blocks: list[Block], stores: list[_GNSto
     x, y = data.first(k)
     sub = _Data((x.double() if x.is_floating_point() else x, y), 1 << 62, device, torch.float64)
     rec, _, C = _shapes(ref, sub, rblocks)
-    rstores = _gn_capture(ref, loss_fn, sub, rblocks, {t: s.kind for t, s in enumerate(stores)}, rec, C)
+    rstores = _gn_capture(ref, loss_fn, sub, rblocks, dict(enumerate(kinds)), rec, C)
     weights = [b.modules[0].weight for b in rblocks]
     names = ", ".join(b.name for b in blocks)
     _set_requires_grad(ref, weights)
@@ -991,12 +991,8 @@ def traces(model: nn.Module, loss_fn, data, blocks=None, *, method: str = "auto"
             notes = {i: "" for i in range(len(blocks))}
             if gn and method == "auto":
                 sub = [blocks[i] for i in gn]
-                rec, _, C = _shapes(model, data, sub)
-                first = _Data(data.first(min(check_samples, data.n)), 1 << 62, device, dtype)
-                kinds = {t: "jacobian" for t in range(len(sub))}
-                stores = _gn_capture(model, loss_fn, first, sub, kinds, rec, C)
                 keep = []
-                errs = _prove(model, loss_fn, first, sub, [stores[t] for t in range(len(sub))], check_samples, seed)
+                errs = _prove(model, loss_fn, data, sub, ["jacobian"] * len(sub), check_samples, seed)
                 for t, i in enumerate(gn):
                     err = errs[t]
                     if err <= PROOF_RTOL:
@@ -1007,7 +1003,6 @@ def traces(model: nn.Module, loss_fn, data, blocks=None, *, method: str = "auto"
                                       stacklevel=2)
                         routes[i] = "autograd"
                         notes[i] = f"gauss-newton refused: proof error {err:.2e}"
-                del stores
                 gn = keep
             if gn:
                 sub = [blocks[i] for i in gn]

@@ -547,7 +547,7 @@ class _QuantWeight:
         self.register_buffer("fixed_scale", None)
 
     def weight_qparams(self):
-        """``(scale, zero_point, qmin, qmax)`` of the weight: ``fixed_scale`` if set, else the default rule's."""
+        """``(scale, zero_point, qmin, qmax)`` of the weight: ``fixed_scale`` if set, else by ``weight_rule``."""
         if self.fixed_scale is not None:
             qmax = 1 if self.weight_bits == 1 else 2 ** (self.weight_bits - 1) - 1
             zp = torch.zeros(self.fixed_scale.shape, dtype=torch.int32, device=self.fixed_scale.device)
