@@ -121,13 +121,15 @@ def staged_finetune(model: nn.Module, bit_config: BitConfig, order, train_data, 
                     stages: int, epochs_per_stage: int, lr: float, checkpoint_dir=None, resume: bool = True,
                     progress: bool = True, seed: int = 0, weight_decay: float = 1e-4, momentum: float = 0.9,
                     nesterov: bool = True, act_bits: int | None = None, final_epochs: int = 0,
-                    calibration_batches: int = 4, callback=None, weight_rule: str = "mse") -> tuple[nn.Module, dict]:
+                    calibration_batches: int = 4, callback=None, weight_rule: str = "mse",
+                    act_rule: str = "mse") -> tuple[nn.Module, dict]:
     """Quantize ``model`` to ``bit_config`` block group by block group in ``order``, fine-tuning after each.
 
     ``order``: the block names (or :class:`hawqlib.allocate.OmegaEntry` records), first to be quantized
     first; it must name each block of ``bit_config`` once. ``train_data``: a re-iterable of ``(x, y)`` batches
     with ``len`` and, optionally, ``set_epoch`` (:class:`hawqlib.data.TensorLoader`). ``act_bits`` overrides
-    ``bit_config.act_bits``; ``weight_rule`` the weight scale rule (:func:`hawqlib.quant.quantize_model`).
+    ``bit_config.act_bits``; ``weight_rule``/``act_rule`` the weight scale and activation range rules
+    (:func:`hawqlib.quant.quantize_model`).
     ``checkpoint_dir=None`` keeps nothing on disk (no resume).
     ``callback(record)`` is called after every epoch (its checkpoint already on disk) with the epoch's
     record, ``stage`` and ``global_epoch`` included; returning True stops the run there (resumable; the
@@ -161,7 +163,7 @@ def staged_finetune(model: nn.Module, bit_config: BitConfig, order, train_data, 
         raise ValueError("train_data yields no batches")
 
     start_digest = _weights_digest(model)
-    qmodel = quantize_model(model, bit_config, act_bits, weight_rule=weight_rule)
+    qmodel = quantize_model(model, bit_config, act_bits, weight_rule=weight_rule, act_rule=act_rule)
     eff_cfg: BitConfig = qmodel.bit_config
     # Weights start in FP32 everywhere; activation quantizers stay on from the first stage (module docstring).
     set_quant_enabled(qmodel, None, False, activations=False)
@@ -169,7 +171,8 @@ def staged_finetune(model: nn.Module, bit_config: BitConfig, order, train_data, 
     plan = {"format": FINETUNE_FORMAT, "groups": groups, "epochs_per_stage": epochs_per_stage,
             "final_epochs": final_epochs, "lr": lr, "weight_decay": weight_decay, "momentum": momentum,
             "nesterov": nesterov, "seed": seed, "bit_config": eff_cfg.to_dict(),
-            "calibration_batches": calibration_batches, "start_digest": start_digest, "weight_rule": weight_rule}
+            "calibration_batches": calibration_batches, "start_digest": start_digest, "weight_rule": weight_rule,
+            "act_rule": act_rule}
     runs = [(k + 1, g, epochs_per_stage) for k, g in enumerate(groups)]
     if final_epochs:
         runs.append((len(groups) + 1, [], final_epochs))

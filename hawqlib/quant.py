@@ -30,10 +30,18 @@ of XNOR-Net: a symmetric 1-bit grid has no zero level, and the mean |w| is the s
 
 Activations (our choice): :class:`QuantAct`, per-tensor affine quantization on the input of every
 quantized Conv2d/Linear except the network's first layer (its input is the image, 8-bit data to
-begin with, which we leave in floating point). The range rule is torch.ao's
-``MovingAverageMinMaxObserver``: during training, ``min <- min + c (batch_min - min)`` and likewise
-for max, with ``c = 0.01`` and the first observed batch initializing both; the range always
-includes zero; in eval mode the range is frozen. With the range ``[lo, hi]`` and ``n = 2**b - 1``:
+begin with, which we leave in floating point). The range is a moving average in the manner of
+torch.ao's ``MovingAverageMinMaxObserver``: during training, ``lo <- lo + c (batch_lo - lo)`` and likewise
+for ``hi``, with ``c = 0.01`` and the first observed batch initializing both; the range always
+includes zero; in eval mode the range is frozen. What each batch contributes depends on the range
+rule. ``rule="mse"`` (our choice, the default): the batch's ``[min, max]`` shrunk by the factor
+``f`` in ``{1/K, 2/K, ..., 1}`` (:data:`ACT_MSE_STEPS` = K) whose grid gives the least squared
+quantization error on an evenly strided sample of at most :data:`ACT_MSE_SAMPLES` of the batch's
+elements. Reason: the same as for the weights' least-squares scale; at 4 bits a grid
+stretched to a batch's largest activation spends most of its 15 steps on a few outliers, and
+clipping them costs less than coarsening every other value (``benchmarks/act_range_rule.py`` measures
+both rules on ResNet20). ``rule="minmax"`` contributes the batch's ``[min, max]`` itself (torch.ao's rule).
+With the range ``[lo, hi]`` and ``n = 2**b - 1``:
 ``scale = (hi - lo) / n`` and ``zero_point = round(-lo / scale)``. Inputs after a ReLU have
 ``lo = 0``, so the grid is unsigned ``{0, s, ..., n s}``; signed inputs get an asymmetric grid.
 The gradient is the straight-through estimator: the identity where the input does not saturate,
@@ -59,6 +67,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import numbers
 import os
 from dataclasses import dataclass, field
@@ -71,7 +80,8 @@ from torch import nn
 from .blocks import QUANT_TYPES, quant_blocks
 from .storage import atomic_write
 
-__all__ = ["CODE_VERSION", "WEIGHT_SCALE_RULES", "MSE_ITERATIONS",
+__all__ = ["CODE_VERSION", "WEIGHT_SCALE_RULES", "MSE_ITERATIONS", "ACT_RANGE_RULES", "ACT_MSE_STEPS",
+    "ACT_MSE_SAMPLES", "act_mse_range",
     "VALID_BITS", "check_bits", "quant_scale", "quant_params", "quantize_tensor", "quantize_to_int",
     "BitConfig", "QuantAct", "QuantConv2d", "QuantLinear", "QUANT_MODULES", "quantize_model",
     "quant_modules", "set_quant_enabled", "calibrate_activations", "BITCONFIG_FORMAT",
@@ -81,12 +91,18 @@ __all__ = ["CODE_VERSION", "WEIGHT_SCALE_RULES", "MSE_ITERATIONS",
 VALID_BITS = tuple(range(1, 9))
 BITCONFIG_FORMAT = "hawqlib.BitConfig/1"
 #: Bumped whenever the numbers this module computes change (part of artifact cache keys).
-CODE_VERSION = 2
+CODE_VERSION = 3
 #: How a symmetric weight grid's scale is chosen: least squared error (default) or max |w|.
 WEIGHT_SCALE_RULES = ("mse", "max")
 #: At most this many alternations of the least-squares scale rule (within ~1% of its fixed point
 #: on ResNet20's layers at 2-8 bits; measured beside the project).
 MSE_ITERATIONS = 20
+#: How an activation quantizer's range follows the batches: least squared error (default) or min/max.
+ACT_RANGE_RULES = ("mse", "minmax")
+#: The least-squares activation range tries the shrink factors 1/K, 2/K, ..., 1 of each batch's range.
+ACT_MSE_STEPS = 20
+#: ... measured on an evenly strided sample of at most this many of the batch's elements.
+ACT_MSE_SAMPLES = 8192
 # Floor on max|w| so that an all-zero channel gets a finite, nonzero scale (its codes are all 0).
 _MIN_RANGE = 1e-30
 
@@ -125,6 +141,49 @@ def _check_rule(rule) -> str:
     if rule not in WEIGHT_SCALE_RULES:
         raise ValueError(f"unknown scale rule {rule!r}; valid rules: {', '.join(map(repr, WEIGHT_SCALE_RULES))}")
     return rule
+
+
+def _check_act_rule(rule) -> str:
+    if rule not in ACT_RANGE_RULES:
+        raise ValueError(f"unknown activation range rule {rule!r}; valid rules: "
+                         f"{', '.join(map(repr, ACT_RANGE_RULES))}")
+    return rule
+
+
+def _strided_sample(x: torch.Tensor, n: int) -> torch.Tensor:
+    """At most ``n`` elements of ``x`` (in its memory order) at an even stride that is coprime with
+    the last dimension, so that a channels_last tensor's sample visits every channel."""
+    flat = x.reshape(-1)
+    if flat.numel() <= n:
+        return flat
+    stride, last = flat.numel() // n, max(1, x.shape[-1])
+    while math.gcd(stride, last) != 1:
+        stride += 1
+    return flat[::stride][:n]
+
+
+def act_mse_range(x: torch.Tensor, bits: int, lo: torch.Tensor | None = None, hi: torch.Tensor | None = None,
+                  *, steps: int | None = None, samples: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The activation range ``(f lo, f hi)`` whose ``bits``-bit affine grid quantizes ``x`` with the least
+    squared error, over ``f`` in ``{1/steps, ..., 1}`` (rule ``"mse"`` of :class:`QuantAct`).
+
+    ``lo``/``hi`` default to ``x``'s min and max (both are first widened to include 0); the error is
+    measured on :func:`_strided_sample`'s at most ``samples`` elements. Ties go to the smaller ``f``.
+    """
+    steps = ACT_MSE_STEPS if steps is None else int(steps)
+    samples = ACT_MSE_SAMPLES if samples is None else int(samples)
+    if lo is None or hi is None:
+        lo, hi = torch.aminmax(x.detach())
+    qmax = 2 ** check_bits(bits, "activation bits") - 1
+    v = _strided_sample(x.detach(), samples).float()
+    f = torch.arange(1, steps + 1, dtype=torch.float32, device=v.device) / steps
+    lo_, hi_ = lo.clamp(max=0.0) * f, hi.clamp(min=0.0) * f
+    scale = ((hi_ - lo_) / qmax).clamp_min(torch.finfo(torch.float32).eps)
+    zp = (-torch.round(lo_ / scale)).clamp(0, qmax)
+    codes = (torch.round(v[None, :] / scale[:, None]) + zp[:, None]).clamp_(0, qmax)
+    err = ((codes - zp[:, None]) * scale[:, None] - v[None, :]).square_().sum(dim=1)
+    k = int(torch.argmin(err))        # the first minimum: the smallest f among equals
+    return lo * f[k], hi * f[k]
 
 
 def _mse_scale(w: torch.Tensor, per_channel: bool, qmax: int) -> torch.Tensor:
@@ -445,7 +504,7 @@ class BitConfig:
 # --------------------------------------------------------------------------------------------
 
 class QuantAct(nn.Module):
-    """Activation fake-quantization with a moving-average min/max range (rule in the module docstring).
+    """Activation fake-quantization with a moving-average range (``rule``: see the module docstring).
 
     Buffers: ``running_min``/``running_max`` (the tracked range; +-inf before the first batch),
     ``scale``/``zero_point`` (the grid, recomputed from the range after each observation and used
@@ -455,9 +514,10 @@ class QuantAct(nn.Module):
     step, zero outside (where the quantizer saturates).
     """
 
-    def __init__(self, bits: int, averaging_constant: float = 0.01):
+    def __init__(self, bits: int, averaging_constant: float = 0.01, rule: str = "mse"):
         super().__init__()
         self.bits = check_bits(bits, "activation bits")
+        self.rule = _check_act_rule(rule)
         if not 0.0 < averaging_constant <= 1.0:
             raise ValueError(f"averaging_constant must be in (0, 1], got {averaging_constant!r}")
         self.averaging_constant = float(averaging_constant)
@@ -480,20 +540,21 @@ class QuantAct(nn.Module):
     def observe_batch(self, x: torch.Tensor):
         """Update the range with ``x`` by the moving-average rule and recompute ``scale``/``zero_point``.
 
-        Returns the batch's ``(min, max)`` as 0-dim tensors.
+        Returns the batch's ``(min, max)`` as 0-dim tensors (its extremes, whatever the rule).
         """
         # A channels_last tensor is dense: reduce over its memory order (much faster than over NCHW strides).
         flat = x.detach()
         if _memory_format(flat) is torch.channels_last:
             flat = flat.permute(0, 2, 3, 1)
         lo, hi = torch.aminmax(flat)
+        blo, bhi = act_mse_range(flat, self.bits, lo, hi) if self.rule == "mse" else (lo, hi)
         if self.has_range():
             c = self.averaging_constant
-            self.running_min.add_(c * (lo - self.running_min))
-            self.running_max.add_(c * (hi - self.running_max))
+            self.running_min.add_(c * (blo - self.running_min))
+            self.running_max.add_(c * (bhi - self.running_max))
         else:
-            self.running_min.copy_(lo)
-            self.running_max.copy_(hi)
+            self.running_min.copy_(blo)
+            self.running_max.copy_(bhi)
         # torch.ao's affine qparams: the range always contains 0; scale >= float32 eps.
         lo_, hi_ = self.running_min.clamp(max=0.0), self.running_max.clamp(min=0.0)
         scale = ((hi_ - lo_) / float(self.quant_max - self.quant_min)).clamp_min(torch.finfo(torch.float32).eps)
@@ -527,7 +588,8 @@ class QuantAct(nn.Module):
         return _FakeQuantSTE.apply(x, s, inv, lo, hi, saturates, self.grad_inplace, saturates)
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, averaging_constant={self.averaging_constant}, enabled={self.enabled}"
+        return (f"bits={self.bits}, rule={self.rule!r}, averaging_constant={self.averaging_constant}, "
+                f"enabled={self.enabled}")
 
 
 class _QuantWeight:
@@ -536,11 +598,11 @@ class _QuantWeight:
     weight_bits: int
     quant_enabled: bool
 
-    def _init_quant(self, weight_bits: int, act_bits: int | None, weight_rule: str = "mse"):
+    def _init_quant(self, weight_bits: int, act_bits: int | None, weight_rule: str = "mse", act_rule: str = "mse"):
         self.weight_bits = check_bits(weight_bits, "weight_bits")
         self.weight_rule = _check_rule(weight_rule)
         self.quant_enabled = True
-        self.act_quant = QuantAct(act_bits) if act_bits is not None else None
+        self.act_quant = QuantAct(act_bits, rule=act_rule) if act_bits is not None else None
         if self.act_quant is not None:
             self.act_quant.grad_inplace = True
         # A fixed per-channel scale (set by hawqlib.export.load_packed) replaces the scale rule.
@@ -581,19 +643,20 @@ class QuantConv2d(_QuantWeight, nn.Conv2d):
     """
 
     def __init__(self, *args, weight_bits: int = 8, act_bits: int | None = None, weight_rule: str = "mse",
-                 **kwargs):
+                 act_rule: str = "mse", **kwargs):
         super().__init__(*args, **kwargs)
-        self._init_quant(weight_bits, act_bits, weight_rule)
+        self._init_quant(weight_bits, act_bits, weight_rule, act_rule)
 
     @classmethod
     def from_float(cls, conv: nn.Conv2d, weight_bits: int, act_bits: int | None = None,
-                   weight_rule: str = "mse") -> "QuantConv2d":
+                   weight_rule: str = "mse", act_rule: str = "mse") -> "QuantConv2d":
         """A QuantConv2d sharing ``conv``'s weight and bias Parameters and hyper-parameters."""
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"expected nn.Conv2d, got {type(conv).__name__}")
         q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                 conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
-                device="meta", weight_bits=weight_bits, act_bits=act_bits, weight_rule=weight_rule)
+                device="meta", weight_bits=weight_bits, act_bits=act_bits, weight_rule=weight_rule,
+                act_rule=act_rule)
         q.weight, q.bias = conv.weight, conv.bias
         if q.act_quant is not None:
             q.act_quant.to(conv.weight.device)
@@ -613,18 +676,18 @@ class QuantLinear(_QuantWeight, nn.Linear):
     """nn.Linear whose weight is fake-quantized to ``weight_bits`` in the forward pass (STE backward)."""
 
     def __init__(self, *args, weight_bits: int = 8, act_bits: int | None = None, weight_rule: str = "mse",
-                 **kwargs):
+                 act_rule: str = "mse", **kwargs):
         super().__init__(*args, **kwargs)
-        self._init_quant(weight_bits, act_bits, weight_rule)
+        self._init_quant(weight_bits, act_bits, weight_rule, act_rule)
 
     @classmethod
     def from_float(cls, linear: nn.Linear, weight_bits: int, act_bits: int | None = None,
-                   weight_rule: str = "mse") -> "QuantLinear":
+                   weight_rule: str = "mse", act_rule: str = "mse") -> "QuantLinear":
         """A QuantLinear sharing ``linear``'s weight and bias Parameters."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"expected nn.Linear, got {type(linear).__name__}")
         q = cls(linear.in_features, linear.out_features, linear.bias is not None, device="meta",
-                weight_bits=weight_bits, act_bits=act_bits, weight_rule=weight_rule)
+                weight_bits=weight_bits, act_bits=act_bits, weight_rule=weight_rule, act_rule=act_rule)
         q.weight, q.bias = linear.weight, linear.bias
         if q.act_quant is not None:
             q.act_quant.to(linear.weight.device)
@@ -650,7 +713,7 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def quantize_model(model: nn.Module, bit_config: BitConfig, act_bits: int | None = None, *,
-                   weight_rule: str = "mse") -> nn.Module:
+                   weight_rule: str = "mse", act_rule: str = "mse") -> nn.Module:
     """A quantized deep copy of ``model`` (``model`` itself is untouched).
 
     Each Conv2d/Linear of each block in ``bit_config`` becomes a :class:`QuantConv2d` /
@@ -658,8 +721,8 @@ def quantize_model(model: nn.Module, bit_config: BitConfig, act_bits: int | None
     ``bit_config.act_bits``; when that is None no activation is quantized. Otherwise every
     quantized layer gets a :class:`QuantAct` on its input, except the first quantized layer in
     module order, whose input is the image (left FP32: our choice, see the module docstring).
-    ``weight_rule`` picks the weight scale (``"mse"`` or ``"max"``, see the module docstring).
-    The copy carries the effective config as ``qmodel.bit_config``.
+    ``weight_rule`` picks the weight scale (``"mse"`` or ``"max"``), ``act_rule`` the activation range
+    (``"mse"`` or ``"minmax"``); see the module docstring. The copy carries the effective config as ``qmodel.bit_config``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
@@ -669,6 +732,7 @@ def quantize_model(model: nn.Module, bit_config: BitConfig, act_bits: int | None
         raise ValueError("model is already quantized (it holds QuantConv2d/QuantLinear modules)")
     bit_config.validate(model)
     _check_rule(weight_rule)
+    _check_act_rule(act_rule)
     a_bits = bit_config.act_bits if act_bits is None else check_bits(act_bits, "act_bits")
     qmodel = copy.deepcopy(model)
     first = next((n for n, m in qmodel.named_modules() if isinstance(m, QUANT_TYPES)), None)
@@ -677,7 +741,7 @@ def quantize_model(model: nn.Module, bit_config: BitConfig, act_bits: int | None
         for name, m in zip(block.module_names, block.modules):
             cls = QuantConv2d if isinstance(m, nn.Conv2d) else QuantLinear
             ab = None if (a_bits is None or name == first) else a_bits
-            _set_submodule(qmodel, name, cls.from_float(m, bits, ab, weight_rule))
+            _set_submodule(qmodel, name, cls.from_float(m, bits, ab, weight_rule, act_rule))
     qmodel.bit_config = BitConfig(dict(bit_config.weights), a_bits,
                                   copy.copy(bit_config.granularity))
     return qmodel

@@ -7,7 +7,8 @@ from torch import nn
 
 from hawqlib.blocks import quant_blocks
 from hawqlib.models import resnet20
-from hawqlib.quant import (BitConfig, QuantAct, QuantConv2d, QuantLinear, calibrate_activations, quant_modules,
+from hawqlib.quant import (ACT_MSE_STEPS, BitConfig, QuantAct, QuantConv2d, QuantLinear, act_mse_range,
+                           calibrate_activations, quant_modules,
                            quant_params, quant_scale, quantize_model, quantize_tensor, quantize_to_int,
                            set_quant_enabled)
 
@@ -126,7 +127,7 @@ def test_bad_tensor_input():
 # ---------------------------------------------------------------------------------------- QuantAct
 
 def test_quant_act_range_rule_and_freeze():
-    a = QuantAct(4)
+    a = QuantAct(4, rule="minmax")
     assert not a.has_range()
     g = torch.Generator().manual_seed(0)
     x1 = torch.randn(4, 3, 5, 5, generator=g).relu()        # a ReLU output
@@ -307,7 +308,7 @@ def test_calibrate_activations_leaves_batchnorm_alone():
 
 def test_quant_act_training_path_matches_torch_with_and_without_saturation():
     """In training the clamp and mask are skipped when nothing saturates: outputs and gradients stay torch's."""
-    a = QuantAct(4).train()
+    a = QuantAct(4, rule="minmax").train()
     g = torch.Generator().manual_seed(3)
     paths = set()
     for i in range(12):
@@ -352,3 +353,76 @@ def test_quantize_model_weight_rule_reaches_every_module_and_the_packed_codes():
             assert torch.equal(k.float() * s.view(-1, *([1] * (k.dim() - 1))), expect)
     with pytest.raises(ValueError, match="unknown scale rule 'l1'"):
         quantize_model(model, bc, weight_rule="l1")
+
+
+# ------------------------------------------------------------------------- activation range rule "mse"
+
+def _grid_error(x, lo, hi, bits):
+    qmax = 2 ** bits - 1
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    s = (hi - lo) / qmax
+    zp = min(max(-round(lo / s), 0), qmax)
+    return float(((torch.clamp(torch.round(x / s) + zp, 0, qmax) - zp) * s - x).square().sum())
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_act_mse_range_is_the_best_shrink_and_clips_a_long_tail(bits):
+    g = torch.Generator().manual_seed(bits)
+    x = torch.randn(4000, generator=g).relu() ** 2          # long right tail, like activations after ReLU
+    lo, hi = act_mse_range(x, bits)
+    errs = [_grid_error(x, 0.0, x.max() * k / ACT_MSE_STEPS, bits) for k in range(1, ACT_MSE_STEPS + 1)]
+    best = min(range(ACT_MSE_STEPS), key=lambda k: errs[k])
+    assert float(lo) == 0.0
+    assert abs(float(hi) - float(x.max()) * (best + 1) / ACT_MSE_STEPS) < 1e-5 * float(x.max())
+    if bits <= 4:   # few levels: clipping the tail pays; the max |x| grid is worse
+        assert float(hi) < float(x.max()) and errs[best] < errs[-1]
+
+
+def test_act_mse_range_signed_input_shrinks_both_ends():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5000, generator=g) * 1.5 + 0.5
+    lo, hi = act_mse_range(x, 4)
+    f = float(hi / x.max())
+    assert 0 < f < 1 and abs(float(lo / x.min()) - f) < 1e-6
+
+
+def test_act_mse_sample_visits_every_channel_of_a_channels_last_tensor():
+    # value = channel index; the batch is larger than the sample, so it is strided
+    x = torch.arange(16.0).view(1, 16, 1, 1).expand(64, 16, 32, 32).contiguous(memory_format=torch.channels_last)
+    from hawqlib.quant import _strided_sample
+    sample = _strided_sample(x.permute(0, 2, 3, 1), 8192)
+    assert 7000 < sample.numel() <= 8192 and set(sample.unique().tolist()) == set(range(16))
+
+
+def test_quant_act_mse_rule_moves_the_range_by_the_moving_average():
+    a = QuantAct(4).train()
+    assert a.rule == "mse"
+    g = torch.Generator().manual_seed(5)
+    x1, x2 = torch.randn(8, 4, 6, 6, generator=g).relu() ** 2, torch.randn(8, 4, 6, 6, generator=g).relu() * 3
+    a(x1)
+    lo1, hi1 = act_mse_range(x1, 4)
+    assert torch.equal(a.running_max, hi1) and a.running_max < x1.max() and a.zero_point.item() == 0
+    _, hi2 = act_mse_range(x2, 4)
+    a(x2)
+    assert torch.allclose(a.running_max, hi1 + 0.01 * (hi2 - hi1))
+    # the output and gradient are still torch's fake quantization on the grid it chose
+    x = x2.clone().requires_grad_()
+    a.eval()
+    y = a(x)
+    y.sum().backward()
+    xr = x2.clone().requires_grad_()
+    yr = torch.fake_quantize_per_tensor_affine(xr, a.scale, a.zero_point, 0, 15)
+    yr.sum().backward()
+    assert torch.equal(y, yr) and torch.equal(x.grad, xr.grad)
+
+
+def test_act_rule_reaches_every_quant_act_and_bad_rules_are_named():
+    model = resnet20().eval()
+    bc = BitConfig.uniform(model, 4, act_bits=4)
+    for rule in ("mse", "minmax"):
+        acts = [m for m in quantize_model(model, bc, act_rule=rule).modules() if isinstance(m, QuantAct)]
+        assert acts and all(a.rule == rule for a in acts)
+    with pytest.raises(ValueError, match="unknown activation range rule 'max'.*'minmax'"):
+        quantize_model(model, bc, act_rule="max")
+    with pytest.raises(ValueError, match="unknown activation range rule"):
+        QuantAct(4, rule="p99")
