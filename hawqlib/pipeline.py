@@ -7,6 +7,7 @@ by its parameters, the code version of the modules it runs and the digest of its
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -342,7 +343,9 @@ def finetuned(model: torch.nn.Module, base: str, bit_config, order, cfg: dict, *
     ``order``: block names, first quantized first (e.g. :func:`order_blocks`); ``cfg``: a profile's
     ``finetune`` section. ``direct=True`` is the direct baseline (every block at once, for the same total
     number of epochs, :func:`hawqlib.finetune.direct_finetune`; ``order`` is then ignored). The run
-    checkpoints every epoch inside the artifact folder and resumes after an interruption.
+    checkpoints every epoch inside the artifact folder (``run/``) and resumes after an interruption; once the
+    artifact is complete, ``run/`` is deleted (the fine-tuned model, its packed file, the bit config and the
+    history stay).
     """
     from . import export, finetune, quant, size
     from .train import evaluate
@@ -402,6 +405,10 @@ def finetuned(model: torch.nn.Module, base: str, bit_config, order, cfg: dict, *
                                                               "packed_bytes")}}
 
     r, folder = _cached("finetune", params, compute, save, load, force)
+    if runs.is_complete(folder, params) and (folder / "run").exists():
+        # The resume state (per-epoch checkpoints with optimizer state, one model per stage: several times
+        # the model's size) is dead weight once the artifact is complete; what the notebooks read stays.
+        shutil.rmtree(folder / "run")
     return FinetuneResult(bit_config=bit_config, order=order, folder=folder, **r)
 
 

@@ -137,6 +137,9 @@ def test_finetuned_stores_model_history_and_packed_file(artifacts, cifar_root, m
     assert r.packed_top1 == r.top1  # the packed file restores the fake-quantized model exactly
     assert r.size_bytes <= r.packed_bytes <= 1.02 * r.size_bytes + 4096
     assert (r.folder / "model.hawq").stat().st_size == r.packed_bytes
+    assert not (r.folder / "run").exists()     # the resume state is dropped once the artifact is complete
+    assert {p.name for p in r.folder.iterdir()} >= {"manifest.json", "qmodel.pt", "history.json", "model.hawq",
+                                                     "bit_config.json"}
     from hawqlib import finetune
 
     monkeypatch.setattr(finetune, "staged_finetune", lambda *a, **k: (_ for _ in ()).throw(AssertionError("again")))
