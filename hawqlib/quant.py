@@ -175,13 +175,19 @@ def act_mse_range(x: torch.Tensor, bits: int, lo: torch.Tensor | None = None, hi
     if lo is None or hi is None:
         lo, hi = torch.aminmax(x.detach())
     qmax = 2 ** check_bits(bits, "activation bits") - 1
-    v = _strided_sample(x.detach(), samples).float()
+    v = _strided_sample(x.detach(), samples).float().contiguous()
     f = torch.arange(1, steps + 1, dtype=torch.float32, device=v.device) / steps
     lo_, hi_ = lo.clamp(max=0.0) * f, hi.clamp(min=0.0) * f
     scale = ((hi_ - lo_) / qmax).clamp_min(torch.finfo(torch.float32).eps)
     zp = (-torch.round(lo_ / scale)).clamp(0, qmax)
-    codes = (torch.round(v[None, :] / scale[:, None]) + zp[:, None]).clamp_(0, qmax)
-    err = ((codes - zp[:, None]) * scale[:, None] - v[None, :]).square_().sum(dim=1)
+    # (K, n) errors of the K candidate grids, in one buffer: codes, dequantized values, squared errors.
+    t = v[None, :] / scale[:, None]
+    t.round_()
+    if bool(zp.any()):
+        t.add_(zp[:, None]).clamp_(0, qmax).sub_(zp[:, None])
+    else:       # lo >= 0 (after a ReLU): zero point 0 for every candidate
+        t.clamp_(0, qmax)
+    err = t.mul_(scale[:, None]).sub_(v[None, :]).square_().sum(dim=1)
     k = int(torch.argmin(err))        # the first minimum: the smallest f among equals
     return lo * f[k], hi * f[k]
 
