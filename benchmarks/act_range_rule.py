@@ -14,18 +14,15 @@ On one ResNet20 (the newest baseline checkpoint under ``data/artifacts``, read-o
 """
 from __future__ import annotations
 
-import argparse
-import glob
-import os
 import time
 
 import torch
 
 from hawqlib import data as D
 from hawqlib.finetune import direct_finetune
-from hawqlib.models import resnet20
 from hawqlib.quant import BitConfig, QuantAct, calibrate_activations, quantize_model
-from hawqlib.train import evaluate, load_weights
+from hawqlib.train import evaluate
+from weight_scale_rule import benchmark_args, newest_baseline   # run from the repository root
 
 RULES = ("mse", "minmax")
 
@@ -53,24 +50,8 @@ def _act_error(qmodel, batches) -> tuple[float, float, int]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--epochs", type=int, default=2)
-    ap.add_argument("--train", type=int, default=10000)
-    ap.add_argument("--test", type=int, default=2000)
-    ap.add_argument("--threads", type=int, default=1)
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    found = sorted(glob.glob("data/artifacts/baseline_resnet20-*/checkpoint.pt"), key=os.path.getmtime)
-    found += sorted(glob.glob("data/artifacts/baseline_resnet20-*/model.pt"), key=os.path.getmtime)
-    if not found:
-        raise SystemExit("no baseline checkpoint under data/artifacts (run: python -m hawqlib train --profile cpu)")
-    path = found[-1]
-    model = resnet20()
-    load_weights(model, path)
-    model.eval()
-    ck = torch.load(path, map_location="cpu", weights_only=True)
-    epoch = len(ck["history"]) if isinstance(ck, dict) and "history" in ck else "final"
-    print(f"weights: {path} (epoch {epoch}); torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
+    args = benchmark_args(__doc__)
+    model = newest_baseline()
 
     tr, te = D.cifar10_loaders(batch_size=128, train_subset=args.train, test_subset=args.test, seed=0)
     tr.set_epoch(0)

@@ -29,14 +29,20 @@ from hawqlib.train import evaluate, load_weights
 RULES = ("mse", "max")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def benchmark_args(doc: str) -> argparse.Namespace:
+    """The options shared by the rule benchmarks (epochs, training/test images, threads); sets the threads."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--train", type=int, default=10000)
     ap.add_argument("--test", type=int, default=2000)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    return args
+
+
+def newest_baseline() -> torch.nn.Module:
+    """The newest baseline ResNet20 under ``data/artifacts`` (checkpoint or final model) in eval mode; prints it."""
     found = sorted(glob.glob("data/artifacts/baseline_resnet20-*/checkpoint.pt"), key=os.path.getmtime)
     found += sorted(glob.glob("data/artifacts/baseline_resnet20-*/model.pt"), key=os.path.getmtime)
     if not found:
@@ -45,8 +51,15 @@ def main() -> None:
     model = resnet20()
     load_weights(model, path)
     model.eval()
-    epoch = torch.load(path, map_location="cpu", weights_only=True).get("epoch", "final")
+    ck = torch.load(path, map_location="cpu", weights_only=True)
+    epoch = len(ck["history"]) if isinstance(ck, dict) and "history" in ck else "final"
     print(f"weights: {path} (epoch {epoch}); torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
+    return model
+
+
+def main() -> None:
+    args = benchmark_args(__doc__)
+    model = newest_baseline()
 
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
     print("\nbits | squared error mse / max | conv weights at zero: mse | max")
