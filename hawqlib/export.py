@@ -19,11 +19,11 @@ rest                  payload: the records, back to back
 
 Payload records (one per entry ``[kind, name, shape, bits]``):
 
-- ``"q"`` a quantized weight of module ``name``: its integer codes ``k`` (in ``[-qmax, qmax]``,
-  ``{-1, +1}`` at 1 bit) offset to ``u = k + qmax`` (``(k + 1) / 2`` at 1 bit), each written
+- ``"q"`` a quantized weight of module ``name``: its odd integer codes ``k`` (in ``[-L, L]``,
+  ``L = 2**bits - 1``; ``{-1, +1}`` at 1 bit) mapped to ``u = (k + L) / 2`` in ``[0, 2**bits - 1]``, each written
   in ``bits`` bits, least significant bit first, packed across byte boundaries
   (``ceil(numel * bits / 8)`` bytes; any bit width 1..8), then the per-output-channel scales
-  (float32). The weight is ``k * scale``.
+  (float32, the grid's half-steps). The weight is ``k * scale``.
 - ``"bn"`` a BatchNorm ``name``: its inference form ``a``, ``b`` (float32 per channel) with
   ``y = a x + b``; ``a`` and ``b`` are taken from PyTorch's own eval-mode BatchNorm kernel (by
   evaluating it on ones and zeros), so the restored BatchNorm (``weight = a``, ``bias = b``,
@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .quant import QUANT_MODULES, BitConfig, QuantAct, quantize_model
+from .quant import QUANT_MODULES, BitConfig, QuantAct, quantize_model, weight_code_limit
 from .storage import atomic_write_bytes
 
 __all__ = ["CODE_VERSION", "save_packed", "load_packed", "read_header", "pack_bits", "unpack_bits", "PACKED_FORMAT",
@@ -61,9 +61,9 @@ __all__ = ["CODE_VERSION", "save_packed", "load_packed", "read_header", "pack_bi
 
 MAGIC = b"HAWQPACK"
 VERSION = 1
-PACKED_FORMAT = "hawqlib.packed/1"
+PACKED_FORMAT = "hawqlib.packed/2"
 #: Bumped whenever the numbers this module computes change (part of artifact cache keys).
-CODE_VERSION = 1
+CODE_VERSION = 2
 
 
 def pack_bits(values: np.ndarray, bits: int) -> bytes:
@@ -89,9 +89,6 @@ def unpack_bits(data: bytes, bits: int, count: int) -> np.ndarray:
     planes = np.unpackbits(buf, count=count * bits, bitorder="little").reshape(count, bits)
     return (planes << np.arange(bits, dtype=np.uint8)).sum(axis=1, dtype=np.uint8)
 
-
-def _qmax(bits: int) -> int:
-    return 1 if bits == 1 else 2 ** (bits - 1) - 1
 
 
 @torch.no_grad()
@@ -127,8 +124,7 @@ def _records(qmodel: nn.Module):
             continue
         if isinstance(m, QUANT_MODULES):
             k, scale = m.int_weight()
-            qmax = _qmax(m.weight_bits)
-            u = ((k.to(torch.int16) + 1) // 2) if m.weight_bits == 1 else (k.to(torch.int16) + qmax)
+            u = (k.to(torch.int16) + weight_code_limit(m.weight_bits)) // 2
             payload = pack_bits(u.to(torch.uint8).numpy(), m.weight_bits) + scale.float().numpy().tobytes()
             yield ["q", name, list(m.weight.shape), m.weight_bits], payload
             counted.add(id(m.weight))
@@ -237,7 +233,7 @@ def load_packed(path: str | os.PathLike, model: nn.Module | Callable[[], nn.Modu
             n = math.prod(shape)
             nb = math.ceil(n * bits / 8)
             u = torch.from_numpy(unpack_bits(bytes(chunk[:nb]), bits, n).astype(np.int16))
-            k = (2 * u - 1) if bits == 1 else (u - _qmax(bits))
+            k = 2 * u - weight_code_limit(bits)
             scale = torch.frombuffer(bytearray(chunk[nb:]), dtype=torch.float32)
             m.weight.copy_(k.float().view(shape) * scale.view(-1, *([1] * (len(shape) - 1))))
             m.fixed_scale = scale.clone()

@@ -6,27 +6,34 @@ does not restate its quantizer; everything below that is not in the paper is **o
 its reason:
 
 Weights (our choice): uniform, **symmetric, per output channel** (dim 0 of a Conv2d/Linear weight),
-restricted range: for ``b >= 2`` bits and ``qmax = 2**(b-1) - 1``,
-``Q(W_c) = s_c * clamp(round(W_c / s_c), -qmax, qmax)``, one FP32 scale ``s_c`` per channel.
-The scale (our choice, ``rule="mse"``, the default) is the one that minimizes ``||Q(W_c) - W_c||^2``:
-starting from ``max|W_c| / qmax``, we alternate the nearest codes for the current scale and the
-least-squares scale for the current codes, ``s = <W_c, k> / <k, k>``, each step lowering the error,
-until the scale stops changing or for at most :data:`MSE_ITERATIONS` rounds (in float64). Reasons:
+**mid-rise**: for ``b`` bits the ``2**b`` levels are the odd multiples of a half-step ``h_c``,
+``Q(W_c) = h_c * j``, ``j`` the odd integer nearest to ``W_c / h_c`` with ``|j| <= 2**b - 1``
+(:func:`weight_code_limit`); one FP32 ``h_c`` per channel. At 2 bits the grid is
+``{-3h, -h, h, 3h}``, at 4 bits 16 levels. Reason: a ``b``-bit code field holds ``2**b`` values, and
+HAWQ's budget is counted in those bits; the symmetric grid with an exact zero (torch.ao's
+"restricted range", ``[-(2**(b-1) - 1), 2**(b-1) - 1]``) uses only ``2**b - 1`` of them, which at 2 bits
+is the ternary ``{-s, 0, s}``: about 1.58 bits of information stored in 2. The mid-rise grid keeps
+the symmetry (no bias between positive and negative weights, which the full signed range
+``[-2**(b-1), 2**(b-1) - 1]`` would add) and uses every code; it has no zero level, which weights do
+not need. ``benchmarks/weight_grid.py`` measures the two on ResNet20 (squared error, top-1 before
+and after a short fine-tuning); its figures are in ``benchmarks/README.md``.
+The half-step (our choice, ``rule="mse"``, the default) is the one that minimizes ``||Q(W_c) - W_c||^2``:
+starting from ``max|W_c| / (2**b - 1)``, we alternate the nearest codes for the current ``h`` and the
+least-squares ``h`` for the current codes, ``h = <W_c, j> / <j, j>``, each step lowering the error,
+until ``h`` stops changing or for at most :data:`MSE_ITERATIONS` rounds (in float64). Reasons:
 ``||Q(W_i) - W_i||^2`` is the very perturbation HAWQ's second-order estimate and its Omega order weigh
 by lambda_i (paper section 3.2), so the grid that minimizes it is the one the method's own model
-prefers; and at low bits the max |w| grid wastes its few levels on a handful of outliers (at 2 bits
-it is ternary {-s, 0, s} with s = max|w|, which rounds most weights to 0).
+prefers; and at low bits the max |w| grid wastes its few levels on a handful of outliers.
 ``benchmarks/weight_scale_rule.py`` measures both rules side by side on ResNet20 (squared error,
-weights rounded to zero, a short quantization-aware fine-tuning at 2 bits); its figures are in
-``benchmarks/README.md``. The price: weights beyond ``qmax * s_c`` are clipped (their error exceeds
-half a step); the straight-through gradient stays the identity for every weight. ``rule="max"``
-gives the max |w| grid (no clipping, error at most half a step) for comparison. The symmetric
-restricted range keeps zero exact and the grid symmetric (``2**b - 1``
-levels) and the codes fit in ``b`` bits for :mod:`hawqlib.export`.
+a short quantization-aware fine-tuning at 2 bits); its figures are in ``benchmarks/README.md``.
+The price: weights beyond ``(2**b - 1) h_c`` are clipped (their error exceeds half a step, ``h_c``);
+the straight-through gradient stays the identity for every weight. ``rule="max"`` gives the grid
+whose top level is ``max|W_c|`` (no clipping, error at most ``h_c``) for comparison. The codes fit in
+``b`` bits for :mod:`hawqlib.export` as ``(j + 2**b - 1) / 2``.
 
-One bit (our choice): ``Q(W_c) = mean|W_c| * sign(W_c)`` (with sign(0) = +1), the binary-weight rule
-of XNOR-Net: a symmetric 1-bit grid has no zero level, and the mean |w| is the scale minimizing
-``||Q(W_c) - W_c||^2`` for a fixed sign pattern. The STE gradient is the identity.
+One bit: the same grid, ``{-h_c, +h_c}`` (``sign(0) = +1``), with ``h_c = mean|W_c|`` under either rule,
+the binary-weight rule of XNOR-Net: the mean |w| is the half-step minimizing ``||Q(W_c) - W_c||^2``
+for a fixed sign pattern (it is where the alternation above stops after one round).
 
 Activations (our choice): :class:`QuantAct`, per-tensor affine quantization on the input of every
 quantized Conv2d/Linear except the network's first layer (its input is the image, 8-bit data to
@@ -47,13 +54,14 @@ With the range ``[lo, hi]`` and ``n = 2**b - 1``:
 The gradient is the straight-through estimator: the identity where the input does not saturate,
 zero where it rounds outside the grid (as torch.ao's fake-quant ops do).
 
-Implementation (our choice, for speed): the fake quantization is ``clamp(round(x / s), lo, hi) * s``
-written as four vectorized in-place PyTorch ops inside a small autograd Function. Its forward is
-bit-for-bit the arithmetic of ``torch.fake_quantize_per_tensor_affine`` /
-``torch.fake_quantize_per_channel_affine`` (``x * (1/s)`` in float32, round half to even) and its
-gradient equals theirs; the tests check both. On the project's CPU those fused kernels are not
-vectorized and took about 3.5x longer than the composed ops (measured 7.6 ms vs 2.1 ms for a
-128x16x32x32 tensor, one thread). Further savings: the activation range is reduced over a
+Implementation (our choice, for speed): the activations' fake quantization is
+``clamp(round(x / s), lo, hi) * s`` written as four vectorized in-place PyTorch ops inside a small
+autograd Function. Its forward is bit-for-bit the arithmetic of ``torch.fake_quantize_per_tensor_affine``
+(``x * (1/s)`` in float32, round half to even) and its gradient equals theirs; the tests check both.
+On the project's CPU those fused kernels are not vectorized and took about 3.5x longer than the
+composed ops (measured 7.6 ms vs 2.1 ms for a 128x16x32x32 tensor, one thread). The weights'
+mid-rise grid, which torch's affine fake-quant ops cannot express, is likewise a few in-place ops
+(``floor(x / 2h)``, clamp, ``2m + 1``, times ``h``). Further savings: the activation range is reduced over a
 channels_last tensor in memory order; when the observed batch lies inside the grid (no element
 saturates) the clamp and the gradient mask are skipped, since both are then exact no-ops; and the
 mask is applied in place on the convolution's fresh input gradient.
@@ -82,7 +90,7 @@ from .storage import atomic_write
 
 __all__ = ["CODE_VERSION", "WEIGHT_SCALE_RULES", "MSE_ITERATIONS", "ACT_RANGE_RULES", "ACT_MSE_STEPS",
     "ACT_MSE_SAMPLES", "act_mse_range",
-    "VALID_BITS", "check_bits", "quant_scale", "quant_params", "quantize_tensor", "quantize_to_int",
+    "VALID_BITS", "check_bits", "weight_code_limit", "quant_scale", "quant_params", "quantize_tensor", "quantize_to_int",
     "BitConfig", "QuantAct", "QuantConv2d", "QuantLinear", "QUANT_MODULES", "quantize_model",
     "quant_modules", "set_quant_enabled", "calibrate_activations", "BITCONFIG_FORMAT",
 ]
@@ -91,7 +99,7 @@ __all__ = ["CODE_VERSION", "WEIGHT_SCALE_RULES", "MSE_ITERATIONS", "ACT_RANGE_RU
 VALID_BITS = tuple(range(1, 9))
 BITCONFIG_FORMAT = "hawqlib.BitConfig/1"
 #: Bumped whenever the numbers this module computes change (part of artifact cache keys).
-CODE_VERSION = 3
+CODE_VERSION = 4
 #: How a symmetric weight grid's scale is chosen: least squared error (default) or max |w|.
 WEIGHT_SCALE_RULES = ("mse", "max")
 #: At most this many alternations of the least-squares scale rule (within ~1% of its fixed point
@@ -192,20 +200,30 @@ def act_mse_range(x: torch.Tensor, bits: int, lo: torch.Tensor | None = None, hi
     return lo * f[k], hi * f[k]
 
 
-def _mse_scale(w: torch.Tensor, per_channel: bool, qmax: int) -> torch.Tensor:
-    """The symmetric scale minimizing ||Q(w) - w||^2 (per channel or per tensor), by alternating
-    nearest codes and the least-squares scale from the max |w| start (see the module docstring)."""
+def _odd_codes(y: torch.Tensor, top: int) -> torch.Tensor:
+    """The odd integer nearest to ``y`` with magnitude at most ``top`` (``top = 2**b - 1``)."""
+    return torch.floor(y * 0.5).clamp_(-(top + 1) // 2, (top - 1) // 2).mul_(2).add_(1)
+
+
+def _mse_scale(w: torch.Tensor, per_channel: bool, top: int) -> torch.Tensor:
+    """The half-step ``h`` minimizing ||Q(w) - w||^2 (per channel or per tensor), by alternating the
+    nearest odd codes and the least-squares ``h`` from the max |w| start (see the module docstring)."""
     x = w.detach().double().reshape(w.shape[0] if per_channel and w.dim() > 0 else 1, -1)
-    s = x.abs().amax(dim=1, keepdim=True).clamp_min(_MIN_RANGE) / qmax
+    s = x.abs().amax(dim=1, keepdim=True).clamp_min(_MIN_RANGE) / top
     for _ in range(MSE_ITERATIONS):
-        k = torch.clamp(torch.round(x / s), -qmax, qmax)
-        den = (k * k).sum(dim=1, keepdim=True)
-        new = torch.where(den > 0, (x * k).sum(dim=1, keepdim=True) / den.clamp_min(1), s)
+        k = _odd_codes(x / s, top)
+        new = (x * k).sum(dim=1, keepdim=True) / (k * k).sum(dim=1, keepdim=True)
+        new = torch.where(new > 0, new, s)
         if torch.equal(new, s):
             break
         s = new
     s = s.float().clamp_min(_MIN_RANGE)
     return s.reshape(-1) if per_channel and w.dim() > 0 else s.reshape(())
+
+
+def weight_code_limit(bits: int) -> int:
+    """The largest weight code, ``2**bits - 1``: weight codes are the odd integers in ``[-limit, limit]``."""
+    return 2 ** check_bits(bits) - 1
 
 
 @torch.no_grad()
@@ -214,31 +232,28 @@ def quant_params(w: torch.Tensor, bits: int, *, per_channel: bool = True, symmet
     """The quantization grid of ``w``: ``(scale, zero_point, qmin, qmax)``.
 
     ``scale`` is a float32 tensor of shape ``[w.shape[0]]`` (per channel) or ``[]`` (per tensor);
-    ``zero_point`` an int32 tensor of the same shape. Symmetric: zero point 0, codes in
-    ``[-qmax, qmax]`` with ``qmax = 2**(b-1) - 1``, and the scale by ``rule``: ``"mse"`` the one with
-    the least squared error, ``"max"`` ``max|w| / qmax`` (see the module docstring); for 1 bit
-    ``scale = mean|w|``, codes +-1, under either rule. Asymmetric: the range ``[min(w, 0), max(w, 0)]``
-    on codes ``[0, 2**b - 1]`` (``rule`` does not apply).
+    ``zero_point`` an int32 tensor of the same shape. Symmetric: zero point 0, ``scale`` the half-step
+    ``h`` of the grid and ``(qmin, qmax) = (-(2**b - 1), 2**b - 1)`` the range of its odd codes (the
+    weight is ``code * h``), ``h`` by ``rule``: ``"mse"`` the one with the least squared error, ``"max"``
+    ``max|w| / (2**b - 1)`` (see the module docstring); for 1 bit ``h = mean|w|`` under either rule.
+    Asymmetric: the range ``[min(w, 0), max(w, 0)]`` on codes ``[0, 2**b - 1]`` (``rule`` does not apply).
     """
     _check_tensor(w)
     bits = check_bits(bits)
     _check_rule(rule)
     dims = _reduce_dims(w, per_channel)
     if symmetric:
+        top = weight_code_limit(bits)
         if bits == 1:
-            # mean in float64: exact for a tensor of +-s, which makes Q idempotent at 1 bit
+            # mean in float64: exact for a tensor of +-h, which makes Q idempotent at 1 bit
             a = w.detach().abs().double()
             scale = (a.mean(dim=dims) if dims else a.mean()).float().clamp_min(_MIN_RANGE)
-            qmin, qmax = -1, 1
+        elif rule == "max":
+            scale = _amax(w, per_channel).clamp_min(_MIN_RANGE) / top
         else:
-            qmax = 2 ** (bits - 1) - 1
-            qmin = -qmax
-            if rule == "max":
-                scale = _amax(w, per_channel).clamp_min(_MIN_RANGE) / qmax
-            else:
-                scale = _mse_scale(w, per_channel, qmax)
+            scale = _mse_scale(w, per_channel, top)
         zero_point = torch.zeros(scale.shape, dtype=torch.int32, device=w.device)
-        return scale, zero_point, qmin, qmax
+        return scale, zero_point, -top, top
     wd = w.detach()
     lo = (wd.amin(dim=dims) if dims else wd.amin()).float().clamp_max(0.0)
     hi = (wd.amax(dim=dims) if dims else wd.amax()).float().clamp_min(0.0)
@@ -322,27 +337,54 @@ def _memory_format(x: torch.Tensor):
     return torch.contiguous_format
 
 
-def _binary(w: torch.Tensor, scale: torch.Tensor, per_channel: bool) -> torch.Tensor:
-    s = scale.to(w.dtype)
-    if per_channel and w.dim() > 1:
-        s = s.view(-1, *([1] * (w.dim() - 1)))
-    q = torch.where(w.detach() >= 0, s, -s)
-    return _STE.apply(w, q) if w.requires_grad else q
+def _odd_grid(x: torch.Tensor, h, top: int) -> torch.Tensor:
+    """``h * j`` with ``j`` the odd code nearest to ``x / h``, ``|j| <= top``, without autograd.
+
+    In four in-place passes: ``m = clamp(floor(x / 2h), -(top+1)/2, (top-1)/2)``, ``j = 2m + 1``.
+    ``fl(j * h)`` is the last operation, so ``Q(w) == j * h`` holds exactly in float32.
+    """
+    t = torch.mul(x.detach(), 0.5 / h)
+    t.floor_().clamp_(-(top + 1) // 2, (top - 1) // 2).mul_(2).add_(1).mul_(h)
+    return t if t.dtype == x.dtype else t.to(x.dtype)
+
+
+class _OddGridSTE(torch.autograd.Function):
+    """The symmetric weight grid (:func:`_odd_grid`); backward = straight-through estimator.
+
+    The gradient is the identity, or, with ``clip_grad``, zero where ``|x|`` lies beyond the grid's
+    top level by more than half a step (``|x| >= (top + 1) h``, where the code saturates).
+    """
+
+    @staticmethod
+    def forward(ctx, x, h, top, clip_grad):
+        ctx.clip = clip_grad
+        if clip_grad:
+            ctx.save_for_backward(x)
+            ctx.bound = (top + 1) * h
+        return _odd_grid(x, h, top)
+
+    @staticmethod
+    def backward(ctx, g):
+        if not ctx.clip:
+            return g, None, None, None
+        x, = ctx.saved_tensors
+        return torch.where(x.abs() < ctx.bound, g, 0.0), None, None, None
 
 
 def _fake_quant(w: torch.Tensor, bits: int, scale: torch.Tensor, zero_point: torch.Tensor,
                 qmin: int, qmax: int, per_channel: bool, symmetric: bool, clip_grad: bool = False) -> torch.Tensor:
-    if bits == 1 and symmetric:
-        return _binary(w, scale, per_channel)
+    if symmetric:
+        h = scale.view((-1,) + (1,) * (w.dim() - 1)) if per_channel and w.dim() > 1 else scale.reshape(())
+        h = h.to(w.dtype)
+        if not (w.requires_grad and torch.is_grad_enabled()):
+            return _odd_grid(w, h, qmax)
+        return _OddGridSTE.apply(w, h, qmax, clip_grad)
     if per_channel and w.dim() > 1:
         shape = (-1,) + (1,) * (w.dim() - 1)
         s = scale.view(shape)
         inv = (1.0 / scale).view(shape)
-        if symmetric:
-            lo, hi = float(qmin), float(qmax)
-        else:
-            z = zero_point.to(scale.dtype).view(shape)
-            lo, hi = qmin - z, qmax - z
+        z = zero_point.to(scale.dtype).view(shape)
+        lo, hi = qmin - z, qmax - z
     else:
         s = scale.reshape(())
         inv = 1.0 / s
@@ -370,9 +412,10 @@ def quantize_to_int(w: torch.Tensor, bits: int, *, per_channel: bool = True, sym
                     scale: torch.Tensor | None = None, rule: str = "mse"):
     """The integer codes of Q(w): ``(k, scale)`` with ``k`` an int8 tensor and ``Q(w) == k * scale`` exactly.
 
-    ``scale`` is broadcast along dim 0 when per channel. Symmetric codes lie in ``[-qmax, qmax]``
-    (``{-1, +1}`` at 1 bit); asymmetric codes are returned centred (``q - zero_point``), so the same
-    identity holds. A given ``scale`` (symmetric only) replaces the one ``rule`` computes from ``w``.
+    ``scale`` is broadcast along dim 0 when per channel. Symmetric codes are the odd integers in
+    ``[-(2**b - 1), 2**b - 1]`` (``{-1, +1}`` at 1 bit; int16 at 8 bits); asymmetric codes are returned
+    centred (``q - zero_point``), so the same identity holds. A given ``scale`` (symmetric only)
+    replaces the one ``rule`` computes from ``w``.
     """
     bits = check_bits(bits)
     if scale is None:
@@ -383,14 +426,12 @@ def quantize_to_int(w: torch.Tensor, bits: int, *, per_channel: bool = True, sym
         _check_tensor(w)
         scale = scale.float()
         zp = torch.zeros(scale.shape, dtype=torch.int32, device=w.device)
-        qmax = 1 if bits == 1 else 2 ** (bits - 1) - 1
+        qmax = weight_code_limit(bits)
         qmin = -qmax
     q = _fake_quant(w.detach().float(), bits, scale, zp, qmin, qmax, per_channel, symmetric)
     s = scale.view(-1, *([1] * (w.dim() - 1))) if scale.dim() == 1 and w.dim() > 1 else scale
     k = torch.round(q / s)
-    if bits == 1 and symmetric:
-        k = torch.where(w.detach() >= 0, 1.0, -1.0)
-    return k.to(torch.int8 if bits <= 8 else torch.int16), scale
+    return k.to(torch.int8 if max(abs(qmin), abs(qmax)) <= 127 else torch.int16), scale
 
 
 # --------------------------------------------------------------------------------------------
@@ -617,7 +658,7 @@ class _QuantWeight:
     def weight_qparams(self):
         """``(scale, zero_point, qmin, qmax)`` of the weight: ``fixed_scale`` if set, else by ``weight_rule``."""
         if self.fixed_scale is not None:
-            qmax = 1 if self.weight_bits == 1 else 2 ** (self.weight_bits - 1) - 1
+            qmax = weight_code_limit(self.weight_bits)
             zp = torch.zeros(self.fixed_scale.shape, dtype=torch.int32, device=self.fixed_scale.device)
             return self.fixed_scale, zp, -qmax, qmax
         return quant_params(self.weight, self.weight_bits, rule=self.weight_rule)
@@ -629,7 +670,7 @@ class _QuantWeight:
                            clip_grad=self.fixed_scale is not None)
 
     def int_weight(self):
-        """``(k, scale)``: int8 codes and per-channel FP32 scales with ``Q(W) == k * scale``."""
+        """``(k, scale)``: integer codes (odd, see :func:`quantize_to_int`) and per-channel FP32 half-steps with ``Q(W) == k * scale``."""
         return quantize_to_int(self.weight, self.weight_bits, scale=self.fixed_scale, rule=self.weight_rule)
 
     def _effective(self, x: torch.Tensor):

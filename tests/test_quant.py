@@ -10,7 +10,7 @@ from hawqlib.models import resnet20
 from hawqlib.quant import (ACT_MSE_STEPS, BitConfig, QuantAct, QuantConv2d, QuantLinear, act_mse_range,
                            calibrate_activations, quant_modules,
                            quant_params, quant_scale, quantize_model, quantize_tensor, quantize_to_int,
-                           set_quant_enabled)
+                           set_quant_enabled, weight_code_limit)
 
 
 def _weight(seed=0, shape=(16, 8, 3, 3)):
@@ -20,58 +20,69 @@ def _weight(seed=0, shape=(16, 8, 3, 3)):
 
 
 @pytest.mark.parametrize("bits", range(1, 9))
-def test_levels_idempotence_and_int_codes(bits):
+def test_levels_idempotence_and_odd_int_codes(bits):
     w = _weight(bits)
     q = quantize_tensor(w, bits)
     assert q.shape == w.shape and q.dtype == w.dtype
     for c in range(w.shape[0]):
-        n = q[c].unique().numel()
-        assert n <= 2 ** bits
-        if bits >= 2:
-            assert n <= 2 ** bits - 1  # symmetric restricted range
-    assert torch.equal(quantize_tensor(q, bits), q)
+        assert q[c].unique().numel() <= 2 ** bits
+        assert (q[c] != 0).all()             # the mid-rise grid has no zero level
+    # idempotent up to float32 rounding of the refitted half-step; the codes are exactly the same
+    assert torch.allclose(quantize_tensor(q, bits), q, rtol=1e-6, atol=0)
     k, s = quantize_to_int(w, bits)
-    assert k.dtype == torch.int8
-    qmax = 1 if bits == 1 else 2 ** (bits - 1) - 1
-    assert int(k.abs().max()) == qmax
+    assert torch.equal(quantize_to_int(q, bits)[0], k)
+    assert k.dtype == (torch.int8 if bits <= 7 else torch.int16)
+    assert int(k.abs().max()) == weight_code_limit(bits) == 2 ** bits - 1
+    assert (k.remainder(2) == 1).all()      # odd codes: 2**bits levels symmetric about zero
     assert torch.equal(k.float() * s.view(-1, 1, 1, 1), q)
+
+
+def test_two_bits_use_four_levels_and_beat_the_ternary_grid():
+    w = _weight(7, (64, 32, 3, 3))
+    q = quantize_tensor(w, 2)
+    assert all(q[c].unique().numel() == 4 for c in range(64))
+    # the best ternary grid {-s, 0, s} per channel (searched densely) has a larger squared error
+    x = w.flatten(1).double()
+    s = x.abs().amax(1, keepdim=True) * torch.linspace(0.05, 1.0, 400, dtype=torch.float64)
+    t = (torch.round(x[:, None, :] / s[..., None]).clamp(-1, 1) * s[..., None] - x[:, None, :]).square().sum(-1)
+    assert float((q.double() - w.double()).square().sum()) < 0.8 * float(t.min(dim=1).values.sum())
 
 
 @pytest.mark.parametrize("bits", range(2, 9))
 def test_max_rule_error_within_half_a_step_and_per_channel_scale(bits):
     w = _weight(10 + bits)
-    s = quant_scale(w, bits, rule="max")
-    qmax = 2 ** (bits - 1) - 1
-    assert s.shape == (w.shape[0],)
-    assert torch.allclose(s, w.abs().amax(dim=(1, 2, 3)) / qmax, rtol=0, atol=0)
-    assert len(set(s.tolist())) == w.shape[0]
+    h = quant_scale(w, bits, rule="max")
+    top = 2 ** bits - 1
+    assert h.shape == (w.shape[0],)
+    assert torch.allclose(h, w.abs().amax(dim=(1, 2, 3)) / top, rtol=0, atol=0)
+    assert len(set(h.tolist())) == w.shape[0]
     err = (quantize_tensor(w, bits, rule="max") - w).abs()
-    assert (err <= 0.5 * s.view(-1, 1, 1, 1) * (1 + 1e-6)).all()
+    assert (err <= h.view(-1, 1, 1, 1) * (1 + 1e-5)).all()   # the step is 2h
     # per tensor: one scale, set by the largest channel
-    st = quant_scale(w, bits, per_channel=False, rule="max")
-    assert st.dim() == 0 and st == s.max()
+    ht = quant_scale(w, bits, per_channel=False, rule="max")
+    assert ht.dim() == 0 and ht == h.max()
 
 
 @pytest.mark.parametrize("bits", range(2, 9))
 def test_mse_rule_lowers_the_error_per_channel_and_is_a_least_squares_fixed_point(bits):
     w = _weight(10 + bits)
-    qmax = 2 ** (bits - 1) - 1
-    s = quant_scale(w, bits)  # the default rule
-    assert s.shape == (w.shape[0],) and len(set(s.tolist())) == w.shape[0]
+    top = 2 ** bits - 1
+    h = quant_scale(w, bits)  # the default rule
+    assert h.shape == (w.shape[0],) and len(set(h.tolist())) == w.shape[0]
     q, qm = quantize_tensor(w, bits), quantize_tensor(w, bits, rule="max")
     e, em = (q - w).pow(2).sum(dim=(1, 2, 3)), (qm - w).pow(2).sum(dim=(1, 2, 3))
     assert (e <= em * (1 + 1e-5)).all()
     if bits <= 3:  # where the max |w| grid is coarse, the least-squares scale is much better
         assert e.sum() < 0.8 * em.sum()
-    # inside the range the error is at most half a step; beyond it, weights are clipped to +-qmax*s
-    sv = s.view(-1, 1, 1, 1)
-    inside = w.abs() <= qmax * sv
-    assert ((q - w).abs()[inside] <= 0.5 * sv.expand_as(w)[inside] * (1 + 1e-5)).all()
-    assert torch.allclose(q.abs()[~inside], (qmax * sv).expand_as(w)[~inside], rtol=1e-6, atol=0)
-    # the scale is (up to float32 rounding) the least-squares scale of its own codes
-    k = torch.round(q / sv).double().flatten(1)
+    # inside the range the error is at most half a step (h); beyond it, weights are clipped to +-top*h
+    hv = h.view(-1, 1, 1, 1)
+    inside = w.abs() <= top * hv
+    assert ((q - w).abs()[inside] <= hv.expand_as(w)[inside] * (1 + 1e-5)).all()
+    assert torch.allclose(q.abs()[~inside], (top * hv).expand_as(w)[~inside], rtol=1e-6, atol=0)
+    # the half-step is (up to float32 rounding) the least-squares scale of its own codes
+    k = torch.round(q / hv).double().flatten(1)
     ls = (w.double().flatten(1) * k).sum(1) / (k * k).sum(1)
-    assert torch.allclose(s.double(), ls, rtol=1e-5, atol=0)
+    assert torch.allclose(h.double(), ls, rtol=1e-5, atol=0)
     # per tensor: one scale
     assert quant_scale(w, bits, per_channel=False).dim() == 0
 
@@ -90,13 +101,16 @@ def test_one_bit_is_sign_times_mean_abs():
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
-def test_bit_identical_to_torch_fused_fake_quant(bits):
+def test_symmetric_grid_rounds_to_the_nearest_level_and_asymmetric_matches_torch(bits):
     w = _weight(20 + bits, (32, 16, 3, 3))
-    s = quant_scale(w, bits)
-    qmax = 2 ** (bits - 1) - 1
-    ref = torch.fake_quantize_per_channel_affine(w, s, torch.zeros(32, dtype=torch.int32), 0, -qmax, qmax)
-    assert torch.equal(quantize_tensor(w, bits), ref)
-    # asymmetric, per tensor
+    h = quant_scale(w, bits).view(-1, 1, 1, 1)
+    q = quantize_tensor(w, bits)
+    # no other level of the grid {h j: j odd, |j| <= 2**b - 1} is closer to w than Q(w)
+    levels = torch.arange(-(2 ** bits - 1), 2 ** bits, 2, dtype=torch.float64)
+    d = (w.double()[..., None] - h.double()[..., None] * levels).abs()
+    # (up to float32 rounding of x / 2h near a decision boundary: ~1e-5 h at 8 bits)
+    assert ((q.double() - w.double()).abs() <= d.min(dim=-1).values + 1e-4 * h.double()).all()
+    # asymmetric, per tensor: bit for bit torch's fused fake quantization
     x = torch.randn(64, 50, generator=torch.Generator().manual_seed(bits)) * 3 + 1
     sc, zp, qmin, qm = quant_params(x, bits, per_channel=False, symmetric=False)
     ref = torch.fake_quantize_per_tensor_affine(x, sc.reshape(1), zp.reshape(1), qmin, qm)
@@ -328,15 +342,16 @@ def test_quant_act_training_path_matches_torch_with_and_without_saturation():
 def test_fixed_scale_clips_and_masks_the_gradient():
     conv = QuantConv2d(2, 3, 1, weight_bits=2, bias=False)
     with torch.no_grad():
-        conv.weight.copy_(torch.tensor([0.1, 0.4, 2.0, -3.0, 0.0, 0.2]).view(3, 2, 1, 1))
-    conv.fixed_scale = torch.tensor([0.2, 0.5, 1.0])
+        conv.weight.copy_(torch.tensor([0.1, 0.9, 1.7, -3.0, 0.0, -0.2]).view(3, 2, 1, 1))
+    conv.fixed_scale = torch.tensor([0.2, 0.5, 1.0])   # half-steps: levels +-h, +-3h
+    codes = torch.tensor([1, 3, 3, -3, 1, -1])
     qw = conv.quantized_weight()
-    assert torch.equal(qw.detach().view(-1), torch.tensor([0.0, 0.2, 0.5, -0.5, 0.0, 0.0]))
+    assert torch.equal(qw.detach(), (codes.float().view(3, 2) * conv.fixed_scale.view(3, 1)).view(3, 2, 1, 1))
     qw.sum().backward()
-    # 0.4 / 0.2, 2.0 / 0.5 and -3.0 / 0.5 round outside [-1, 1]: no gradient there
-    assert conv.weight.grad.view(-1).tolist() == [1.0, 0.0, 0.0, 0.0, 1.0, 1.0]
+    # 0.9 (h = 0.2) and -3.0 (h = 0.5) lie beyond 4h, where the code saturates: no gradient there
+    assert conv.weight.grad.view(-1).tolist() == [1.0, 0.0, 1.0, 0.0, 1.0, 1.0]
     k, s = conv.int_weight()
-    assert k.view(-1).tolist() == [0, 1, 1, -1, 0, 0] and torch.equal(s, conv.fixed_scale)
+    assert k.view(-1).tolist() == codes.tolist() and torch.equal(s, conv.fixed_scale)
 
 
 def test_quantize_model_weight_rule_reaches_every_module_and_the_packed_codes():
