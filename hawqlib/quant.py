@@ -340,7 +340,7 @@ def _memory_format(x: torch.Tensor):
 def _odd_grid(x: torch.Tensor, h, top: int) -> torch.Tensor:
     """``h * j`` with ``j`` the odd code nearest to ``x / h``, ``|j| <= top``, without autograd.
 
-    In four in-place passes: ``m = clamp(floor(x / 2h), -(top+1)/2, (top-1)/2)``, ``j = 2m + 1``.
+    In place on one buffer: ``m = clamp(floor(x / 2h), -(top+1)/2, (top-1)/2)``, ``j = 2m + 1``.
     ``fl(j * h)`` is the last operation, so ``Q(w) == j * h`` holds exactly in float32.
     """
     t = torch.mul(x.detach(), 0.5 / h)
@@ -410,7 +410,7 @@ def quantize_tensor(w: torch.Tensor, bits: int, *, per_channel: bool = True, sym
 @torch.no_grad()
 def quantize_to_int(w: torch.Tensor, bits: int, *, per_channel: bool = True, symmetric: bool = True,
                     scale: torch.Tensor | None = None, rule: str = "mse"):
-    """The integer codes of Q(w): ``(k, scale)`` with ``k`` an int8 tensor and ``Q(w) == k * scale`` exactly.
+    """The integer codes of Q(w): ``(k, scale)`` with ``k`` an integer tensor and ``Q(w) == k * scale`` exactly.
 
     ``scale`` is broadcast along dim 0 when per channel. Symmetric codes are the odd integers in
     ``[-(2**b - 1), 2**b - 1]`` (``{-1, +1}`` at 1 bit; int16 at 8 bits); asymmetric codes are returned
