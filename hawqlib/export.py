@@ -90,7 +90,6 @@ def unpack_bits(data: bytes, bits: int, count: int) -> np.ndarray:
     return (planes << np.arange(bits, dtype=np.uint8)).sum(axis=1, dtype=np.uint8)
 
 
-
 @torch.no_grad()
 def _bn_affine(bn: _BatchNorm):
     """``(a, b)``: the per-channel affine PyTorch's eval-mode BatchNorm applies, read off its own kernel."""
