@@ -1,4 +1,9 @@
-"""Command line: ``python -m hawqlib train ...`` for long runs in the background."""
+"""Command line for long runs in the background and for the book.
+
+``python -m hawqlib train``: the FP32 baseline; ``python -m hawqlib finetune``: the fine-tuning runs of
+the ResNet20 table and the ablation (:mod:`hawqlib.experiments`); ``python -m hawqlib book``: execute
+the notebooks and build the book (:mod:`hawqlib.book`). Every long run checkpoints and resumes.
+"""
 from __future__ import annotations
 
 import argparse
@@ -27,6 +32,38 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _finetune(args: argparse.Namespace) -> int:
+    import time
+
+    from . import experiments, pipeline
+
+    P = profiles.get(args.profile)
+    unknown = [r for r in args.rows if r not in experiments.run_names(P)]
+    if unknown:  # checked before the (possibly hours-long) baseline and spectrum are loaded or computed
+        raise SystemExit(f"unknown run(s) {', '.join(unknown)} for profile {P['name']!r}; "
+                         f"valid: {', '.join(experiments.run_names(P))}")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    print(f"profile {P['name']!r}: loading (or training) the FP32 baseline", flush=True)
+    model, _, folder = pipeline.baseline(P["baseline"], data_root=args.data, progress=True)
+    print(f"baseline {folder}; loading (or computing) its spectrum", flush=True)
+    spectra, _ = pipeline.spectrum(model, folder.name, P["hessian"], P["allocation"]["granularity"],
+                                   vectors=True, data_root=args.data, progress=True)
+    specs = experiments.run_specs(model, spectra, P)
+    names = args.rows or list(specs)
+    for name in names:
+        spec = specs[name]
+        print(f"{name}: {spec.description}", flush=True)
+        t0 = time.perf_counter()
+        r = experiments.run(model, folder.name, spec, P, progress=True, data_root=args.data)
+        print(f"{name}: test top-1 {r.top1:.2f}% (from the packed file {r.packed_top1:.2f}%), packed "
+              f"{r.packed_bytes:,} bytes, fine-tuning {r.wall_s / 60:.1f} min in all "
+              f"({time.perf_counter() - t0:.0f} s this call)\n  {r.folder}", flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` and run the chosen command."""
     p = argparse.ArgumentParser(prog="python -m hawqlib", description=__doc__)
@@ -44,6 +81,14 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--eval-every", type=int)
     t.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     t.set_defaults(func=_train)
+    f = sub.add_parser("finetune", help="fine-tune (or resume, or load) the runs of the ResNet20 table and "
+                                        "the ablation; prints each run's accuracy, size and folder")
+    f.add_argument("rows", nargs="*", metavar="RUN",
+                   help="runs to compute, in this order (default: all; e.g. hawq W2A4 alloc-reverse)")
+    f.add_argument("--profile", default=profiles.current(), choices=sorted(profiles.PROFILES))
+    f.add_argument("--data", default=None, help="CIFAR-10 root (default: HAWQ_DATA, then data/)")
+    f.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    f.set_defaults(func=_finetune)
     from . import book
 
     b = sub.add_parser("book", help="execute the notebooks with papermill and build the Jupyter Book; "
