@@ -75,7 +75,7 @@ FINETUNE_STEP_VERSION = 1
 
 __all__ += ["HESSIAN_STEP_VERSION", "FINETUNE_STEP_VERSION", "hessian_batch", "spectrum", "spectrum_stability",
             "block_traces", "loss_surface", "landscape", "order_blocks", "finetuned", "FinetuneResult",
-            "artifact_wall_s", "ORDERS", "imagenet_model", "imagenet_batch"]
+            "artifact_wall_s", "artifact_threads", "ORDERS", "imagenet_model", "imagenet_batch"]
 
 
 def _cached(kind: str, params: dict, compute, save, load, force: bool | None):
@@ -97,6 +97,16 @@ def artifact_wall_s(folder) -> float:
     """The wall time (s) recorded in an artifact's manifest (0.0 when it has none)."""
     m = runs.read_manifest(folder)
     return float(m["wall_s"]) if m else 0.0
+
+
+def artifact_threads(folder) -> int | None:
+    """The torch threads of the process that completed an artifact, from its manifest (``None`` if unrecorded).
+
+    Wall times are only comparable between runs with the same threads on the same machine.
+    """
+    m = runs.read_manifest(folder) or {}
+    threads = m.get("machine", {}).get("torch_threads")
+    return int(threads) if threads is not None else None
 
 
 def hessian_batch(n_samples: int, data_seed: int = 0, data_root=None) -> tuple[torch.Tensor, torch.Tensor]:

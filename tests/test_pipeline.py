@@ -138,6 +138,8 @@ def test_finetuned_stores_model_history_and_packed_file(artifacts, cifar_root, m
     assert r.size_bytes <= r.packed_bytes <= 1.02 * r.size_bytes + 4096
     assert (r.folder / "model.hawq").stat().st_size == r.packed_bytes
     assert not (r.folder / "run").exists()     # the resume state is dropped once the artifact is complete
+    assert pipeline.artifact_threads(r.folder) == torch.get_num_threads()
+    assert pipeline.artifact_threads(r.folder / "run") is None and pipeline.artifact_wall_s(r.folder / "run") == 0.0
     assert {p.name for p in r.folder.iterdir()} >= {"manifest.json", "qmodel.pt", "history.json", "model.hawq",
                                                      "bit_config.json"}
     from hawqlib import finetune
