@@ -12,6 +12,17 @@ import sys
 from . import profiles
 
 
+def _threads(text: str) -> int:
+    """argparse type of ``--threads``: a whole number >= 0 (0: torch's choice)."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0 (0: torch's choice), got {text!r}")
+    return n
+
+
 def _train(args: argparse.Namespace) -> int:
     from . import pipeline
 
@@ -79,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--weight-decay", type=float)
     t.add_argument("--seed", type=int)
     t.add_argument("--eval-every", type=int)
-    t.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    t.add_argument("--threads", type=_threads, default=0, help="torch threads (default: torch's choice)")
     t.set_defaults(func=_train)
     f = sub.add_parser("finetune", help="fine-tune (or resume, or load) the runs of the ResNet20 table and "
                                         "the ablation; prints each run's accuracy, size and folder")
@@ -87,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="runs to compute, in this order (default: all; e.g. hawq W2A4 alloc-reverse)")
     f.add_argument("--profile", default=profiles.current(), choices=sorted(profiles.PROFILES))
     f.add_argument("--data", default=None, help="CIFAR-10 root (default: HAWQ_DATA, then data/)")
-    f.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    f.add_argument("--threads", type=_threads, default=0, help="torch threads (default: torch's choice)")
     f.set_defaults(func=_finetune)
     from . import book
 

@@ -67,6 +67,13 @@ def test_finetune_command_rejects_an_unknown_run_before_loading_anything(monkeyp
         cli.main(["finetune", "--profile", "smoke", "hawq", "W3A3"])
 
 
+@pytest.mark.parametrize("bad", ["-1", "two"])
+def test_threads_must_be_a_whole_number(bad, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["finetune", "--profile", "smoke", "--threads", bad])
+    assert "must be a whole number >= 0" in capsys.readouterr().err
+
+
 def test_finetune_command_runs_the_named_rows_in_order(cpu_specs, monkeypatch, capsys):
     net, spectra, _, specs = cpu_specs
     monkeypatch.setattr(pipeline, "baseline", lambda *a, **k: (net, {}, Path("/tmp/baseline_resnet20-x")))
