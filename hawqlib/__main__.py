@@ -62,10 +62,8 @@ def _finetune(args: argparse.Namespace) -> int:
     print(f"baseline {folder}; loading (or computing) its spectrum", flush=True)
     spectra, _ = pipeline.spectrum(model, folder.name, P["hessian"], P["allocation"]["granularity"],
                                    vectors=True, data_root=args.data, progress=True)
-    specs = experiments.run_specs(model, spectra, P)
-    names = args.rows or list(specs)
-    for name in names:
-        spec = specs[name]
+    specs = experiments.run_specs(model, spectra, P, args.rows or None)  # builds only the runs asked for
+    for name, spec in specs.items():
         print(f"{name}: {spec.description}", flush=True)
         t0 = time.perf_counter()
         r = experiments.run(model, folder.name, spec, P, progress=True, data_root=args.data)

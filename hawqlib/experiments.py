@@ -24,7 +24,7 @@ import torch
 
 from . import allocate, pipeline, quant
 
-__all__ = ["RunSpec", "run_names", "allocation", "run_specs", "run"]
+__all__ = ["RunSpec", "GROUPS", "run_names", "allocation", "run_specs", "run"]
 
 
 @dataclass(frozen=True)
@@ -38,12 +38,23 @@ class RunSpec:
     direct: bool = False
 
 
-def run_names(profile: dict) -> list[str]:
-    """The names :func:`run_specs` returns for ``profile``, in its order, without computing anything."""
+GROUPS = ("table", "ablation")
+"""The groups of runs :func:`run_names` can select: the ResNet20 table's and the ablation's."""
+
+
+def run_names(profile: dict, group: str | None = None) -> list[str]:
+    """The names of the runs of ``profile`` in the order to compute them, without computing anything.
+
+    ``group`` selects the ResNet20 table's runs (``"table"``: ``hawq`` and the direct rows) or the
+    ablation's (``"ablation"``: ``hawq``, ``alloc-*`` and ``order-*``); ``None`` gives every run.
+    """
+    if group is not None and group not in GROUPS:
+        raise ValueError(f"unknown group {group!r}; valid: {', '.join(GROUPS)} or None (every run)")
     F, X = profile["finetune"], profile["ablation"]
-    return (["hawq"] + [f"W{u['weight_bits']}A{u['act_bits']}" for u in F["uniform"]]
-            + [f"alloc-{p}" for p in X["allocations"] if p != "hawq"]
-            + [f"order-{k}" for k in X["orders"] if k != "omega"])
+    direct = [f"W{u['weight_bits']}A{u['act_bits']}" for u in F["uniform"]]
+    ablation = ([f"alloc-{p}" for p in X["allocations"] if p != "hawq"]
+                + [f"order-{k}" for k in X["orders"] if k != "omega"])
+    return ["hawq"] + (direct if group != "ablation" else []) + (ablation if group != "table" else [])
 
 
 def allocation(model: torch.nn.Module, spectra, profile: dict, policy: str) -> quant.BitConfig:
@@ -55,33 +66,46 @@ def allocation(model: torch.nn.Module, spectra, profile: dict, policy: str) -> q
                                   seed=profile["ablation"]["seed"])
 
 
-def run_specs(model: torch.nn.Module, spectra, profile: dict) -> dict[str, RunSpec]:
-    """Every run of the ResNet20 table and the ablation for ``profile``, by name, in the order to compute them.
+def run_specs(model: torch.nn.Module, spectra, profile: dict,
+              names: list[str] | None = None) -> dict[str, RunSpec]:
+    """The runs ``names`` of ``profile`` (default: every one, see :func:`run_names`) by name, in that order.
 
-    ``spectra`` are the baseline's block spectra at the profile's allocation granularity. The HAWQ run
-    comes first (the headline row), then the direct rows, then the ablation's allocations and orders.
+    ``spectra`` are the baseline's block spectra at the profile's allocation granularity. Only the
+    runs asked for are built (an allocation re-quantizes every block at every bit choice, so each
+    costs seconds); an unknown name raises ``ValueError`` listing the valid ones.
     """
     A, F, X = profile["allocation"], profile["finetune"], profile["ablation"]
-    target_name = next(iter(A["targets"]))
-    hawq = allocation(model, spectra, profile, "hawq")
+    valid = run_names(profile)
+    names = valid if names is None else list(names)
+    unknown = [n for n in names if n not in valid]
+    if unknown:
+        raise ValueError(f"unknown run(s) {', '.join(map(str, unknown))} for profile {profile['name']!r}; "
+                         f"valid: {', '.join(valid)}")
+    cache: dict[str, quant.BitConfig] = {}
 
-    def staged(name, description, bc, kind="omega"):
-        order = tuple(pipeline.order_blocks(model, spectra, bc, kind, seed=X["seed"]))
-        return RunSpec(name, description, bc, order)
+    def bits(policy: str) -> quant.BitConfig:
+        if policy not in cache:
+            cache[policy] = allocation(model, spectra, profile, policy)
+        return cache[policy]
 
-    specs = [staged("hawq", f"HAWQ {target_name} / A{A['act_bits']}: S-order allocation, Omega order", hawq)]
-    for u in F["uniform"]:
-        w, a = u["weight_bits"], u["act_bits"]
+    def staged(name, description, policy, kind="omega"):
+        bc = bits(policy)
+        return RunSpec(name, description, bc, tuple(pipeline.order_blocks(model, spectra, bc, kind, seed=X["seed"])))
+
+    def direct(w, a):
         bc = quant.BitConfig.uniform(model, w, act_bits=a, granularity=A["granularity"])
-        specs.append(RunSpec(f"W{w}A{a}", f"direct W{w}A{a}: every block at once", bc, None, direct=True))
-    for policy in X["allocations"]:
-        if policy != "hawq":
-            specs.append(staged(f"alloc-{policy}", f"{policy} allocation at the same size, Omega order",
-                                allocation(model, spectra, profile, policy)))
-    for kind in X["orders"]:
-        if kind != "omega":
-            specs.append(staged(f"order-{kind}", f"HAWQ allocation, {kind} fine-tuning order", hawq, kind))
-    return {s.name: s for s in specs}
+        return RunSpec(f"W{w}A{a}", f"direct W{w}A{a}: every block at once", bc, None, direct=True)
+
+    target_name = next(iter(A["targets"]))
+    build = {"hawq": lambda: staged("hawq", f"HAWQ {target_name} / A{A['act_bits']}: S-order allocation, "
+                                            "Omega order", "hawq")}
+    for u in F["uniform"]:
+        build[f"W{u['weight_bits']}A{u['act_bits']}"] = lambda u=u: direct(u["weight_bits"], u["act_bits"])
+    for p in X["allocations"]:
+        build[f"alloc-{p}"] = lambda p=p: staged(f"alloc-{p}", f"{p} allocation at the same size, Omega order", p)
+    for k in X["orders"]:
+        build[f"order-{k}"] = lambda k=k: staged(f"order-{k}", f"HAWQ allocation, {k} fine-tuning order", "hawq", k)
+    return {n: build[n]() for n in names}
 
 
 def run(model: torch.nn.Module, base: str, spec: RunSpec, profile: dict, *, progress: bool = False,

@@ -50,6 +50,28 @@ def test_run_specs_name_every_row_of_the_table_and_the_ablation(cpu_specs):
     assert specs["alloc-reverse"].bit_config.to_dict() != hawq.bit_config.to_dict()
 
 
+def test_run_names_groups_select_the_table_and_the_ablation():
+    P = profiles.get("cpu")
+    assert experiments.run_names(P, "table") == ["hawq", "W4A4", "W2A4"]
+    assert experiments.run_names(P, "ablation") == ["hawq", "alloc-reverse", "alloc-random", "order-reverse",
+                                                    "order-random"]
+    with pytest.raises(ValueError, match=r"unknown group 'tabel'; valid: table, ablation"):
+        experiments.run_names(P, "tabel")
+
+
+def test_run_specs_builds_only_the_runs_asked_for(cpu_specs, monkeypatch):
+    net, spectra, P, specs = cpu_specs
+    policies = []
+    real = experiments.allocation
+    monkeypatch.setattr(experiments, "allocation", lambda m, s, P, policy: policies.append(policy) or real(m, s, P, policy))
+    some = experiments.run_specs(net, spectra, P, ["order-reverse", "W2A4"])
+    assert list(some) == ["order-reverse", "W2A4"] and policies == ["hawq"]
+    assert some["order-reverse"] == specs["order-reverse"] and some["W2A4"] == specs["W2A4"]
+    assert experiments.run_specs(net, spectra, P, ["W4A4"])["W4A4"] == specs["W4A4"] and policies == ["hawq"]
+    with pytest.raises(ValueError, match=r"unknown run\(s\) alloc-hawq for profile 'cpu'; valid: hawq, W4A4"):
+        experiments.run_specs(net, spectra, P, ["hawq", "alloc-hawq"])
+
+
 def test_run_hands_the_spec_to_finetuned(cpu_specs, monkeypatch):
     net, spectra, P, specs = cpu_specs
     calls = []
@@ -78,7 +100,7 @@ def test_finetune_command_runs_the_named_rows_in_order(cpu_specs, monkeypatch, c
     net, spectra, _, specs = cpu_specs
     monkeypatch.setattr(pipeline, "baseline", lambda *a, **k: (net, {}, Path("/tmp/baseline_resnet20-x")))
     monkeypatch.setattr(pipeline, "spectrum", lambda *a, **k: (spectra, Path("/tmp/spectrum-x")))
-    monkeypatch.setattr(experiments, "run_specs", lambda m, s, P: specs if (m, s) == (net, spectra) else None)
+    monkeypatch.setattr(experiments, "run_specs", lambda m, s, P, names: {n: specs[n] for n in names} if (m, s) == (net, spectra) else None)
     done = []
 
     def fake_run(model, base, spec, P, **k):
