@@ -49,10 +49,10 @@ def _finetune(args: argparse.Namespace) -> int:
     from . import experiments, pipeline
 
     P = profiles.get(args.profile)
-    unknown = [r for r in args.rows if r not in experiments.run_names(P)]
-    if unknown:  # checked before the (possibly hours-long) baseline and spectrum are loaded or computed
-        raise SystemExit(f"unknown run(s) {', '.join(unknown)} for profile {P['name']!r}; "
-                         f"valid: {', '.join(experiments.run_names(P))}")
+    try:  # checked before the (possibly hours-long) baseline and spectrum are loaded or computed
+        experiments.check_names(P, args.rows)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
     if args.threads:
         import torch
 

@@ -24,7 +24,7 @@ import torch
 
 from . import allocate, pipeline, quant
 
-__all__ = ["RunSpec", "GROUPS", "run_names", "allocation", "run_specs", "run"]
+__all__ = ["RunSpec", "GROUPS", "run_names", "check_names", "allocation", "run_specs", "run"]
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,20 @@ GROUPS = ("table", "ablation")
 """The groups of runs :func:`run_names` can select: the ResNet20 table's and the ablation's."""
 
 
+def _catalogue(profile: dict) -> list[tuple[str, str | None, tuple]]:
+    """Every run of ``profile`` as ``(name, group, recipe)``, in the order to compute them; names are made here only.
+
+    ``recipe`` is ``("staged", allocation policy, order kind)`` or ``("direct", weight bits, act bits)``;
+    ``group`` is ``None`` for ``hawq``, which both groups show.
+    """
+    F, X = profile["finetune"], profile["ablation"]
+    return ([("hawq", None, ("staged", "hawq", "omega"))]
+            + [(f"W{u['weight_bits']}A{u['act_bits']}", "table", ("direct", u["weight_bits"], u["act_bits"]))
+               for u in F["uniform"]]
+            + [(f"alloc-{p}", "ablation", ("staged", p, "omega")) for p in X["allocations"] if p != "hawq"]
+            + [(f"order-{k}", "ablation", ("staged", "hawq", k)) for k in X["orders"] if k != "omega"])
+
+
 def run_names(profile: dict, group: str | None = None) -> list[str]:
     """The names of the runs of ``profile`` in the order to compute them, without computing anything.
 
@@ -50,11 +64,16 @@ def run_names(profile: dict, group: str | None = None) -> list[str]:
     """
     if group is not None and group not in GROUPS:
         raise ValueError(f"unknown group {group!r}; valid: {', '.join(GROUPS)} or None (every run)")
-    F, X = profile["finetune"], profile["ablation"]
-    direct = [f"W{u['weight_bits']}A{u['act_bits']}" for u in F["uniform"]]
-    ablation = ([f"alloc-{p}" for p in X["allocations"] if p != "hawq"]
-                + [f"order-{k}" for k in X["orders"] if k != "omega"])
-    return ["hawq"] + (direct if group != "ablation" else []) + (ablation if group != "table" else [])
+    return [name for name, g, _ in _catalogue(profile) if group is None or g in (None, group)]
+
+
+def check_names(profile: dict, names) -> None:
+    """Raise ``ValueError`` naming every entry of ``names`` that is not a run of ``profile``, and the valid ones."""
+    valid = run_names(profile)
+    unknown = [n for n in names if n not in valid]
+    if unknown:
+        raise ValueError(f"unknown run(s) {', '.join(map(str, unknown))} for profile {profile['name']!r}; "
+                         f"valid: {', '.join(valid)}")
 
 
 def allocation(model: torch.nn.Module, spectra, profile: dict, policy: str) -> quant.BitConfig:
@@ -74,38 +93,27 @@ def run_specs(model: torch.nn.Module, spectra, profile: dict,
     runs asked for are built (an allocation re-quantizes every block at every bit choice, so each
     costs seconds); an unknown name raises ``ValueError`` listing the valid ones.
     """
-    A, F, X = profile["allocation"], profile["finetune"], profile["ablation"]
-    valid = run_names(profile)
-    names = valid if names is None else list(names)
-    unknown = [n for n in names if n not in valid]
-    if unknown:
-        raise ValueError(f"unknown run(s) {', '.join(map(str, unknown))} for profile {profile['name']!r}; "
-                         f"valid: {', '.join(valid)}")
-    cache: dict[str, quant.BitConfig] = {}
-
-    def bits(policy: str) -> quant.BitConfig:
-        if policy not in cache:
-            cache[policy] = allocation(model, spectra, profile, policy)
-        return cache[policy]
-
-    def staged(name, description, policy, kind="omega"):
-        bc = bits(policy)
-        return RunSpec(name, description, bc, tuple(pipeline.order_blocks(model, spectra, bc, kind, seed=X["seed"])))
-
-    def direct(w, a):
-        bc = quant.BitConfig.uniform(model, w, act_bits=a, granularity=A["granularity"])
-        return RunSpec(f"W{w}A{a}", f"direct W{w}A{a}: every block at once", bc, None, direct=True)
-
+    A, X = profile["allocation"], profile["ablation"]
+    recipes = {name: recipe for name, _, recipe in _catalogue(profile)}
+    names = list(recipes) if names is None else list(names)
+    check_names(profile, names)
     target_name = next(iter(A["targets"]))
-    build = {"hawq": lambda: staged("hawq", f"HAWQ {target_name} / A{A['act_bits']}: S-order allocation, "
-                                            "Omega order", "hawq")}
-    for u in F["uniform"]:
-        build[f"W{u['weight_bits']}A{u['act_bits']}"] = lambda u=u: direct(u["weight_bits"], u["act_bits"])
-    for p in X["allocations"]:
-        build[f"alloc-{p}"] = lambda p=p: staged(f"alloc-{p}", f"{p} allocation at the same size, Omega order", p)
-    for k in X["orders"]:
-        build[f"order-{k}"] = lambda k=k: staged(f"order-{k}", f"HAWQ allocation, {k} fine-tuning order", "hawq", k)
-    return {n: build[n]() for n in names}
+    bits: dict[str, quant.BitConfig] = {}  # allocations by policy: order-* runs share the hawq one
+
+    def build(name: str) -> RunSpec:
+        kind, x, y = recipes[name]
+        if kind == "direct":
+            bc = quant.BitConfig.uniform(model, x, act_bits=y, granularity=A["granularity"])
+            return RunSpec(name, f"direct W{x}A{y}: every block at once", bc, None, direct=True)
+        if x not in bits:
+            bits[x] = allocation(model, spectra, profile, x)
+        description = (f"HAWQ {target_name} / A{A['act_bits']}: S-order allocation, Omega order" if name == "hawq"
+                       else f"{x} allocation at the same size, Omega order" if y == "omega"
+                       else f"HAWQ allocation, {y} fine-tuning order")
+        order = tuple(pipeline.order_blocks(model, spectra, bits[x], y, seed=X["seed"]))
+        return RunSpec(name, description, bits[x], order)
+
+    return {n: build(n) for n in names}
 
 
 def run(model: torch.nn.Module, base: str, spec: RunSpec, profile: dict, *, progress: bool = False,
