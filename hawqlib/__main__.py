@@ -23,6 +23,17 @@ def _threads(text: str) -> int:
     return n
 
 
+def _seed(text: str) -> int:
+    """argparse type of ``--seeds``: a whole number >= 0."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text!r}")
+    return n
+
+
 def _train(args: argparse.Namespace) -> int:
     from . import pipeline
 
@@ -60,15 +71,20 @@ def _finetune(args: argparse.Namespace) -> int:
     print(f"profile {P['name']!r}: loading (or training) the FP32 baseline", flush=True)
     model, _, folder = pipeline.baseline(P["baseline"], data_root=args.data, progress=True)
     print(f"baseline {folder}; loading (or computing) its spectrum", flush=True)
-    spectra, _ = pipeline.spectrum(model, folder.name, P["hessian"], P["allocation"]["granularity"],
-                                   vectors=True, data_root=args.data, progress=True)
+    spectra, sfolder = pipeline.spectrum(model, folder.name, P["hessian"], P["allocation"]["granularity"],
+                                         vectors=True, data_root=args.data, progress=True)
     specs = experiments.run_specs(model, spectra, P, args.rows or None)  # builds only the runs asked for
-    for name, spec in specs.items():
-        print(f"{name}: {spec.description}", flush=True)
+    # Every run's first seed before any second one, so that each row has a value early.
+    jobs = sorted(((i, k, name, seed) for k, name in enumerate(specs)
+                   for i, seed in enumerate(args.seeds or experiments.seeds(P, name))))
+    for _, _, name, seed in jobs:
+        spec = specs[name]
+        print(f"{name} (seed {seed}): {spec.description}", flush=True)
         t0 = time.perf_counter()
-        r = experiments.run(model, folder.name, spec, P, progress=True, data_root=args.data)
-        print(f"{name}: test top-1 {r.top1:.2f}% (from the packed file {r.packed_top1:.2f}%), packed "
-              f"{r.packed_bytes:,} bytes, fine-tuning {r.wall_s / 60:.1f} min in all "
+        r = experiments.run(model, folder.name, spec, P, seed=seed, spectrum_key=sfolder.name, progress=True,
+                            data_root=args.data)
+        print(f"{name} (seed {seed}): test top-1 {r.top1:.2f}% (from the packed file {r.packed_top1:.2f}%), "
+              f"packed {r.packed_bytes:,} bytes, fine-tuning {r.wall_s / 60:.1f} min in all "
               f"({time.perf_counter() - t0:.0f} s this call)\n  {r.folder}", flush=True)
     return 0
 
@@ -93,9 +109,12 @@ def main(argv: list[str] | None = None) -> int:
     f = sub.add_parser("finetune", help="fine-tune (or resume, or load) the runs of the ResNet20 table and "
                                         "the ablation; prints each run's accuracy, size and folder")
     f.add_argument("rows", nargs="*", metavar="RUN",
-                   help="runs to compute, in this order (default: all; e.g. hawq W2A4 alloc-reverse)")
+                   help="runs to compute (default: all; e.g. hawq hawq-strict W2A4 alloc-reverse); every run's "
+                        "first seed comes before any second one")
     f.add_argument("--profile", default=profiles.current(), choices=sorted(profiles.PROFILES))
     f.add_argument("--data", default=None, help="CIFAR-10 root (default: HAWQ_DATA, then data/)")
+    f.add_argument("--seeds", type=_seed, nargs="+", default=None, metavar="SEED",
+                   help="fine-tuning seeds of every run named (default: each run's seeds in the profile)")
     f.add_argument("--threads", type=_threads, default=0, help="torch threads (default: torch's choice)")
     f.set_defaults(func=_finetune)
     from . import book

@@ -498,7 +498,8 @@ def finetune_order(model: nn.Module, spectra, bit_config, *, policy: str = "omeg
     Ties (e.g. several blocks left at 8 bits with tiny errors that coincide) keep module order.
     Negative eigenvalues are used as they are here (the order is the paper's rule, unclamped).
     For the ablation, ``policy="reverse"`` returns the exact reverse (smallest Omega first) and
-    ``policy="random"`` a ``random.Random(seed)`` shuffle; each record still carries its Omega.
+    ``policy="random"`` a ``random.Random(seed)`` shuffle of the Omega order; each record still carries
+    its Omega.
     """
     if policy not in ORDER_POLICIES:
         raise ValueError(f"unknown order policy {policy!r}; valid: {', '.join(ORDER_POLICIES)}")
@@ -512,7 +513,6 @@ def finetune_order(model: nn.Module, spectra, bit_config, *, policy: str = "omeg
     order = sorted(range(len(entries)), key=lambda i: (-entries[i].omega, i))
     if policy == "reverse":
         order.reverse()
-    elif policy == "random":
-        order = list(range(len(entries)))
+    elif policy == "random":  # a seeded shuffle of the Omega order (the book's order-random row)
         random.Random(seed).shuffle(order)
     return [entries[i] for i in order]

@@ -5,16 +5,22 @@ with a bit allocation, a fine-tuning order and the profile's ``finetune`` schedu
 those runs once, so that the notebooks that show them and the command line that computes them in the
 background (``python -m hawqlib finetune``) store and load the very same artifacts:
 
-- ``"hawq"``: the HAWQ allocation (:func:`hawqlib.allocate.allocate_bits`, policy ``"hawq"``, at the
-  profile's first allocation target), fine-tuned in stages in the Omega order (section 3.2);
+- ``"hawq"``: the headline row: the HAWQ allocation (:func:`hawqlib.allocate.allocate_bits`, policy
+  ``"hawq"``) at the profile's first allocation target in the paper's measure (``allocation.measure``,
+  ``"weights"``: the weights' mean bits, the paper's "weight size reduction"), fine-tuned in stages in
+  the Omega order (section 3.2);
+- ``"hawq-strict"``: the same at the same target counted over the whole model (``measure="model"``:
+  codes, scales, folded BatchNorm, biases, activation parameters), a harsher budget than the paper's;
 - ``"W<w>A<a>"``: direct uniform quantization, every block at once, for the same number of epochs, one
   per entry of the profile's ``finetune.uniform`` (the context rows of the table);
-- ``"alloc-<policy>"``: the allocation of another block order at the same budget (``reverse``,
+- ``"alloc-<policy>"``: the allocation of another block order at the headline budget (``reverse``,
   ``random``), fine-tuned in its own Omega order (the ablation of section 3.1);
 - ``"order-<kind>"``: the HAWQ allocation fine-tuned in another order (``reverse``, ``random``; the
   ablation of section 3.2).
 
-Random allocations and orders use the profile's ``ablation.seed``.
+Random allocations and orders use the profile's ``ablation.seed``. Each run is fine-tuned with one or
+more seeds (``finetune.seeds``, by run name; default ``[finetune.seed]``): the seed changes the data order
+and augmentation only, so the runs of one name share their baseline, spectrum and bits.
 """
 from __future__ import annotations
 
@@ -24,7 +30,7 @@ import torch
 
 from . import allocate, pipeline, quant
 
-__all__ = ["RunSpec", "GROUPS", "run_names", "check_names", "allocation", "run_specs", "run"]
+__all__ = ["RunSpec", "GROUPS", "run_names", "check_names", "seeds", "allocation", "run_specs", "run"]
 
 
 @dataclass(frozen=True)
@@ -45,15 +51,17 @@ GROUPS = ("table", "ablation")
 def _catalogue(profile: dict) -> list[tuple[str, str | None, tuple]]:
     """Every run of ``profile`` as ``(name, group, recipe)``, in the order to compute them; names are made here only.
 
-    ``recipe`` is ``("staged", allocation policy, order kind)`` or ``("direct", weight bits, act bits)``;
-    ``group`` is ``None`` for ``hawq``, which both groups show.
+    ``recipe`` is ``("staged", allocation policy, order kind, budget measure)`` or ``("direct", weight bits,
+    act bits, None)``; ``group`` is ``None`` for ``hawq``, which both groups show.
     """
     F, X = profile["finetune"], profile["ablation"]
-    return ([("hawq", None, ("staged", "hawq", "omega"))]
-            + [(f"W{u['weight_bits']}A{u['act_bits']}", "table", ("direct", u["weight_bits"], u["act_bits"]))
+    head = profile["allocation"]["measure"]
+    return ([("hawq", None, ("staged", "hawq", "omega", head)),
+             ("hawq-strict", "table", ("staged", "hawq", "omega", "model"))]
+            + [(f"W{u['weight_bits']}A{u['act_bits']}", "table", ("direct", u["weight_bits"], u["act_bits"], None))
                for u in F["uniform"]]
-            + [(f"alloc-{p}", "ablation", ("staged", p, "omega")) for p in X["allocations"] if p != "hawq"]
-            + [(f"order-{k}", "ablation", ("staged", "hawq", k)) for k in X["orders"] if k != "omega"])
+            + [(f"alloc-{p}", "ablation", ("staged", p, "omega", head)) for p in X["allocations"] if p != "hawq"]
+            + [(f"order-{k}", "ablation", ("staged", "hawq", k, head)) for k in X["orders"] if k != "omega"])
 
 
 def run_names(profile: dict, group: str | None = None) -> list[str]:
@@ -76,13 +84,26 @@ def check_names(profile: dict, names) -> None:
                          f"valid: {', '.join(valid)}")
 
 
-def allocation(model: torch.nn.Module, spectra, profile: dict, policy: str) -> quant.BitConfig:
-    """The bit allocation of ``policy`` at the profile's first target (its ``allocation`` section)."""
+def seeds(profile: dict, name: str) -> list[int]:
+    """The fine-tuning seeds of run ``name`` (``finetune.seeds[name]``, else ``[finetune.seed]``)."""
+    F = profile["finetune"]
+    out = list(F.get("seeds", {}).get(name, [F["seed"]]))
+    if not out or any(isinstance(s, bool) or not isinstance(s, int) for s in out):
+        raise ValueError(f"finetune.seeds[{name!r}] must be a non-empty list of integers, got {out!r}")
+    return out
+
+
+def allocation(model: torch.nn.Module, spectra, profile: dict, policy: str,
+               measure: str | None = None) -> quant.BitConfig:
+    """The bit allocation of ``policy`` at the profile's first target (its ``allocation`` section).
+
+    ``measure`` is what the budget counts (default: the profile's ``allocation.measure``, the headline's).
+    """
     A = profile["allocation"]
     target = next(iter(A["targets"].values()))
     return allocate.allocate_bits(model, spectra, target_compression=target, choices=tuple(A["choices"]),
                                   policy=policy, act_bits=A["act_bits"], granularity=A["granularity"],
-                                  seed=profile["ablation"]["seed"])
+                                  seed=profile["ablation"]["seed"], measure=measure or A["measure"])
 
 
 def run_specs(model: torch.nn.Module, spectra, profile: dict,
@@ -98,27 +119,36 @@ def run_specs(model: torch.nn.Module, spectra, profile: dict,
     names = list(recipes) if names is None else list(names)
     check_names(profile, names)
     target_name = next(iter(A["targets"]))
-    bits: dict[str, quant.BitConfig] = {}  # allocations by policy: order-* runs share the hawq one
+    bits: dict[tuple, quant.BitConfig] = {}  # allocations by (policy, measure): order-* share the hawq one
 
     def build(name: str) -> RunSpec:
-        kind, x, y = recipes[name]
+        kind, x, y, measure = recipes[name]
         if kind == "direct":
             bc = quant.BitConfig.uniform(model, x, act_bits=y, granularity=A["granularity"])
             return RunSpec(name, f"direct W{x}A{y}: every block at once", bc, None, direct=True)
-        if x not in bits:
-            bits[x] = allocation(model, spectra, profile, x)
-        description = (f"HAWQ {target_name} / A{A['act_bits']}: S-order allocation, Omega order" if name == "hawq"
-                       else f"{x} allocation at the same size, Omega order" if y == "omega"
+        if (x, measure) not in bits:
+            bits[x, measure] = allocation(model, spectra, profile, x, measure)
+        budget = ("weights only, the paper's measure" if measure == "weights" else "whole model, strict")
+        description = (f"HAWQ {target_name} ({budget}) / A{A['act_bits']}: S-order allocation, Omega order"
+                       if x == "hawq" and y == "omega"
+                       else f"{x} allocation at the same budget, Omega order" if y == "omega"
                        else f"HAWQ allocation, {y} fine-tuning order")
-        order = tuple(pipeline.order_blocks(model, spectra, bits[x], y, seed=X["seed"]))
-        return RunSpec(name, description, bits[x], order)
+        order = tuple(pipeline.order_blocks(model, spectra, bits[x, measure], y, seed=X["seed"]))
+        return RunSpec(name, description, bits[x, measure], order)
 
     return {n: build(n) for n in names}
 
 
-def run(model: torch.nn.Module, base: str, spec: RunSpec, profile: dict, *, progress: bool = False,
-        force: bool | None = None, data_root=None) -> pipeline.FinetuneResult:
-    """Fine-tune (or load) the run ``spec`` with the profile's ``finetune`` schedule; see :func:`hawqlib.pipeline.finetuned`."""
-    return pipeline.finetuned(model, base, spec.bit_config, None if spec.direct else list(spec.order),
-                              profile["finetune"], direct=spec.direct, progress=progress, force=force,
-                              data_root=data_root)
+def run(model: torch.nn.Module, base: str, spec: RunSpec, profile: dict, *, seed: int | None = None,
+        spectrum_key: str | None = None, progress: bool = False, force: bool | None = None,
+        data_root=None) -> pipeline.FinetuneResult:
+    """Fine-tune (or load) the run ``spec`` with the profile's ``finetune`` schedule; see :func:`hawqlib.pipeline.finetuned`.
+
+    ``seed`` replaces the schedule's ``seed`` (default: the first of :func:`seeds`); ``spectrum_key`` (the
+    spectrum artifact's folder name) is recorded in the manifest beside ``base`` as the allocation's provenance.
+    """
+    cfg = dict(profile["finetune"])
+    cfg["seed"] = seeds(profile, spec.name)[0] if seed is None else int(seed)
+    return pipeline.finetuned(model, base, spec.bit_config, None if spec.direct else list(spec.order), cfg,
+                              direct=spec.direct, progress=progress, force=force, data_root=data_root,
+                              provenance={"baseline": base, "spectrum": spectrum_key})

@@ -40,6 +40,7 @@ def baseline(cfg: dict, model: str = "resnet20", data_root=None, *, progress: bo
     """Train (or load) the FP32 baseline described by ``cfg``; return (model, log, artifact folder)."""
     params = baseline_params(cfg, model, data_root)
     folder = runs.artifact_dir(f"baseline_{model}", params)
+    torch.manual_seed(cfg["seed"])  # the initial weights are a function of the key (the seed is in it)
     net = getattr(hmodels, model)()
     force = runs.force_recompute() if force is None else force
     if runs.is_complete(folder, params) and not force:
@@ -57,7 +58,8 @@ def baseline(cfg: dict, model: str = "resnet20", data_root=None, *, progress: bo
     log = train(net, tr, te, config=tcfg, checkpoint_dir=folder, resume=not force, progress=progress)
     wall = time.perf_counter() - t0
     total_wall = sum(r["wall_s"] + r.get("eval_s", 0.0) for r in log["epochs"])
-    runs.write_manifest(folder, params, wall_s=total_wall, final=log["epochs"][-1], this_session_s=wall)
+    runs.write_manifest(folder, params, wall_s=total_wall, final=log["epochs"][-1], this_session_s=wall,
+                        init_seed=cfg["seed"])
     return net, log, folder
 
 
@@ -301,21 +303,13 @@ ORDERS = ("omega", "reverse", "random")
 
 
 def order_blocks(model: torch.nn.Module, spectra, bit_config, kind: str = "omega", seed: int = 0) -> list[str]:
-    """The fine-tuning order of the blocks: ``"omega"`` (paper section 3.2, largest Omega_i first), its
-    ``"reverse"``, or a ``"random"`` seeded permutation (``random.Random(seed)``; the ablation's baselines)."""
+    """The names of :func:`hawqlib.allocate.finetune_order` with ``policy=kind``: ``"omega"`` (paper
+    section 3.2, largest Omega_i first), its ``"reverse"``, or a ``"random"`` seeded permutation."""
     from . import allocate
 
     if kind not in ORDERS:
         raise ValueError(f"unknown fine-tuning order {kind!r}; valid: {', '.join(ORDERS)}")
-    names = [e.name for e in allocate.finetune_order(model, spectra, bit_config)]
-    if kind == "reverse":
-        return names[::-1]
-    if kind == "random":
-        import random
-
-        rng = random.Random(seed)
-        rng.shuffle(names)
-    return names
+    return [e.name for e in allocate.finetune_order(model, spectra, bit_config, policy=kind, seed=seed)]
 
 
 _FT_KEYS = ("stages", "epochs_per_stage", "final_epochs", "lr", "momentum", "nesterov", "weight_decay",
@@ -347,7 +341,8 @@ class FinetuneResult:
 
 
 def finetuned(model: torch.nn.Module, base: str, bit_config, order, cfg: dict, *, direct: bool = False,
-              progress: bool = False, force: bool | None = None, data_root=None) -> FinetuneResult:
+              progress: bool = False, force: bool | None = None, data_root=None,
+              provenance: dict | None = None) -> FinetuneResult:
     """Fine-tune ``model`` to ``bit_config`` (paper section 3.2), stored as an artifact with its packed file.
 
     ``order``: block names, first quantized first (e.g. :func:`order_blocks`); ``cfg``: a profile's
@@ -355,7 +350,8 @@ def finetuned(model: torch.nn.Module, base: str, bit_config, order, cfg: dict, *
     number of epochs, :func:`hawqlib.finetune.direct_finetune`; ``order`` is then ignored). The run
     checkpoints every epoch inside the artifact folder (``run/``) and resumes after an interruption; once the
     artifact is complete, ``run/`` is deleted (the fine-tuned model, its packed file, the bit config and the
-    history stay).
+    history stay). ``provenance`` (JSON-able, e.g. the keys of the baseline and of the spectrum that fed the
+    allocation) is recorded in the manifest of a newly computed artifact, outside the key.
     """
     from . import export, finetune, quant, size
     from .train import evaluate
@@ -402,8 +398,8 @@ def finetuned(model: torch.nn.Module, base: str, bit_config, order, cfg: dict, *
                 "packed_bytes": packed.stat().st_size, "wall_s": wall}
 
     def save(folder, r):
-        return {"wall_s": r["wall_s"], **{k: r[k] for k in ("top1", "top5", "packed_top1", "size_bytes",
-                                                              "packed_bytes")}}
+        return {"wall_s": r["wall_s"], "provenance": provenance,
+                **{k: r[k] for k in ("top1", "top5", "packed_top1", "size_bytes", "packed_bytes")}}
 
     def load(folder):
         m = runs.read_manifest(folder)

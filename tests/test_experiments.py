@@ -33,7 +33,8 @@ def cpu_specs():
 def test_run_specs_name_every_row_of_the_table_and_the_ablation(cpu_specs):
     net, spectra, P, specs = cpu_specs
     assert list(specs) == experiments.run_names(P)
-    assert list(specs) == ["hawq", "W4A4", "W2A4", "alloc-reverse", "alloc-random", "order-reverse", "order-random"]
+    assert list(specs) == ["hawq", "hawq-strict", "W4A4", "W2A4", "alloc-reverse", "alloc-random", "order-reverse",
+                           "order-random"]
     hawq = specs["hawq"]
     assert list(hawq.order) == pipeline.order_blocks(net, spectra, hawq.bit_config, "omega")
     assert specs["order-reverse"].order == hawq.order[::-1]
@@ -42,17 +43,36 @@ def test_run_specs_name_every_row_of_the_table_and_the_ablation(cpu_specs):
     for w in (4, 2):
         d = specs[f"W{w}A4"]
         assert d.direct and d.order is None and set(d.bit_config.weights.values()) == {w}
-    budget = size.model_size_bytes(net, None) / next(iter(P["allocation"]["targets"].values()))
-    for n in ("hawq", "alloc-reverse", "alloc-random"):
+    target = next(iter(P["allocation"]["targets"].values()))
+    for n in ("hawq", "alloc-reverse", "alloc-random"):  # the headline budget: the weights' bits alone
         bc = specs[n].bit_config
-        assert size.model_size_bytes(net, bc) <= budget and bc.act_bits == P["allocation"]["act_bits"]
+        assert size.weight_compression(net, bc) >= target and bc.act_bits == P["allocation"]["act_bits"]
         assert sorted(specs[n].order) == sorted(b.name for b in quant_blocks(net, "layer"))
     assert specs["alloc-reverse"].bit_config.to_dict() != hawq.bit_config.to_dict()
+    strict = specs["hawq-strict"].bit_config  # the same target over the whole model: fewer bits
+    assert size.model_size_bytes(net, strict) <= size.model_size_bytes(net, None) / target
+    assert size.model_size_bytes(net, hawq.bit_config) > size.model_size_bytes(net, None) / target
+    assert size.weight_compression(net, strict) > size.weight_compression(net, hawq.bit_config)
+
+
+def test_the_headline_budget_is_the_papers_weight_only_measure():
+    for name in ("cpu", "paper", "smoke"):
+        assert profiles.get(name)["allocation"]["measure"] == "weights"
+
+
+def test_seeds_by_run_name():
+    P = profiles.get("cpu")
+    assert experiments.seeds(P, "hawq") == [0, 1, 2] == experiments.seeds(P, "order-reverse")
+    assert experiments.seeds(P, "alloc-reverse") == [0, 1, 2]
+    assert experiments.seeds(P, "W2A4") == [P["finetune"]["seed"]] == experiments.seeds(P, "order-random")
+    P["finetune"]["seeds"]["hawq"] = [0, "1"]
+    with pytest.raises(ValueError, match=r"finetune.seeds\['hawq'\] must be a non-empty list of integers"):
+        experiments.seeds(P, "hawq")
 
 
 def test_run_names_groups_select_the_table_and_the_ablation():
     P = profiles.get("cpu")
-    assert experiments.run_names(P, "table") == ["hawq", "W4A4", "W2A4"]
+    assert experiments.run_names(P, "table") == ["hawq", "hawq-strict", "W4A4", "W2A4"]
     assert experiments.run_names(P, "ablation") == ["hawq", "alloc-reverse", "alloc-random", "order-reverse",
                                                     "order-random"]
     with pytest.raises(ValueError, match=r"unknown group 'tabel'; valid: table, ablation"):
@@ -63,12 +83,13 @@ def test_run_specs_builds_only_the_runs_asked_for(cpu_specs, monkeypatch):
     net, spectra, P, specs = cpu_specs
     policies = []
     real = experiments.allocation
-    monkeypatch.setattr(experiments, "allocation", lambda m, s, P, policy: policies.append(policy) or real(m, s, P, policy))
+    monkeypatch.setattr(experiments, "allocation",
+                        lambda m, s, P, policy, measure: policies.append(policy) or real(m, s, P, policy, measure))
     some = experiments.run_specs(net, spectra, P, ["order-reverse", "W2A4"])
     assert list(some) == ["order-reverse", "W2A4"] and policies == ["hawq"]
     assert some["order-reverse"] == specs["order-reverse"] and some["W2A4"] == specs["W2A4"]
     assert experiments.run_specs(net, spectra, P, ["W4A4"])["W4A4"] == specs["W4A4"] and policies == ["hawq"]
-    with pytest.raises(ValueError, match=r"unknown run\(s\) alloc-hawq for profile 'cpu'; valid: hawq, W4A4"):
+    with pytest.raises(ValueError, match=r"unknown run\(s\) alloc-hawq for profile 'cpu'; valid: hawq, hawq-strict"):
         experiments.run_specs(net, spectra, P, ["hawq", "alloc-hawq"])
 
 
@@ -77,16 +98,26 @@ def test_run_hands_the_spec_to_finetuned(cpu_specs, monkeypatch):
     calls = []
     monkeypatch.setattr(pipeline, "finetuned", lambda *a, **k: calls.append((a, k)) or "result")
     assert experiments.run(net, "base", specs["W2A4"], P) == "result"
-    assert experiments.run(net, "base", specs["order-reverse"], P, progress=True) == "result"
+    assert experiments.run(net, "base", specs["order-reverse"], P, seed=2, spectrum_key="spectrum-x",
+                           progress=True) == "result"
     (a1, k1), (a2, k2) = calls
     assert a1[1:] == ("base", specs["W2A4"].bit_config, None, P["finetune"]) and k1["direct"] is True
     assert a2[3] == list(specs["order-reverse"].order) and k2["direct"] is False and k2["progress"] is True
+    assert a2[4] == {**P["finetune"], "seed": 2}  # the seed replaces the schedule's; nothing else changes
+    assert k2["provenance"] == {"baseline": "base", "spectrum": "spectrum-x"}
 
 
 def test_finetune_command_rejects_an_unknown_run_before_loading_anything(monkeypatch):
     monkeypatch.setattr(pipeline, "baseline", lambda *a, **k: pytest.fail("the baseline was loaded"))
-    with pytest.raises(SystemExit, match=r"unknown run\(s\) W3A3 .*valid: hawq, W4A4, W2A4, alloc-reverse"):
+    with pytest.raises(SystemExit, match=r"unknown run\(s\) W3A3 .*valid: hawq, hawq-strict, W4A4, W2A4, alloc-reverse"):
         cli.main(["finetune", "--profile", "smoke", "hawq", "W3A3"])
+
+
+@pytest.mark.parametrize("bad", ["-1", "one"])
+def test_seeds_must_be_whole_numbers(bad, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["finetune", "--profile", "smoke", "--seeds", bad])
+    assert "must be a whole number >= 0" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("bad", ["-1", "two"])
@@ -103,13 +134,44 @@ def test_finetune_command_runs_the_named_rows_in_order(cpu_specs, monkeypatch, c
     monkeypatch.setattr(experiments, "run_specs", lambda m, s, P, names: {n: specs[n] for n in names} if (m, s) == (net, spectra) else None)
     done = []
 
-    def fake_run(model, base, spec, P, **k):
-        done.append((base, spec.name))
+    def fake_run(model, base, spec, P, *, seed, spectrum_key, **k):
+        done.append((base, spec.name, seed, spectrum_key))
         return SimpleNamespace(top1=90.0, packed_top1=90.0, packed_bytes=12345, wall_s=60.0,
                                folder=Path(f"/tmp/finetune-{spec.name}"))
 
     monkeypatch.setattr(experiments, "run", fake_run)
     assert cli.main(["finetune", "--profile", "cpu", "W2A4", "order-reverse"]) == 0
-    assert done == [("baseline_resnet20-x", "W2A4"), ("baseline_resnet20-x", "order-reverse")]
+    b, s = "baseline_resnet20-x", "spectrum-x"
+    # every run's first seed first, then the second seeds, ...
+    assert done == [(b, "W2A4", 0, s), (b, "order-reverse", 0, s), (b, "order-reverse", 1, s),
+                    (b, "order-reverse", 2, s)]
     out = capsys.readouterr().out
-    assert "W2A4: test top-1 90.00%" in out and "12,345 bytes" in out and "/tmp/finetune-order-reverse" in out
+    assert "W2A4 (seed 0): test top-1 90.00%" in out and "12,345 bytes" in out and "/tmp/finetune-order-reverse" in out
+    done.clear()
+    assert cli.main(["finetune", "--profile", "cpu", "hawq", "--seeds", "4"]) == 0
+    assert done == [(b, "hawq", 4, s)]
+
+
+ART = Path(__file__).resolve().parents[1] / "data" / "artifacts"
+PUBLISHED_ORDERS = {"finetune-f560640f5808": "omega", "finetune-66361cd8f29b": "reverse",
+                    "finetune-c44dd479c7ec": "random"}
+
+
+@pytest.mark.skipif(not all((ART / f / "manifest.json").exists() for f in PUBLISHED_ORDERS),
+                    reason="the committed cpu fine-tuning artifacts are not in this checkout")
+@pytest.mark.parametrize("folder", sorted(PUBLISHED_ORDERS))
+def test_the_library_order_reproduces_each_published_row(folder):
+    """allocate.finetune_order and pipeline.order_blocks give the order each committed row was fine-tuned in."""
+    import json
+
+    from hawqlib import allocate, hessian, quant
+    from hawqlib.train import load_weights
+
+    m = json.loads((ART / folder / "manifest.json").read_text())["params"]
+    net = load_weights(resnet20(), ART / m["base"] / "model.pt").eval()
+    spectra = hessian.load_spectra(ART / "spectrum-4ce2eddb926e" / "spectrum.json")
+    bc = quant.BitConfig.from_dict(m["bit_config"])
+    kind = PUBLISHED_ORDERS[folder]
+    seed = profiles.get("cpu")["ablation"]["seed"]
+    assert pipeline.order_blocks(net, spectra, bc, kind, seed=seed) == m["order"]
+    assert [e.name for e in allocate.finetune_order(net, spectra, bc, policy=kind, seed=seed)] == m["order"]
