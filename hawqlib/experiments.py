@@ -30,7 +30,7 @@ import torch
 
 from . import allocate, pipeline, quant
 
-__all__ = ["RunSpec", "GROUPS", "run_names", "check_names", "seeds", "allocation", "run_specs", "run"]
+__all__ = ["RunSpec", "GROUPS", "run_names", "check_names", "seeds", "allocation", "run_specs", "run", "run_seeds"]
 
 
 @dataclass(frozen=True)
@@ -141,14 +141,31 @@ def run_specs(model: torch.nn.Module, spectra, profile: dict,
 
 def run(model: torch.nn.Module, base: str, spec: RunSpec, profile: dict, *, seed: int | None = None,
         spectrum_key: str | None = None, progress: bool = False, force: bool | None = None,
-        data_root=None) -> pipeline.FinetuneResult:
+        data_root=None, load_only: bool = False) -> pipeline.FinetuneResult | None:
     """Fine-tune (or load) the run ``spec`` with the profile's ``finetune`` schedule; see :func:`hawqlib.pipeline.finetuned`.
 
     ``seed`` replaces the schedule's ``seed`` (default: the first of :func:`seeds`); ``spectrum_key`` (the
     spectrum artifact's folder name) is recorded in the manifest beside ``base`` as the allocation's provenance.
+    ``load_only=True`` returns ``None`` when the run is not stored, instead of computing it.
     """
     cfg = dict(profile["finetune"])
     cfg["seed"] = seeds(profile, spec.name)[0] if seed is None else int(seed)
     return pipeline.finetuned(model, base, spec.bit_config, None if spec.direct else list(spec.order), cfg,
                               direct=spec.direct, progress=progress, force=force, data_root=data_root,
-                              provenance={"baseline": base, "spectrum": spectrum_key})
+                              provenance={"baseline": base, "spectrum": spectrum_key}, load_only=load_only)
+
+
+def run_seeds(model: torch.nn.Module, base: str, spec: RunSpec, profile: dict, *, spectrum_key: str | None = None,
+              compute: bool | None = None, data_root=None) -> dict[int, pipeline.FinetuneResult | None]:
+    """Every seed of run ``spec`` (:func:`seeds`) by seed: its result, or ``None`` when not stored and not computed.
+
+    ``compute`` (default: the profile's ``finetune.notebooks_compute``, or ``FORCE=1``) says whether a run
+    that is not stored is computed here; otherwise the notebooks show what is stored and name what is not,
+    and ``python -m hawqlib finetune`` computes the rest in the background.
+    """
+    from . import runs
+
+    if compute is None:
+        compute = bool(profile["finetune"].get("notebooks_compute", True)) or runs.force_recompute()
+    return {s: run(model, base, spec, profile, seed=s, spectrum_key=spectrum_key, data_root=data_root,
+                   load_only=not compute) for s in seeds(profile, spec.name)}

@@ -21,7 +21,7 @@ from .blocks import quant_blocks
 from .storage import atomic_torch_save, atomic_write_json
 from .train import TrainConfig, load_weights, train
 
-__all__ = ["TRAIN_CODE_VERSION", "baseline_params", "baseline"]
+__all__ = ["TRAIN_CODE_VERSION", "baseline_params", "initial_model", "baseline"]
 
 #: Bumped when a change to :mod:`hawqlib.train` or :mod:`hawqlib.data` changes trained weights.
 TRAIN_CODE_VERSION = 1
@@ -35,13 +35,22 @@ def baseline_params(cfg: dict, model: str = "resnet20", data_root=None) -> dict:
             "data": {"train": train_split.digest, "test": test_split.digest}}
 
 
+def initial_model(model: str, seed: int) -> torch.nn.Module:
+    """The untrained ``model`` (a name in :mod:`hawqlib.models`) built under ``torch.manual_seed(seed)``.
+
+    The baseline's initial weights are then a function of its artifact key (the seed is in it), the same in
+    every process.
+    """
+    torch.manual_seed(seed)
+    return getattr(hmodels, model)()
+
+
 def baseline(cfg: dict, model: str = "resnet20", data_root=None, *, progress: bool = True,
              force: bool | None = None) -> tuple[torch.nn.Module, dict, Path]:
     """Train (or load) the FP32 baseline described by ``cfg``; return (model, log, artifact folder)."""
     params = baseline_params(cfg, model, data_root)
     folder = runs.artifact_dir(f"baseline_{model}", params)
-    torch.manual_seed(cfg["seed"])  # the initial weights are a function of the key (the seed is in it)
-    net = getattr(hmodels, model)()
+    net = initial_model(model, cfg["seed"])
     force = runs.force_recompute() if force is None else force
     if runs.is_complete(folder, params) and not force:
         import json
@@ -342,7 +351,7 @@ class FinetuneResult:
 
 def finetuned(model: torch.nn.Module, base: str, bit_config, order, cfg: dict, *, direct: bool = False,
               progress: bool = False, force: bool | None = None, data_root=None,
-              provenance: dict | None = None) -> FinetuneResult:
+              provenance: dict | None = None, load_only: bool = False) -> FinetuneResult | None:
     """Fine-tune ``model`` to ``bit_config`` (paper section 3.2), stored as an artifact with its packed file.
 
     ``order``: block names, first quantized first (e.g. :func:`order_blocks`); ``cfg``: a profile's
@@ -351,7 +360,8 @@ def finetuned(model: torch.nn.Module, base: str, bit_config, order, cfg: dict, *
     checkpoints every epoch inside the artifact folder (``run/``) and resumes after an interruption; once the
     artifact is complete, ``run/`` is deleted (the fine-tuned model, its packed file, the bit config and the
     history stay). ``provenance`` (JSON-able, e.g. the keys of the baseline and of the spectrum that fed the
-    allocation) is recorded in the manifest of a newly computed artifact, outside the key.
+    allocation) is recorded in the manifest of a newly computed artifact, outside the key. ``load_only=True``
+    returns ``None`` instead of computing when no complete artifact matches.
     """
     from . import export, finetune, quant, size
     from .train import evaluate
@@ -368,6 +378,8 @@ def finetuned(model: torch.nn.Module, base: str, bit_config, order, cfg: dict, *
               "finetune": ft, "code": {"step": FINETUNE_STEP_VERSION, "finetune": finetune.FINETUNE_FORMAT,
                                        "quant": getattr(quant, "CODE_VERSION", None),
                                        "export": getattr(export, "CODE_VERSION", None)}}
+    if load_only and not runs.is_complete(runs.artifact_dir("finetune", params), params):
+        return None
     tr, te = hdata.cifar10_loaders(data_root, batch_size=ft["batch_size"], seed=ft["seed"],
                                    train_subset=ft["train_subset"], test_subset=ft["test_subset"])
     common = dict(lr=ft["lr"], checkpoint_dir=None, resume=True, progress=progress, seed=ft["seed"],
