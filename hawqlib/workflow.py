@@ -17,6 +17,11 @@ paper's "weight size reduction"); the default Hessian data is the first :data:`H
 ``train_data``, read once and replayed unchanged (the Hessian needs the same samples on every pass); the
 default fine-tuning schedule is the optimizer recipe of the project's ``cpu`` profile
 (:mod:`hawqlib.profiles`) at :data:`DEFAULT_STAGES` stages. The user's model is never modified.
+
+Devices: the work runs on ``device`` and each batch is moved there, except two steps whose modules keep
+tensors on the CPU today: the Hessian is computed on a CPU copy of the model (the eigensolvers hold their
+vectors on the CPU), and fine-tuning, whose training loop accumulates its loss on the CPU, runs on the CPU
+only (a CUDA device with ``finetune=False`` is allowed).
 """
 from __future__ import annotations
 
@@ -190,7 +195,15 @@ def _check_data(data, what: str, need_len: bool) -> None:
         raise TypeError(f"{what} must have len() (the number of batches per epoch), as a DataLoader or a list has")
 
 
-def _check_device(device, model: nn.Module) -> torch.device:
+def _check_device(device, model: nn.Module, schedule) -> torch.device:
+    dev = _device(device, model)
+    if dev.type != "cpu" and schedule is not None:
+        raise ValueError(f"fine-tuning runs on the CPU only for now (hawqlib.train.train accumulates its loss on the "
+                         f"CPU), and the work would run on {dev}; pass device='cpu', or finetune=False on {dev}")
+    return dev
+
+
+def _device(device, model: nn.Module) -> torch.device:
     if device is None:
         p = next(model.parameters(), None)
         return p.device if p is not None else torch.device("cpu")
@@ -246,7 +259,9 @@ def _check_budget(model, choices, act_bits, granularity, measure, target_compres
                   choices=choices, act_bits=act_bits, granularity=granularity, measure=measure)
 
 
-def _hessian_batches(hessian_data, train: _OnDevice) -> list:
+def _hessian_batches(hessian_data, train_data) -> list:
+    """The Hessian's batches, on the CPU (see the module docstring), read once."""
+    train = _OnDevice(train_data, torch.device("cpu"))
     if hessian_data is None or (isinstance(hessian_data, int) and not isinstance(hessian_data, bool)):
         k = HESSIAN_BATCHES if hessian_data is None else hessian_data
         if k < 1:
@@ -255,11 +270,11 @@ def _hessian_batches(hessian_data, train: _OnDevice) -> list:
         return list(itertools.islice(iter(train), k))
     if (isinstance(hessian_data, (tuple, list)) and len(hessian_data) == 2 and torch.is_tensor(hessian_data[0])
             and torch.is_tensor(hessian_data[1])):
-        return [tuple(hessian_data)]
+        return [(hessian_data[0].cpu(), hessian_data[1].cpu())]
     if torch.is_tensor(hessian_data) or not isinstance(hessian_data, Iterable):
         raise TypeError("hessian_data must be None, a number of batches of train_data, an (inputs, targets) "
                         f"batch or an iterable of batches, got {type(hessian_data).__name__}")
-    return list(_OnDevice(hessian_data, train.device))
+    return list(_OnDevice(hessian_data, train.device))  # one pass; replayed unchanged
 
 
 # --------------------------------------------------------------------------- the front door
@@ -291,7 +306,7 @@ def quantize(model: nn.Module, train_data, *, target_compression: float | None =
     loss = _check_loss(loss_fn, schedule)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {seed!r}")
-    dev = _check_device(device, model)
+    dev = _check_device(device, model, schedule)
     _check_data(train_data, "train_data", need_len=schedule is not None)
     if val_data is not None:
         _check_data(val_data, "val_data", need_len=False)
@@ -306,9 +321,10 @@ def quantize(model: nn.Module, train_data, *, target_compression: float | None =
     work = copy.deepcopy(model).to(dev)
     train = _OnDevice(train_data, dev)
     val = _OnDevice(val_data, dev) if val_data is not None else None
-    hbatches = _hessian_batches(hessian_data, train)
+    hbatches = _hessian_batches(hessian_data, train_data)
 
-    spectra = top_eigenvalues(work, loss, hbatches, granularity, seed=seed, progress=progress, **opts)
+    hmodel = work if dev.type == "cpu" else copy.deepcopy(model).cpu()
+    spectra = top_eigenvalues(hmodel, loss, hbatches, granularity, seed=seed, progress=progress, **opts)
     cfg = allocate_bits(work, spectra, target_compression=target_compression, target_size_mb=target_size_mb,
                         choices=choices, act_bits=act_bits, granularity=granularity, measure=measure)
     order = finetune_order(work, spectra, cfg)

@@ -199,15 +199,21 @@ def test_no_finetune_on_cpu_is_deterministic():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible to torch on this machine")
-def test_cuda_placement_from_cpu_data():
+def test_cuda_placement_from_cpu_data(tmp_path):
+    """On CUDA without fine-tuning (hawqlib.train accumulates on the CPU): same bits as on the CPU."""
     tr = batches(4, seed=6)
     model = pretrained(cnn, tr)
     before = snapshot(model)
-    qmodel, report = hawqlib.quantize(model, tr, target_compression=8, val_data=tr, device="cuda",
-                                      finetune=dict(stages=2, epochs_per_stage=1), progress=False)
+    kw = dict(target_compression=10, finetune=False, progress=False)
+    qmodel, report = hawqlib.quantize(model, tr, val_data=tr, device="cuda", packed_path=tmp_path / "m.hawq", **kw)
     assert report.device.startswith("cuda") and all(p.is_cuda for p in qmodel.parameters())
-    assert_hawq_allocation(model, qmodel.cpu(), report, 8)
-    assert report.val_top1 == evaluate(qmodel, tr)["top1"]
+    assert report.val_top1 == evaluate(qmodel, [(x.cuda(), y.cuda()) for x, y in tr])["top1"]
+    on_cpu = hawqlib.quantize(model, tr, device="cpu", **kw)[1]
+    assert [s.eigenvalue for s in report.spectra] == [s.eigenvalue for s in on_cpu.spectra]  # CPU Hessian
+    restored = load_packed(tmp_path / "m.hawq", cnn())
+    with torch.no_grad():
+        assert torch.allclose(restored(tr[0][0]), qmodel(tr[0][0].cuda()).cpu(), atol=1e-4)
+    assert_hawq_allocation(model, qmodel.cpu(), report, 10)
     assert_unchanged(model, before)
 
 
@@ -225,6 +231,7 @@ def _bad_cases():
         (dict(target_compression=8, finetune={"epochs": 2}), r"unknown fine-tuning setting\(s\) \['epochs'\]"),
         (dict(target_compression=8, finetune="yes"), "finetune must be True, False, a dict"),
         (dict(target_compression=8, device="tpu0"), "device must be None, 'cpu'"),
+        (dict(target_compression=8, device="cuda"), "torch sees no CUDA device|fine-tuning runs on the CPU only"),
         (dict(target_compression=8, loss_fn=nn.CrossEntropyLoss(label_smoothing=0.1)),
          "pass finetune=False with it"),
         (dict(target_compression=8, hessian={"iters": 3}), r"unknown hessian option\(s\) \['iters'\]"),
