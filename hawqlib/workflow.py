@@ -39,7 +39,7 @@ from . import size as hsize
 from .allocate import DEFAULT_CHOICES, MEASURES, allocate_bits, allocation_table, finetune_order
 from .blocks import quant_blocks
 from .export import save_packed
-from .finetune import staged_finetune
+from .finetune import stage_groups, staged_finetune
 from .hessian import top_eigenvalues
 from .quant import QUANT_MODULES, BitConfig, calibrate_activations, quantize_model
 from .train import evaluate
@@ -73,6 +73,17 @@ class FinetuneSchedule:
     weight_decay: float = 1e-4
     calibration_batches: int = 4
     checkpoint_dir: str | None = None
+
+    def __post_init__(self):
+        """Checked here, so that a bad schedule fails before the Hessian rather than after it."""
+        for name, lo in (("stages", 1), ("epochs_per_stage", 1), ("final_epochs", 0), ("calibration_batches", 0)):
+            v = getattr(self, name)
+            if not (v is None and name == "stages") and (isinstance(v, bool) or not isinstance(v, int) or v < lo):
+                raise ValueError(f"fine-tuning {name} must be an int >= {lo}, got {v!r}")
+        for name in ("lr", "momentum", "weight_decay"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v > 0 if name == "lr" else v >= 0):
+                raise ValueError(f"fine-tuning {name} must be a number {'> 0' if name == 'lr' else '>= 0'}, got {v!r}")
 
 
 class _Spectrum(NamedTuple):
@@ -315,6 +326,8 @@ def quantize(model: nn.Module, train_data, *, target_compression: float | None =
     if unknown:
         raise ValueError(f"unknown hessian option(s) {unknown}; valid: {', '.join(_HESSIAN_OPTIONS)}")
     _check_blocks(model, granularity)
+    if schedule is not None and schedule.stages is not None:
+        stage_groups([b.name for b in quant_blocks(model, granularity)], schedule.stages)  # at most one per block
     _check_budget(model, choices, act_bits, granularity, measure, target_compression, target_size_mb)
 
     torch.manual_seed(seed)

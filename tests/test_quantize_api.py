@@ -14,7 +14,7 @@ from hawqlib import size
 from hawqlib.__main__ import main
 from hawqlib.blocks import quant_blocks
 from hawqlib.export import load_packed
-from hawqlib.quant import QUANT_MODULES, BitConfig, QuantAct, quantize_model
+from hawqlib.quant import QUANT_MODULES, BitConfig, quantize_model
 from hawqlib.train import evaluate, train
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -230,6 +230,10 @@ def _bad_cases():
         (dict(target_compression=8, choices=(0, 4)), "bad bit width 0 in choices"),
         (dict(target_compression=8, finetune={"epochs": 2}), r"unknown fine-tuning setting\(s\) \['epochs'\]"),
         (dict(target_compression=8, finetune="yes"), "finetune must be True, False, a dict"),
+        (dict(target_compression=8, finetune={"lr": 0}), "fine-tuning lr must be a number > 0, got 0"),
+        (dict(target_compression=8, finetune={"epochs_per_stage": 0}), "epochs_per_stage must be an int >= 1"),
+        (dict(target_compression=8, finetune={"stages": 7}),
+         r"stages must be an int in 1\.\.6 \(the number of blocks\)"),
         (dict(target_compression=8, device="tpu0"), "device must be None, 'cpu'"),
         (dict(target_compression=8, device="cuda"), "torch sees no CUDA device|fine-tuning runs on the CPU only"),
         (dict(target_compression=8, loss_fn=nn.CrossEntropyLoss(label_smoothing=0.1)),
