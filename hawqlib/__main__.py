@@ -111,6 +111,15 @@ def _load_callable(spec: str, what: str):
     return obj
 
 
+def _act_bits(text: str) -> int | None:
+    """argparse type of ``--act-bits``: 1..8, or 'none' (FP32 activations)."""
+    if text.lower() == "none":
+        return None
+    if not (text.isdigit() and 1 <= int(text) <= 8):
+        raise argparse.ArgumentTypeError(f"must be a whole number in 1..8 or 'none', got {text!r}")
+    return int(text)
+
+
 def _quantize(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
@@ -167,13 +176,13 @@ def _add_quantize(sub) -> None:
     budget.add_argument("--target-size-mb", type=float, help="quantized size in MB (2**20 bytes), at most")
     q.add_argument("--measure", default="weights", choices=["weights", "model"],
                    help="what the budget counts: the weights' bits alone (the paper's) or the whole model")
-    q.add_argument("--act-bits", type=lambda t: None if t.lower() == "none" else int(t), default=4,
+    q.add_argument("--act-bits", type=_act_bits, default=4,
                    help="activation bits, or 'none' for FP32 activations (default 4)")
     q.add_argument("--choices", type=int, nargs="+", default=[2, 3, 4, 8], help="bit widths a block may get")
     q.add_argument("--no-finetune", action="store_true", help="quantize and calibrate only")
-    q.add_argument("--stages", type=int)
-    q.add_argument("--epochs-per-stage", type=int)
-    q.add_argument("--lr", type=float)
+    q.add_argument("--stages", type=int, help="fine-tuning stages (default: 4, at most one per block)")
+    q.add_argument("--epochs-per-stage", type=int, help="epochs after each stage (default 8)")
+    q.add_argument("--lr", type=float, help="SGD learning rate, cosine within each stage (default 0.01)")
     q.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: where the model is)")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--out", required=True, help="folder for model.hawq, bit_config.json, report.json "

@@ -317,6 +317,13 @@ def test_command_quantizes_a_factory_model_with_its_weights(tmp_path, monkeypatc
     assert rc == 0 and len(history["stages"]) == 1 and (out / "run" / "history.json").is_file()  # resumable
     with pytest.raises(SystemExit, match="must be 'module:callable'"):
         main(["quantize", "usernet.net", "--data", "usernet:data", "--target-compression", "8", "--out", str(out)])
+    with pytest.raises(SystemExit, match="quantize: .*(torch sees no CUDA device|fine-tuning runs on the CPU only)"):
+        main(["quantize", "usernet:net", "--data", "usernet:data", "--target-compression", "8", "--device", "cuda",
+              "--out", str(out)])
+    with pytest.raises(SystemExit):
+        main(["quantize", "usernet:net", "--data", "usernet:data", "--target-compression", "8", "--act-bits", "9",
+              "--out", str(out)])
+    assert "--act-bits: must be a whole number in 1..8 or 'none', got '9'" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="cannot import 'nosuchmodule'"):
         main(["quantize", "nosuchmodule:net", "--data", "usernet:data", "--target-compression", "8",
               "--out", str(out)])
