@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import size as hsize
@@ -248,8 +249,8 @@ def _check_loss(loss_fn, schedule) -> nn.Module:
         return nn.CrossEntropyLoss()
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable as loss_fn(outputs, targets), got {type(loss_fn).__name__}")
-    plain = (type(loss_fn) is nn.CrossEntropyLoss and loss_fn.weight is None and loss_fn.reduction == "mean"
-             and loss_fn.label_smoothing == 0.0)
+    plain = loss_fn is F.cross_entropy or (type(loss_fn) is nn.CrossEntropyLoss and loss_fn.weight is None
+                                            and loss_fn.reduction == "mean" and loss_fn.label_smoothing == 0.0)
     if schedule is not None and not plain:
         raise ValueError("fine-tuning trains with plain cross entropy (hawqlib.finetune.staged_finetune takes no "
                          "loss); a custom loss_fn is used for the Hessian only, so pass finetune=False with it")
