@@ -89,6 +89,109 @@ def _finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- python -m hawqlib quantize: the front door (hawqlib.quantize) on a user's model ---------------------------
+
+def _load_callable(spec: str, what: str):
+    """The callable named by ``module:attr`` (``attr`` may be dotted); SystemExit with the reason otherwise."""
+    import importlib
+
+    mod, sep, attr = spec.partition(":")
+    if not (sep and mod and attr):
+        raise SystemExit(f"{what} must be 'module:callable' (e.g. mypkg.nets:build), got {spec!r}")
+    try:
+        obj = importlib.import_module(mod)
+    except ImportError as exc:
+        raise SystemExit(f"{what}: cannot import {mod!r} ({exc}); is its folder on PYTHONPATH?") from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise SystemExit(f"{what}: {mod!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise SystemExit(f"{what}: {spec!r} is not callable")
+    return obj
+
+
+def _act_bits(text: str) -> int | None:
+    """argparse type of ``--act-bits``: 1..8, or 'none' (FP32 activations)."""
+    if text.lower() == "none":
+        return None
+    if not (text.isdigit() and 1 <= int(text) <= 8):
+        raise argparse.ArgumentTypeError(f"must be a whole number in 1..8 or 'none', got {text!r}")
+    return int(text)
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from . import workflow
+    from .models import load_weights_file
+
+    build = _load_callable(args.model, "model")
+    data = _load_callable(args.data, "--data")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    model = build()
+    if args.weights:
+        load_weights_file(model, args.weights)
+    made = data()
+    first = made[0] if isinstance(made, tuple) and len(made) == 2 else None
+    pair = first is not None and not hasattr(first, "shape") and not (  # not an (x, y) batch, nor a batch list
+        isinstance(first, (tuple, list)) and len(first) == 2 and hasattr(first[0], "shape"))
+    train_data, val_data = made if pair else (made, None)
+    schedule = False if args.no_finetune else {k: v for k, v in (
+        ("stages", args.stages), ("epochs_per_stage", args.epochs_per_stage), ("lr", args.lr)) if v is not None}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if schedule is not False:
+        schedule["checkpoint_dir"] = str(out / "run")
+    try:
+        _, report = workflow.quantize(
+            model, train_data, target_compression=args.target_compression, target_size_mb=args.target_size_mb,
+            measure=args.measure, act_bits=args.act_bits, choices=tuple(args.choices), finetune=schedule,
+            val_data=val_data, device=args.device, seed=args.seed, packed_path=out / "model.hawq",
+            progress=not args.quiet)
+    except (TypeError, ValueError) as exc:
+        raise SystemExit(f"quantize: {exc}") from None
+    report.bit_config.save(out / "bit_config.json")
+    (out / "report.json").write_text(json.dumps(report.to_dict(), indent=1) + "\n")
+    print(report.summary())
+    print(f"written: {out / 'model.hawq'} (restore: hawqlib.load_packed(path, {args.model.split(':')[1]}())), "
+          f"{out / 'bit_config.json'}, {out / 'report.json'}")
+    return 0
+
+
+def _add_quantize(sub) -> None:
+    q = sub.add_parser("quantize", help="HAWQ on your own model (hawqlib.quantize): Hessian spectra, bits under a "
+                                        "budget, staged fine-tuning; writes the packed model and a report")
+    q.add_argument("model", metavar="MODULE:FACTORY", help="a callable returning the FP32 nn.Module")
+    q.add_argument("--weights", help="its weights (a state_dict file, or a checkpoint written by hawqlib)")
+    q.add_argument("--data", required=True, metavar="MODULE:FACTORY",
+                   help="a callable returning train_data or a tuple (train_data, val_data), each a re-iterable "
+                        "of (x, y) batches with len(); e.g. hawqlib.data:cifar10_loaders")
+    budget = q.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--target-compression", type=float, help="FP32 size / quantized size, at least")
+    budget.add_argument("--target-size-mb", type=float, help="quantized size in MB (2**20 bytes), at most")
+    q.add_argument("--measure", default="weights", choices=["weights", "model"],
+                   help="what the budget counts: the weights' bits alone (the paper's) or the whole model")
+    q.add_argument("--act-bits", type=_act_bits, default=4,
+                   help="activation bits, or 'none' for FP32 activations (default 4)")
+    q.add_argument("--choices", type=int, nargs="+", default=[2, 3, 4, 8], help="bit widths a block may get")
+    q.add_argument("--no-finetune", action="store_true", help="quantize and calibrate only")
+    q.add_argument("--stages", type=int, help="fine-tuning stages (default: 4, at most one per block)")
+    q.add_argument("--epochs-per-stage", type=int, help="epochs after each stage (default 8)")
+    q.add_argument("--lr", type=float, help="SGD learning rate, cosine within each stage (default 0.01)")
+    q.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: where the model is)")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--out", required=True, help="folder for model.hawq, bit_config.json, report.json "
+                                                "and the resumable fine-tuning checkpoints (run/)")
+    q.add_argument("--threads", type=_threads, default=0, help="torch threads (default: torch's choice)")
+    q.add_argument("--quiet", action="store_true", help="no progress bars")
+    q.set_defaults(func=_quantize)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` and run the chosen command."""
     p = argparse.ArgumentParser(prog="python -m hawqlib", description=__doc__)
@@ -117,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="fine-tuning seeds of every run named (default: each run's seeds in the profile)")
     f.add_argument("--threads", type=_threads, default=0, help="torch threads (default: torch's choice)")
     f.set_defaults(func=_finetune)
+    _add_quantize(sub)
     from . import book
 
     b = sub.add_parser("book", help="execute the notebooks with papermill and build the Jupyter Book; "
