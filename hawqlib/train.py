@@ -258,7 +258,7 @@ def train(model: nn.Module, train_data, val_data=None, *, epochs: int | None = N
             loss = loss_fn(out, y)
             if not torch.isfinite(loss.detach()):
                 raise NonFiniteLossError(
-                    f"training loss is {float(loss)} at epoch {epoch + 1}, step {step - epoch * steps_per_epoch + 1}"
+                    f"training loss is {float(loss.detach())} at epoch {epoch + 1}, step {step - epoch * steps_per_epoch + 1}"
                     f"/{steps_per_epoch}: stopped before the step; nothing of this epoch is saved"
                     + (f" ({ckpt_path} keeps epoch {epoch})" if ckpt_path is not None else "")
                     + ". Causes: NaN/inf in the starting weights or the data, or a learning rate too large.")
