@@ -30,7 +30,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -60,8 +59,6 @@ _CACHE_VERSION = 2  # the cache's own format and keying; the data digest does no
 
 class DataNotFoundError(FileNotFoundError):
     """No data set where we looked, and no way to download it."""
-
-
 
 
 def project_root() -> Path:
