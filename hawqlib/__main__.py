@@ -2,24 +2,30 @@
 
 ``python -m hawqlib train``: the FP32 baseline; ``python -m hawqlib finetune``: the fine-tuning runs of
 the ResNet20 table and the ablation (:mod:`hawqlib.experiments`); ``python -m hawqlib book``: execute
-the notebooks and build the book (:mod:`hawqlib.book`). Every long run checkpoints and resumes.
+the notebooks and build the book (:mod:`hawqlib.book`); ``python -m hawqlib seal``: record the file
+digests of artifacts written before they were recorded (:func:`hawqlib.runs.seal`). Every long run
+checkpoints and resumes. A user error (bad option, missing or corrupt data or artifact, a run
+already in progress) prints one line and exits with status 1.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from . import profiles
 
 
 def _threads(text: str) -> int:
-    """argparse type of ``--threads``: a whole number >= 0 (0: torch's choice)."""
+    """argparse type of ``--threads``: a whole number in 0..os.cpu_count() (0: torch's choice)."""
+    top = os.cpu_count() or 1
     try:
         n = int(text)
     except ValueError:
         n = -1
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 0 (0: torch's choice), got {text!r}")
+    if not 0 <= n <= top:
+        raise argparse.ArgumentTypeError(f"must be a whole number in 0..{top} (this machine's CPUs; 0: torch's "
+                                         f"choice), got {text!r}")
     return n
 
 
@@ -192,6 +198,35 @@ def _add_quantize(sub) -> None:
     q.set_defaults(func=_quantize)
 
 
+def _seal(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from . import runs
+
+    if bool(args.folders) == bool(args.all):
+        raise ValueError("name the artifact folders to seal, or pass --all (every folder under "
+                         f"{runs.artifacts_root()} whose manifest records no digests), not both")
+    folders = runs.seal_all(args.root) if args.all else [Path(f) for f in args.folders]
+    for f in ([] if args.all else folders):
+        runs.seal(f)
+    for f in folders:
+        print(f"sealed: {f}")
+    if not folders:
+        print("nothing to seal: every manifest records its file digests")
+    return 0
+
+
+def _user_errors() -> tuple:
+    """Exceptions that report a user's or a file's problem: one line at the command line, no traceback."""
+    from .data import DataNotFoundError
+    from .runs import ArtifactError
+    from .storage import FolderBusyError
+    from .train import CheckpointError, NonFiniteLossError
+
+    return (ValueError, DataNotFoundError, FileNotFoundError, ArtifactError, FolderBusyError, CheckpointError,
+            NonFiniteLossError)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` and run the chosen command."""
     p = argparse.ArgumentParser(prog="python -m hawqlib", description=__doc__)
@@ -227,8 +262,22 @@ def main(argv: list[str] | None = None) -> int:
                                     "prints the path of the built index.html")
     book.add_arguments(b)
     b.set_defaults(func=book.cli)
+    s = sub.add_parser("seal", help="record the SHA-256 of every file of complete artifacts whose manifest "
+                                    "has none (written before hawqlib recorded them); keys are unchanged")
+    s.add_argument("folders", nargs="*", metavar="FOLDER", help="artifact folders (data/artifacts/<kind>-<key>)")
+    s.add_argument("--all", action="store_true", help="every artifact folder under the artifacts root")
+    s.add_argument("--root", default=None, help="artifacts root for --all (default: HAWQ_ARTIFACTS, then "
+                                                "data/artifacts)")
+    s.set_defaults(func=_seal)
     args = p.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except _user_errors() as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: run the same command again to resume", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

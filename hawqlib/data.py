@@ -2,14 +2,23 @@
 
 CIFAR-10 is found, in this order, at
 
-1. a ``root`` passed by argument, else the ``HAWQ_DATA`` environment variable;
+1. a ``root`` passed by argument, else the ``HAWQ_DATA`` environment variable (when either is
+   given it must hold CIFAR-10: no silent fallback to another copy);
 2. ``data/`` inside the project;
 3. otherwise torchvision downloads it into ``data/`` (needs the network).
 
 Both on-disk layouts are read: torchvision's ``cifar-10-batches-py`` and an ImageFolder
-tree ``cifar10/{train,test}/<class>/*.png``. The images are decoded once into a cache
-file (``data/cache/``, ignored by git), verified by size and SHA-256 digest on every load;
-a corrupt or partial cache is rebuilt, never used.
+tree ``cifar10/{train,test}/<class>/*.png``. Batch files are pickles: each is checked against
+torchvision's published MD5 before it is read, and read by an unpickler that admits only the
+types the format holds (no code runs from a data folder). In class folders, hidden files
+(``.DS_Store``) and subfolders are skipped; any other file that is not a 32x32 image is an error
+naming it.
+
+The images are decoded once into a cache file (``data/cache/``, ignored by git). The cache is
+keyed by the source's content listing (every file's name, size and modification time), so
+editing, adding or removing an image rebuilds it, as does ``FORCE=1``; all of its fields are
+inside the SHA-256 it records, verified on every load; a corrupt or partial cache is rebuilt,
+never used. One process builds a given cache at a time (the others wait for it).
 
 Image order is fixed and documented: by class label, then by original CIFAR file name.
 This order is the same for both layouts, so the same seed gives the same batches whichever
@@ -21,7 +30,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -29,24 +37,24 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .storage import atomic_write, atomic_write_json
+from .batches import CIFAR10_CLASSES, DataIntegrityError
+from .batches import batch_files as _batch_files, decode_batches as _decode_batches
+from .storage import atomic_write, atomic_write_json, folder_lock, remove_orphan_tmp
 
 __all__ = [
     "CIFAR10_CLASSES", "CIFAR10_MEAN", "CIFAR10_STD", "IMAGENET_MEAN", "IMAGENET_STD",
-    "CIFAR10Split", "DataNotFoundError", "cifar10", "cifar10_digest", "find_cifar10",
+    "CIFAR10Split", "DataNotFoundError", "DataIntegrityError", "cifar10", "cifar10_digest", "find_cifar10",
     "TensorLoader", "augment_cifar", "normalize", "imagenet_loader", "imagenet_transforms",
     "project_root", "cache_dir",
 ]
 
-CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
-                   "dog", "frog", "horse", "ship", "truck")
 #: Training-set channel mean and std of CIFAR-10 (standard figures, recomputed in tests).
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # the cache's own format and keying; the data digest does not depend on it
 
 
 class DataNotFoundError(FileNotFoundError):
@@ -92,17 +100,22 @@ def _layout(root: Path) -> tuple[str, Path] | None:
 def find_cifar10(root: str | os.PathLike | None = None, *, download: bool = True) -> tuple[str, Path]:
     """Locate CIFAR-10 (argument, ``HAWQ_DATA``, project ``data/``, download); return (layout, folder)."""
     tried: list[Path] = []
-    given = root if root is not None else os.environ.get("HAWQ_DATA") or None
+    env = os.environ.get("HAWQ_DATA")
+    if root is None and env is not None and not env.strip():
+        raise DataNotFoundError("HAWQ_DATA is set but empty: unset it, or set it to a folder holding "
+                                "cifar-10-batches-py/ or cifar10/{train,test}/<class>/*.png")
+    given, what = (root, "the data root given") if root is not None else (env, "HAWQ_DATA")
     if given is not None:
         p = Path(given).expanduser()
-        found = _layout(p)
+        found = _layout(p) if p.is_dir() else None
         if found:
             return found
-        tried.append(p)
-        if root is not None:  # an explicit argument that is wrong is an error, not a fallback
-            raise DataNotFoundError(
-                f"No CIFAR-10 at {p}: expected {p}/cifar-10-batches-py/ (torchvision layout) or "
-                f"{p}/cifar10/{{train,test}}/<class>/*.png (ImageFolder layout).")
+        # a location that was asked for and is wrong is an error, never a fallback to another copy
+        state = "does not exist" if not p.exists() else "is a file, not a folder" if not p.is_dir() else \
+            "holds no CIFAR-10"
+        raise DataNotFoundError(
+            f"No CIFAR-10 at {p} ({what}; it {state}): expected {p}/cifar-10-batches-py/ (torchvision layout) "
+            f"or {p}/cifar10/{{train,test}}/<class>/*.png (ImageFolder layout).")
     local = project_root() / "data"
     found = _layout(local)
     if found:
@@ -133,6 +146,11 @@ def _not_found_message(tried: list[Path], exc: Exception | None) -> str:
 
 # --------------------------------------------------------------------------- decoding
 
+def _class_files(d: Path) -> list[str]:
+    """The image files of a class folder, sorted by name: hidden files and subfolders are skipped."""
+    return sorted(e.name for e in os.scandir(d) if not e.name.startswith(".") and e.is_file())
+
+
 def _decode_imagefolder(folder: Path, split: str):
     from PIL import Image
 
@@ -143,11 +161,18 @@ def _decode_imagefolder(folder: Path, split: str):
         if not d.is_dir():
             raise DataNotFoundError(f"{d} is missing: the ImageFolder layout needs one folder per class "
                                     f"({', '.join(CIFAR10_CLASSES)}).")
-        for name in sorted(os.listdir(d)):
-            with Image.open(d / name) as im:
-                arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+        files = _class_files(d)
+        if not files:
+            raise DataNotFoundError(f"{d} holds no images: every class folder needs its <name>.png files.")
+        for name in files:
+            try:
+                with Image.open(d / name) as im:
+                    arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+            except Exception as exc:  # PIL raises many types for a bad file
+                raise DataIntegrityError(f"{d / name} is not a readable image ({type(exc).__name__}: {exc}); "
+                                         "replace it with the original CIFAR-10 file or remove it") from None
             if arr.shape != (32, 32, 3):
-                raise ValueError(f"{d / name}: expected a 32x32 RGB image, got shape {arr.shape}")
+                raise DataIntegrityError(f"{d / name}: expected a 32x32 RGB image, got shape {arr.shape}")
             h.update(f"{split}/{cls}/{name}".encode())
             h.update(arr.tobytes())
             images.append(arr)
@@ -156,43 +181,55 @@ def _decode_imagefolder(folder: Path, split: str):
     return np.stack(images), np.asarray(labels, dtype=np.int64), h.hexdigest(), names
 
 
-def _decode_batches(folder: Path, split: str):
-    files = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
-    rows = []
-    for fn in files:
-        with open(folder / fn, "rb") as f:
-            d = pickle.load(f, encoding="bytes")
-        data = d[b"data"].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-        for img, lab, name in zip(data, d[b"labels"], d[b"filenames"]):
-            rows.append((int(lab), name.decode(), img))
-    rows.sort(key=lambda r: (r[0], r[1]))
-    h = hashlib.sha256()
-    for lab, name, img in rows:
-        h.update(f"{split}/{CIFAR10_CLASSES[lab]}/{name}".encode())
-        h.update(np.ascontiguousarray(img).tobytes())
-    images = np.stack([r[2] for r in rows])
-    labels = np.asarray([r[0] for r in rows], dtype=np.int64)
-    return images, labels, h.hexdigest(), [r[1] for r in rows]
-
-
 # --------------------------------------------------------------------------- cache
 
-def _cache_paths(folder: Path, split: str) -> tuple[Path, Path]:
-    key = hashlib.sha256(f"{folder.resolve()}|{split}|v{_CACHE_VERSION}".encode()).hexdigest()[:16]
+def _listing(layout: str, folder: Path, split: str) -> str:
+    """SHA-256 of the source's content listing: every file the decode reads, with its size and mtime."""
+    h = hashlib.sha256(f"{layout}|{folder.resolve()}|{split}".encode())
+    rows = []
+    if layout == "batches":
+        for fn in _batch_files(split):
+            try:
+                st = (folder / fn).stat()
+                rows.append(f"{fn}|{st.st_size}|{st.st_mtime_ns}")
+            except OSError:
+                rows.append(f"{fn}|missing")
+    else:
+        for cls in CIFAR10_CLASSES:
+            d = folder / split / cls
+            if d.is_dir():
+                with os.scandir(d) as it:
+                    ents = [(e.name, e.stat()) for e in it if not e.name.startswith(".") and e.is_file()]
+                rows += [f"{cls}/{n}|{st.st_size}|{st.st_mtime_ns}" for n, st in sorted(ents)]
+    h.update("\n".join(rows).encode())
+    return h.hexdigest()
+
+
+def _cache_paths(listing: str, split: str) -> tuple[Path, Path]:
+    key = hashlib.sha256(f"{listing}|{split}|v{_CACHE_VERSION}".encode()).hexdigest()[:16]
     base = cache_dir() / f"cifar10-{split}-{key}"
     return base.with_suffix(".u8"), base.with_suffix(".json")
 
 
-def _load_cache(data_path: Path, meta_path: Path) -> CIFAR10Split | None:
+def _cache_sha256(meta: dict, raw: bytes) -> str:
+    """SHA-256 over every meta field but itself, then the data bytes: no field is outside it."""
+    fields = {k: v for k, v in meta.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode() + b"\0" + raw).hexdigest()
+
+
+def _load_cache(data_path: Path, meta_path: Path, listing: str) -> CIFAR10Split | None:
     try:
         meta = json.loads(meta_path.read_text())
         raw = data_path.read_bytes()
     except (OSError, ValueError):
         return None
-    n = meta.get("n", -1)
-    if meta.get("version") != _CACHE_VERSION or len(raw) != n * (3072 + 8):
+    if not isinstance(meta, dict):
         return None
-    if hashlib.sha256(raw).hexdigest() != meta.get("sha256"):
+    n = meta.get("n", -1)
+    if meta.get("version") != _CACHE_VERSION or meta.get("listing") != listing or not isinstance(n, int) \
+            or len(raw) != n * (3072 + 8) or not isinstance(meta.get("names"), list) or len(meta["names"]) != n:
+        return None
+    if _cache_sha256(meta, raw) != meta.get("sha256"):
         return None
     images = np.frombuffer(raw, dtype=np.uint8, count=n * 3072).reshape(n, 32, 32, 3)
     labels = np.frombuffer(raw, dtype=np.int64, offset=n * 3072, count=n)
@@ -200,26 +237,44 @@ def _load_cache(data_path: Path, meta_path: Path) -> CIFAR10Split | None:
                         torch.from_numpy(labels.copy()), meta["digest"], tuple(meta["names"]))
 
 
+_REBUILT: set = set()  # caches rebuilt by this process under FORCE=1 (once each, not at every call)
+
+
 def cifar10(split: str = "train", root: str | os.PathLike | None = None, *, download: bool = True,
             rebuild: bool = False) -> CIFAR10Split:
-    """Load one CIFAR-10 split (``"train"`` or ``"test"``) as uint8 tensors, through the verified cache."""
+    """Load one CIFAR-10 split (``"train"`` or ``"test"``) as uint8 tensors, through the verified cache.
+
+    ``rebuild=True`` (or ``FORCE=1``, once per process) decodes the source again.
+    """
+    from .runs import force_recompute
+
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     layout, folder = find_cifar10(root, download=download)
-    data_path, meta_path = _cache_paths(folder, split)
+    listing = _listing(layout, folder, split)
+    data_path, meta_path = _cache_paths(listing, split)
+    rebuild = rebuild or (force_recompute() and data_path not in _REBUILT)
     if not rebuild:
-        cached = _load_cache(data_path, meta_path)
+        cached = _load_cache(data_path, meta_path, listing)
         if cached is not None:
             return cached
-    decode = _decode_imagefolder if layout == "imagefolder" else _decode_batches
-    images, labels, digest, names = decode(folder, split)
-    raw = images.tobytes() + labels.tobytes()
-    # data first, then the meta that vouches for it: a crash between the two leaves a cache that
-    # fails verification and is rebuilt.
-    atomic_write(data_path, lambda f: f.write(raw))
-    atomic_write_json(meta_path, {"version": _CACHE_VERSION, "n": len(labels), "source": str(folder),
-                                  "layout": layout, "split": split, "digest": digest,
-                                  "sha256": hashlib.sha256(raw).hexdigest(), "names": names})
+    with folder_lock(cache_dir(), wait=True):  # one decoder at a time; the others then read its cache
+        if not rebuild:
+            cached = _load_cache(data_path, meta_path, listing)
+            if cached is not None:
+                return cached
+        remove_orphan_tmp(cache_dir(), prefix="." + data_path.stem + ".")
+        decode = _decode_imagefolder if layout == "imagefolder" else _decode_batches
+        images, labels, digest, names = decode(folder, split)
+        raw = images.tobytes() + labels.tobytes()
+        meta = {"version": _CACHE_VERSION, "n": len(labels), "source": str(folder), "layout": layout,
+                "split": split, "listing": listing, "digest": digest, "names": names}
+        meta["sha256"] = _cache_sha256(meta, raw)
+        # data first, then the meta that vouches for it: a crash between the two leaves a cache that
+        # fails verification and is rebuilt.
+        atomic_write(data_path, lambda f: f.write(raw))
+        atomic_write_json(meta_path, meta)
+        _REBUILT.add(data_path)
     return CIFAR10Split(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),
                         torch.from_numpy(labels), digest, tuple(names))
 

@@ -18,7 +18,7 @@ from . import data as hdata
 from . import models as hmodels
 from . import runs
 from .blocks import quant_blocks
-from .storage import atomic_torch_save, atomic_write_json
+from .storage import atomic_torch_save, atomic_write_json, folder_lock, remove_orphan_tmp
 from .train import TrainConfig, load_weights, train
 
 __all__ = ["TRAIN_CODE_VERSION", "baseline_params", "initial_model", "baseline"]
@@ -52,23 +52,26 @@ def baseline(cfg: dict, model: str = "resnet20", data_root=None, *, progress: bo
     folder = runs.artifact_dir(f"baseline_{model}", params)
     net = initial_model(model, cfg["seed"])
     force = runs.force_recompute() if force is None else force
-    if runs.is_complete(folder, params) and not force:
-        import json
-
-        return load_weights(net, folder / "model.pt"), json.loads((folder / "log.json").read_text()), folder
-    tr, te = hdata.cifar10_loaders(data_root, batch_size=cfg["batch_size"], seed=cfg["seed"],
-                                   train_subset=cfg.get("train_subset"), test_subset=cfg.get("test_subset"))
-    tcfg = TrainConfig(epochs=cfg["epochs"], lr=cfg["lr"], schedule=cfg["schedule"],
-                       momentum=cfg["momentum"], nesterov=cfg["nesterov"], weight_decay=cfg["weight_decay"],
-                       seed=cfg["seed"], eval_every=cfg["eval_every"])
-    if progress:
-        print(f"baseline {model}: checkpoints and log in {folder}")
-    t0 = time.perf_counter()
-    log = train(net, tr, te, config=tcfg, checkpoint_dir=folder, resume=not force, progress=progress)
-    wall = time.perf_counter() - t0
-    total_wall = sum(r["wall_s"] + r.get("eval_s", 0.0) for r in log["epochs"])
-    runs.write_manifest(folder, params, wall_s=total_wall, final=log["epochs"][-1], this_session_s=wall,
-                        init_seed=cfg["seed"])
+    if not force and runs.complete(folder, params):  # verified: every file's SHA-256 (hawqlib.runs)
+        return load_weights(net, folder / "model.pt"), _read_json(folder / "log.json"), folder
+    with folder_lock(folder):  # one writer per artifact; a second process gets the holder's PID
+        if not force and runs.complete(folder, params):  # another process finished it meanwhile
+            return load_weights(net, folder / "model.pt"), _read_json(folder / "log.json"), folder
+        runs.invalidate(folder)
+        remove_orphan_tmp(folder)
+        tr, te = hdata.cifar10_loaders(data_root, batch_size=cfg["batch_size"], seed=cfg["seed"],
+                                       train_subset=cfg.get("train_subset"), test_subset=cfg.get("test_subset"))
+        tcfg = TrainConfig(epochs=cfg["epochs"], lr=cfg["lr"], schedule=cfg["schedule"],
+                           momentum=cfg["momentum"], nesterov=cfg["nesterov"], weight_decay=cfg["weight_decay"],
+                           seed=cfg["seed"], eval_every=cfg["eval_every"])
+        if progress:
+            print(f"baseline {model}: checkpoints and log in {folder}")
+        t0 = time.perf_counter()
+        log = train(net, tr, te, config=tcfg, checkpoint_dir=folder, resume=not force, progress=progress)
+        wall = time.perf_counter() - t0
+        total_wall = sum(r["wall_s"] + r.get("eval_s", 0.0) for r in log["epochs"])
+        runs.write_manifest(folder, params, wall_s=total_wall, final=log["epochs"][-1], this_session_s=wall,
+                            init_seed=cfg["seed"])
     return net, log, folder
 
 
@@ -93,15 +96,28 @@ def _cached(kind: str, params: dict, compute, save, load, force: bool | None):
     """Load the artifact ``kind``/``params`` when complete, else compute, save and mark it complete."""
     folder = runs.artifact_dir(kind, params)
     force = runs.force_recompute() if force is None else force
-    if runs.is_complete(folder, params) and not force:
+    if not force and runs.complete(folder, params):  # verified: every file's SHA-256 (hawqlib.runs)
         return load(folder), folder
-    folder.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    value = compute(folder)
-    wall = time.perf_counter() - t0
-    facts = save(folder, value) or {}
-    runs.write_manifest(folder, params, wall_s=facts.pop("wall_s", wall), **facts)
+    with folder_lock(folder):  # one writer per artifact; a second process gets the holder's PID
+        if not force and runs.complete(folder, params):  # another process finished it meanwhile
+            return load(folder), folder
+        runs.invalidate(folder)
+        remove_orphan_tmp(folder)
+        t0 = time.perf_counter()
+        value = compute(folder)
+        wall = time.perf_counter() - t0
+        facts = save(folder, value) or {}
+        runs.write_manifest(folder, params, wall_s=facts.pop("wall_s", wall), **facts)
     return value, folder
+
+
+def _read_json(path: Path):
+    """A JSON file of an artifact (already verified against its manifest); a clear error if unreadable."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise runs.ArtifactError(f"{path} is unreadable ({type(exc).__name__}: {exc}); delete "
+                                 f"{Path(path).parent / runs.MANIFEST} to recompute the artifact, or set FORCE=1")
 
 
 def artifact_wall_s(folder) -> float:
@@ -303,7 +319,7 @@ def landscape(model: torch.nn.Module, base: str, cfg: dict, block_name: str, dir
         atomic_write_json(folder / "losses.json", {"coords": coords.tolist(), "loss": losses.tolist()})
 
     def load(folder):
-        return torch.tensor(json.loads((folder / "losses.json").read_text())["loss"], dtype=torch.float64)
+        return torch.tensor(_read_json(folder / "losses.json")["loss"], dtype=torch.float64)
 
     return _cached("landscape", params, compute, save, load, force)
 
@@ -398,7 +414,7 @@ def finetuned(model: torch.nn.Module, base: str, bit_config, order, cfg: dict, *
                                                        final_epochs=ft["final_epochs"], **kw)
         ev = evaluate(qmodel, te)
         packed = folder / "model.hawq"
-        export.save_packed(qmodel, packed)
+        export.save_packed(qmodel, packed, arch=export.arch_of(model))
         restored = export.load_packed(packed, model)
         pev = evaluate(restored, te)
         atomic_torch_save(folder / "qmodel.pt", qmodel.state_dict())
@@ -418,7 +434,7 @@ def finetuned(model: torch.nn.Module, base: str, bit_config, order, cfg: dict, *
         qmodel = quant.quantize_model(model, bit_config)
         qmodel.load_state_dict(torch.load(folder / "qmodel.pt", map_location="cpu", weights_only=True))
         qmodel.eval()
-        return {"qmodel": qmodel, "history": json.loads((folder / "history.json").read_text()),
+        return {"qmodel": qmodel, "history": _read_json(folder / "history.json"),
                 "wall_s": m["wall_s"], **{k: m[k] for k in ("top1", "top5", "packed_top1", "size_bytes",
                                                               "packed_bytes")}}
 

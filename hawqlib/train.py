@@ -10,6 +10,10 @@ A run writes into ``checkpoint_dir``:
 - ``log.json``: the run's configuration and one record per epoch (atomic);
 - ``model.pt``: the final weights alone, when the run completes.
 
+Every checkpoint records a SHA-256 of its own content (:func:`content_digest`), verified when it is
+read; on resume its fields are range-checked (epoch, history, finite weights). A non-finite loss stops
+the run with :class:`NonFiniteLossError` before the step is taken, so no NaN epoch is ever saved.
+
 ``resume=True`` continues from ``checkpoint.pt``; since each epoch's shuffle and augmentation
 are a pure function of (seed, epoch), and the checkpoint also holds torch's global random state
 (which dropout draws from), an interrupted and resumed run ends with exactly the weights of an
@@ -17,6 +21,7 @@ uninterrupted one on the CPU.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,8 +33,8 @@ from torch import nn
 
 from .storage import atomic_torch_save, atomic_write_json
 
-__all__ = ["TrainConfig", "CheckpointError", "train", "evaluate", "lr_at", "load_checkpoint",
-           "load_weights", "CHECKPOINT_FORMAT"]
+__all__ = ["TrainConfig", "CheckpointError", "NonFiniteLossError", "train", "evaluate", "lr_at", "load_checkpoint",
+           "load_weights", "content_digest", "CHECKPOINT_FORMAT"]
 
 CHECKPOINT_FORMAT = "hawqlib.train/1"
 SCHEDULES = ("cosine", "step", "constant")
@@ -37,6 +42,43 @@ SCHEDULES = ("cosine", "step", "constant")
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used: corrupt, of another model, or of another run configuration."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite: the run stops rather than train on garbage."""
+
+
+def content_digest(obj) -> str:
+    """SHA-256 of a checkpoint's content (nested dicts, lists, tensors, numbers, strings), independent of
+    how ``torch.save`` lays it out; stored in the checkpoint under ``"sha256"`` and checked on load."""
+    h = hashlib.sha256()
+
+    def walk(o):
+        if isinstance(o, torch.Tensor):
+            t = o.detach().cpu().contiguous().reshape(-1)
+            h.update(f"T{t.dtype}{tuple(o.shape)}".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes())
+        elif isinstance(o, dict):
+            h.update(b"{")
+            for k, v in sorted(o.items(), key=lambda kv: repr(kv[0])):
+                h.update(repr(k).encode() + b":")
+                walk(v)
+            h.update(b"}")
+        elif isinstance(o, (list, tuple)):
+            h.update(b"[")
+            for v in o:
+                walk(v)
+                h.update(b",")
+            h.update(b"]")
+        else:
+            h.update(f"{type(o).__name__}:{o!r};".encode())
+
+    walk(obj)
+    return h.hexdigest()
+
+
+def _save_checkpoint(path: Path, ckpt: dict) -> None:
+    atomic_torch_save(path, {**ckpt, "sha256": content_digest(ckpt)})
 
 
 @dataclass
@@ -116,6 +158,13 @@ def load_checkpoint(path: str | Path, model: nn.Module | None = None) -> dict:
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint "
                               f"(format: {ckpt.get('format') if isinstance(ckpt, dict) else type(ckpt).__name__}).")
+    # Checkpoints written before digests were recorded have none; an artifact's model.pt is also
+    # covered by its manifest (hawqlib.runs).
+    if "sha256" in ckpt and ckpt["sha256"] != content_digest({k: v for k, v in ckpt.items() if k != "sha256"}):
+        raise CheckpointError(f"{path} does not match the SHA-256 it records: corrupted on disk (a flipped bit, "
+                              "a partial copy). Delete it to start that run (or stage) over, or restore it.")
+    if not isinstance(ckpt.get("model"), dict):
+        raise CheckpointError(f"{path} has no 'model' state dict.")
     if model is not None:
         want, got = _fingerprint(model), ckpt.get("fingerprint", {})
         if want != got:
@@ -180,6 +229,7 @@ def train(model: nn.Module, train_data, val_data=None, *, epochs: int | None = N
                         if ckpt["config"].get(k) != v}
                 raise CheckpointError(f"{ckpt_path} was written by a run with another configuration "
                                       f"(checkpoint vs now: {diff}); use another checkpoint_dir or resume=False.")
+            _check_resume(ckpt_path, ckpt, config.epochs)
             model.load_state_dict(ckpt["model"])
             opt.load_state_dict(ckpt["optimizer"])
             start_epoch, log["epochs"] = ckpt["epoch"], ckpt["history"]
@@ -206,6 +256,12 @@ def train(model: nn.Module, train_data, val_data=None, *, epochs: int | None = N
                 g["lr"] = lr_at(config, step, steps_per_epoch)
             out = model(x)
             loss = loss_fn(out, y)
+            if not torch.isfinite(loss.detach()):
+                raise NonFiniteLossError(
+                    f"training loss is {float(loss.detach())} at epoch {epoch + 1}, step {step - epoch * steps_per_epoch + 1}"
+                    f"/{steps_per_epoch}: stopped before the step; nothing of this epoch is saved"
+                    + (f" ({ckpt_path} keeps epoch {epoch})" if ckpt_path is not None else "")
+                    + ". Causes: NaN/inf in the starting weights or the data, or a learning rate too large.")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -225,7 +281,7 @@ def train(model: nn.Module, train_data, val_data=None, *, epochs: int | None = N
                        eval_s=time.perf_counter() - t1)
         log["epochs"].append(rec)
         if ckpt_path is not None:
-            atomic_torch_save(ckpt_path, {"format": CHECKPOINT_FORMAT, "model_class": type(model).__name__,
+            _save_checkpoint(ckpt_path, {"format": CHECKPOINT_FORMAT, "model_class": type(model).__name__,
                                           "fingerprint": _fingerprint(model), "config": log["config"],
                                           "epoch": epoch + 1, "model": model.state_dict(),
                                           "optimizer": opt.state_dict(), "history": log["epochs"],
@@ -247,12 +303,30 @@ def train(model: nn.Module, train_data, val_data=None, *, epochs: int | None = N
     if bar is not None:
         bar.close()
     if ckpt_path is not None:
-        atomic_torch_save(ckpt_path.parent / "model.pt",
-                          {"format": CHECKPOINT_FORMAT, "model_class": type(model).__name__,
-                           "fingerprint": _fingerprint(model), "config": log["config"],
-                           "epoch": config.epochs, "model": {k: v.contiguous() for k, v in model.state_dict().items()},
-                           "history": log["epochs"]})
+        _save_checkpoint(ckpt_path.parent / "model.pt",
+                         {"format": CHECKPOINT_FORMAT, "model_class": type(model).__name__,
+                          "fingerprint": _fingerprint(model), "config": log["config"],
+                          "epoch": config.epochs, "model": {k: v.contiguous() for k, v in model.state_dict().items()},
+                          "history": log["epochs"]})
     return log
+
+
+def _check_resume(path: Path, ckpt: dict, epochs: int) -> None:
+    """Range-check what a resume takes from a checkpoint: epoch, history, optimizer state, finite weights."""
+    epoch, hist = ckpt.get("epoch"), ckpt.get("history")
+    if type(epoch) is not int or not 1 <= epoch <= epochs:
+        raise CheckpointError(f"{path}: field 'epoch' is {epoch!r}; valid: a whole number in 1..{epochs}. "
+                              "Delete the checkpoint to start the run over.")
+    if (not isinstance(hist, list) or len(hist) != epoch
+            or [r.get("epoch") if isinstance(r, dict) else None for r in hist] != list(range(1, epoch + 1))):
+        raise CheckpointError(f"{path}: field 'history' does not hold one record per epoch 1..{epoch}. "
+                              "Delete the checkpoint to start the run over.")
+    if not isinstance(ckpt.get("optimizer"), dict):
+        raise CheckpointError(f"{path}: field 'optimizer' is missing. Delete the checkpoint to start the run over.")
+    bad = [k for k, v in ckpt["model"].items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"{path}: weights {bad[:3]} hold NaN or infinity. Delete the checkpoint to start "
+                              "the run over.")
 
 
 def _config_dict(cfg: TrainConfig) -> dict:

@@ -1,6 +1,7 @@
 """hawqlib.data: both CIFAR-10 layouts, the verified cache, the fixed order, transforms, ImageNet, errors."""
 from __future__ import annotations
 
+import hashlib
 import pickle
 from pathlib import Path
 
@@ -9,9 +10,17 @@ import pytest
 import torch
 from PIL import Image
 
-from hawqlib import data
+from hawqlib import batches, data
+
+#: MD5 of the synthetic batch files written here: they stand in for torchvision's published ones.
+FAKE_MD5: dict = {}
 
 SHARED_DIGEST = "c12c05da773e19b150be0801e70c90ffde81677c9a3563d61d2812a9b064e1b5"
+
+
+@pytest.fixture(autouse=True)
+def _fake_checksums(monkeypatch):
+    monkeypatch.setattr(batches, "published_md5", lambda: dict(FAKE_MD5))
 
 
 @pytest.fixture
@@ -51,8 +60,9 @@ def _fake_cifar(tmp_path: Path, per_class: int = 2, seed: int = 0):
 def _write_batch(path: Path, rows):
     d = {b"data": np.stack([r[2].transpose(2, 0, 1).reshape(-1) for r in rows]),
          b"labels": [r[0] for r in rows], b"filenames": [r[1].encode() for r in rows]}
-    with open(path, "wb") as f:
-        pickle.dump(d, f)
+    raw = pickle.dumps(d, protocol=3)  # bytes and numpy arrays in the forms the published files use
+    path.write_bytes(raw)
+    FAKE_MD5[path.name] = hashlib.md5(raw).hexdigest()
 
 
 def test_both_layouts_give_identical_tensors_and_digest(tmp_path, tmp_cache):
@@ -82,6 +92,7 @@ def test_cache_is_reused_and_corruption_is_detected(tmp_path, tmp_cache, monkeyp
     assert torch.equal(first.images, again.images)
     monkeypatch.undo()
     monkeypatch.setenv("HAWQ_CACHE", str(tmp_cache))
+    monkeypatch.setattr(batches, "published_md5", lambda: dict(FAKE_MD5))
     # flip one byte: same size, wrong digest -> rebuilt
     raw = bytearray(u8.read_bytes())
     raw[100] ^= 0xFF

@@ -1,6 +1,8 @@
 """Staged quantization-aware fine-tuning (paper section 3.2): stage plan, exact resume, staged vs direct."""
 from __future__ import annotations
 
+import copy
+
 import json
 from dataclasses import dataclass
 import re
@@ -15,7 +17,7 @@ from hawqlib.data import TensorLoader
 import hawqlib.finetune as ft
 from hawqlib.finetune import direct_finetune, stage_groups, staged_finetune
 from hawqlib.quant import QUANT_MODULES, BitConfig, quant_modules
-from hawqlib.train import CheckpointError, evaluate, train
+from hawqlib.train import CheckpointError, NonFiniteLossError, evaluate, train
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -216,3 +218,17 @@ def test_staged_recovers_what_direct_quantization_loses(task):
     assert final["val_loss"] < 0.7 * ptq["val_loss"]
     assert final["val_top1"] > ptq["val_top1"] + 10
     assert len(staged["epochs"]) == len(direct["epochs"]) == 5
+
+
+def test_non_finite_loss_stops_fine_tuning(task, tmp_path):
+    """A NaN in the weights (as a corrupt start would hold) stops stage 1 at its first step: nothing saved."""
+    model, _, tr, te = task
+    bad = copy.deepcopy(model)
+    with torch.no_grad():
+        bad[-1].bias[0] = float("nan")
+    cfg = BitConfig.uniform(bad, 4, act_bits=4)
+    order = [b.name for b in quant_blocks(bad)]
+    with pytest.raises(NonFiniteLossError, match="loss is nan at epoch 1, step 1/"):
+        staged_finetune(bad, cfg, order, tr, te, stages=2, epochs_per_stage=1, lr=0.01, progress=False,
+                        checkpoint_dir=tmp_path / "ft")
+    assert not list((tmp_path / "ft").glob("stage_*/*.pt"))

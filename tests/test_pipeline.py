@@ -142,7 +142,15 @@ def test_finetuned_stores_model_history_and_packed_file(artifacts, cifar_root, m
     assert pipeline.artifact_threads(r.folder / "run") is None and pipeline.artifact_wall_s(r.folder / "run") == 0.0
     assert {p.name for p in r.folder.iterdir()} >= {"manifest.json", "qmodel.pt", "history.json", "model.hawq",
                                                      "bit_config.json"}
-    from hawqlib import finetune
+    # every result file's digest is in the manifest; the packed file records its architecture
+    assert set(runs.verify(r.folder)["files"]) == {"qmodel.pt", "history.json", "model.hawq", "bit_config.json"}
+    from hawqlib import export, finetune
+
+    assert export.read_header(r.folder / "model.hawq")["arch"] == "resnet20"
+    xx = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():  # built from the recorded arch alone, it computes what the given model's does
+        assert torch.equal(export.load_packed(r.folder / "model.hawq")(xx),
+                           export.load_packed(r.folder / "model.hawq", net)(xx))
 
     monkeypatch.setattr(finetune, "staged_finetune", lambda *a, **k: (_ for _ in ()).throw(AssertionError("again")))
     again = pipeline.finetuned(net, "r20-random", bc, order, FT, data_root=cifar_root)
