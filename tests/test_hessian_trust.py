@@ -43,7 +43,7 @@ def dense_top(model, loss_fn, data, block) -> float:
         parts = {k: t.view(s) for k, t, s in zip(keys, w.split(sizes), shapes)}
         return loss_fn(torch.func.functional_call(model, parts, (x,)), y)
 
-    Hm = torch.func.hessian(f)(w0)
+    Hm = torch.func.hessian(f)(w0).detach()
     model.train(was)
     ev = torch.linalg.eigvalsh(Hm)
     return float(ev[ev.abs().argmax()])
@@ -129,6 +129,18 @@ def test_converged_means_the_verified_residual_meets_tol():
     with pytest.warns(RuntimeWarning, match="block '0'.*not converged"):
         r = H.top_eigenvalues(model, ce, data, [blocks[0]], method="autograd", max_iter=2, progress=False)[0]
     assert not r.converged and r.residual > 1e-4 and r.iterations == 2
+
+
+def test_float32_residual_at_rounding_level_is_reported_not_retried():
+    model, (x, y) = small_cnn().float(), images()
+    x = x.float()
+    b = quant_blocks(model)[-1]
+    exact = dense_top(model.double(), nn.CrossEntropyLoss(), (x.double(), y), b)
+    model.float()
+    with pytest.warns(RuntimeWarning, match="block '5'.*rounding level of torch.float32"):
+        r = H.top_eigenvalues(model, nn.CrossEntropyLoss(), (x, y), [b], tol=1e-12, max_iter=60, progress=False)[0]
+    assert r.method == "gauss-newton" and not r.converged and 1e-12 < r.residual <= 1e3 * 1.2e-7
+    assert abs(r.eigenvalue - exact) <= 1e-5 * abs(exact)
 
 
 # --------------------------------------------------------------------------- 3: operator must be fixed

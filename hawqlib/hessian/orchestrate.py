@@ -17,8 +17,9 @@ Order of work, shared by both entry points (:func:`_prepare`):
    ``"gauss-newton"`` it raises unless ``prove=False``;
 4. eigenvalues: the solver on the chosen route, then one exact autograd product with the returned
    vector on all the data gives the reported residual; ``converged`` means that residual <= ``tol``.
-   A Gauss-Newton result that fails it is recomputed on the autograd route (``"auto"``) or reported as
-   not converged (forced); either way with a warning naming the block.
+   A Gauss-Newton result that fails it is recomputed on the autograd route (``"auto"``, unless the
+   residual is at the rounding level of the dtype, ``VERIFY_FLOOR``) or reported as not converged
+   (forced); either way with a warning naming the block.
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ from .losses import LossSpec
 from .results import BlockSpectrum, BlockTrace, HessianError
 from .solvers import lanczos, power_iteration, ritz_residual
 
-__all__ = ["top_eigenvalues", "traces", "METHODS", "SOLVERS", "PROOF_RTOL", "PROOF_DIRECTIONS"]
+__all__ = ["top_eigenvalues", "traces", "METHODS", "SOLVERS", "PROOF_RTOL", "PROOF_DIRECTIONS", "VERIFY_FLOOR"]
 
 METHODS = ("auto", "autograd", "gauss-newton")
 SOLVERS = ("lanczos", "power")
@@ -45,6 +46,9 @@ SOLVERS = ("lanczos", "power")
 PROOF_RTOL = 1e-4
 #: random directions per layer in the proof (our choice: two, so one unlucky direction cannot pass it)
 PROOF_DIRECTIONS = 2
+#: a verified residual below VERIFY_FLOOR units of rounding of the model's dtype is rounding, not a wrong
+#: route (our choice): a Gauss-Newton result failing tol only by that much is not recomputed on autograd
+VERIFY_FLOOR = 1000
 
 
 def _check_args(method, solver, tol, max_iter, check_samples):
@@ -220,7 +224,11 @@ def top_eigenvalues(model: nn.Module, loss_fn, data, blocks=None, *, method: str
                             continue
                         msg = (f"block {blocks[i].name!r}: the Gauss-Newton eigenpair fails its exact verification "
                                f"(residual {r:.2e} > tol {tol:g} with an autograd product on all the data)")
-                        if method == "auto":
+                        floor = VERIFY_FLOOR * torch.finfo(dtype).eps
+                        if r <= floor:  # at the rounding level of the products: autograd cannot do better
+                            msg += (f", at the rounding level of {dtype} products ({floor:.1e}); a smaller tol "
+                                    "cannot be verified in this dtype")
+                        if method == "auto" and r > floor:
                             warnings.warn(msg + "; recomputing on the autograd route", RuntimeWarning, stacklevel=2)
                             routes[i], notes[i] = "autograd", f"gauss-newton failed verification (residual {r:.1e})"
                             del found[i]
