@@ -48,7 +48,7 @@ class Data:
     pass. Iterating yields ``(x, y, weight)``: ``weight`` is the chunk's share of the user's loss over
     all the data (see :class:`~hawqlib.hessian.losses.LossSpec`); chunks of weight 0 are skipped."""
 
-    def __init__(self, data, chunk_size: int, device, dtype, spec: LossSpec):
+    def __init__(self, data, chunk_size: int, device, dtype, spec: LossSpec, need_loss: bool = True):
         if not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
         if data is None:
@@ -75,7 +75,7 @@ class Data:
         if self.n == 0:
             raise HessianError("data is empty: it yielded no samples; the Hessian of a loss needs at least one "
                                "(inputs, targets) sample")
-        self.total = spec.total(self.norms)
+        self.total = spec.total(self.norms) if need_loss or sum(self.norms) else 0.0
         self.weights = [spec.chunk_weight(z, self.total) for z in self.norms]
 
     def _chunks(self):
@@ -135,7 +135,10 @@ class Data:
         """A one-chunk :class:`Data` of the given samples (optionally cast to ``dtype``)."""
         x, y = self.take(indices)
         dtype = dtype or self.dtype
-        return Data((x.to(dtype) if x.is_floating_point() else x, y), 1 << 62, self.device, dtype, self.spec)
+        if torch.is_tensor(y) and y.is_floating_point():
+            y = y.to(dtype)
+        return Data((x.to(dtype) if x.is_floating_point() else x, y), 1 << 62, self.device, dtype, self.spec,
+                    need_loss=False)
 
 
 def spread_indices(n: int, k: int, seed: int) -> list[int]:

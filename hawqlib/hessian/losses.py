@@ -90,7 +90,7 @@ class LossSpec:
         """The factor of a chunk's ``loss_fn`` value in the loss over all samples."""
         if self.reduction == "sum":
             return 1.0
-        return z_c / total
+        return z_c / total if total else 0.0
 
     # ------------------------------------------------------------------ Gauss-Newton factors
     def sample_factors(self, y, C: int, n_total: int, total: float):
