@@ -192,6 +192,8 @@ def main():
     ap.add_argument("--skip-pyhessian", action="store_true")
     ap.add_argument("--threads", default="1", help="comma-separated torch thread counts (default 1)")
     ap.add_argument("--no-contention", action="store_true", help="skip the runs beside a competing process")
+    ap.add_argument("--unverified", action="store_true",
+                    help="also time ours with verify=False (what the verification of every eigenpair costs)")
     ap.add_argument("--compete", type=int, default=os.cpu_count() or 1, help="busy threads of the competitor")
     ap.add_argument("--compete-limit", type=float, default=1800.0, help="seconds after which the competitor exits")
     args = ap.parse_args()
@@ -217,6 +219,11 @@ def main():
                 print(f"-- {nt} thread(s), {cond}; load average {os.getloadavg()}", flush=True)
                 ours, t_ours, mem_ours = timed(lambda: H.top_eigenvalues(model, ce, (x, y), blocks, progress=False))
                 print(f"ours: {t_ours:.1f} s (CPU {mem_ours.cpu:.1f} s)", flush=True)
+                if args.unverified:
+                    _, t_unv, mem_unv = timed(lambda: H.top_eigenvalues(model, ce, (x, y), blocks, progress=False,
+                                                                       verify=False))
+                    print(f"ours, verify=False: {t_unv:.1f} s (CPU {mem_unv.cpu:.1f} s); the verification costs "
+                          f"{mem_ours.cpu / mem_unv.cpu:.2f}x in CPU time", flush=True)
                 t_ph, mem_ph = None, None
                 if not args.skip_pyhessian:
                     ph, t_ph, mem_ph = timed(lambda: run_pyhessian(model, x, y, blocks))

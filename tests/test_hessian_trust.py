@@ -130,6 +130,11 @@ def test_converged_means_the_verified_residual_meets_tol():
         for r, b in zip(res, blocks):
             assert r.converged and r.residual <= 1e-6
             assert close(r.eigenvalue, dense_top(model, ce, data, b))
+    # verify=False: the same Gauss-Newton eigenvalues, the solver's own residual, labelled unverified
+    unv = H.top_eigenvalues(model, ce, data, tol=1e-6, progress=False, verify=False)
+    ver = H.top_eigenvalues(model, ce, data, tol=1e-6, progress=False)
+    for u, v in zip(unv, ver):
+        assert u.eigenvalue == v.eigenvalue and "unverified" in u.note and u.residual == u.history[-1]
     # stopped early: the verified residual is reported and converged is False, with a warning for autograd
     with pytest.warns(RuntimeWarning, match="block '0'.*not converged"):
         r = H.top_eigenvalues(model, ce, data, [blocks[0]], method="autograd", max_iter=2, progress=False)[0]
