@@ -38,7 +38,8 @@ def _content(t, device) -> str | None:
     key = (flat.numel(), str(flat.device))
     if key not in _PROBES:
         g = torch.Generator().manual_seed(12345)
-        _PROBES.clear() if len(_PROBES) > 16 else None
+        if len(_PROBES) > 16:
+            _PROBES.clear()
         _PROBES[key] = torch.rand(flat.numel(), generator=g, dtype=torch.float64).to(flat.device) + 0.5
     return repr(float(flat @ _PROBES[key]))  # a string: NaN content compares equal to itself
 
@@ -220,7 +221,7 @@ def probe_layers(model, x, blocks: list[Block]):
     """One forward of ``x`` with hooks on every block's layers: per block, how often each of its layers
     ran and the per-sample input/output shapes of its first layer; the order the blocks first ran in;
     and the output. A block whose layer never runs has no Hessian: :class:`HessianError`."""
-    calls, shapes, order, handles = {}, {}, [], []
+    calls, shapes, order, handles, seen = {}, {}, [], [], {}
 
     def hook_for(i, first):
         def hook(mod, inp, out):
@@ -231,7 +232,6 @@ def probe_layers(model, x, blocks: list[Block]):
             seen.setdefault(i, set()).add(id(mod))
         return hook
 
-    seen: dict = {}
     for i, b in enumerate(blocks):
         for j, m in enumerate(b.modules):
             handles.append(m.register_forward_hook(hook_for(i, j == 0)))
