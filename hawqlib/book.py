@@ -8,8 +8,8 @@
    that runs this very interpreter (so a fresh virtual environment works without registering
    a kernel by hand). The executed copy is written to a temporary file and renamed to
    ``book/executed/<name>.ipynb`` only when every cell ran (its ``parameters`` and injected cells
-   tagged for removal from the page, :func:`hawqlib.pages.reader_copy`): a failed run names the notebook and
-   the failing cell, keeps its partial copy as ``<name>.failed.ipynb`` for inspection and removes
+   tagged for removal from the page, :func:`hawqlib.pages.reader_copy`): a failed run names the
+   notebook and the failing cell, keeps its partial copy as ``<name>.failed.ipynb`` for inspection and removes
    any older executed copy, so a stale result is never built into the book.
 2. Each notebook's wall time goes to ``book/executed/timings.json`` (with the machine it ran on);
    the book's "Reproduce it" page shows them.
@@ -40,7 +40,8 @@ from . import pages, profiles
 from .storage import atomic_write, atomic_write_json
 
 __all__ = ["NOTEBOOKS", "NotebookError", "BuildError", "project_root", "available", "book_file", "toc_documents",
-           "kernel_spec_dir", "artifacts_for", "execute", "run_notebooks", "check_executed", "package_modules", "api_page_text", "api_pages", "build",
+           "kernel_spec_dir", "artifacts_for", "execute", "run_notebooks", "check_executed", "package_modules",
+           "api_page_text", "api_pages", "build",
            "run", "main"]
 
 #: The notebooks, in book order. Each is ``notebooks/<name>.ipynb`` and becomes ``book/executed/<name>``.
@@ -76,7 +77,7 @@ def book_file(book_dir: str | os.PathLike, name: str) -> Path:
     book = Path(book_dir)
     for folder in (book, book.parent, project_root()):
         if (folder / name).is_file():
-            return folder / name
+            return (folder / name).resolve()
     raise FileNotFoundError(f"no {name} in {book}, beside it, or in {project_root()}")
 
 

@@ -132,9 +132,9 @@ class Browser:
         session = self.call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
         for domain in ("Page", "Runtime", "Log", "Network"):
             self.call(f"{domain}.enable", session=session)
-        self.call("Emulation.setDeviceMetricsOverride", {"width": WIDTH, "height": 900, "deviceScaleFactor": 1,
-                                                         "mobile": False}, session=session)
-        return Tab(self, session)
+        tab = Tab(self, session)
+        tab._viewport(900)
+        return tab
 
 
 # Runs in the page once MathJax is done: what a reader would see that is wrong.
@@ -217,11 +217,19 @@ class Tab:
                                             if e["method"] == "Network.requestWillBeSent"
                                             and not e["params"]["request"]["url"].startswith(("file:", "data:", "about:"))})
         if screenshot is not None:
+            # The window made as tall as the page (up to max_height), so the layout is the reader's.
             height = min(int(report["height"]), max_height)
-            shot = b.call("Page.captureScreenshot",
-                          {"format": "png", "captureBeyondViewport": True,
-                           "clip": {"x": 0, "y": 0, "width": WIDTH, "height": height, "scale": 1}},
-                          session=self.session, timeout=120)
+            self._viewport(height)
+            try:
+                b.call("Runtime.evaluate", {"expression": "window.scrollTo(0, 0)"}, session=self.session)
+                shot = b.call("Page.captureScreenshot", {"format": "png"}, session=self.session, timeout=120)
+            finally:
+                self._viewport(900)
             screenshot.parent.mkdir(parents=True, exist_ok=True)
             screenshot.write_bytes(base64.b64decode(shot["data"]))
         return report
+
+    def _viewport(self, height: int) -> None:
+        self.browser.call("Emulation.setDeviceMetricsOverride", {"width": WIDTH, "height": height,
+                                                                 "deviceScaleFactor": 1, "mobile": False},
+                          session=self.session)
