@@ -391,7 +391,9 @@ def build(book_dir: str | os.PathLike | None = None, *, profile: str | None = No
     check_executed(book, profile)
     for page in api_pages(book) if (book / "api").is_dir() else []:
         print(f"new API page {page} (commit it)", file=sys.stderr)
-    cmd = [sys.executable, "-c", "import sys; from jupyter_book.cli.main import main; sys.exit(main())",
+    # Sphinx colours its messages only on a terminal, as sphinx-build does (Jupyter Book always would).
+    cmd = [sys.executable, "-c", "import sys; from sphinx.util.console import color_terminal, nocolor; "
+           "color_terminal() or nocolor(); from jupyter_book.cli.main import main; sys.exit(main())",
            "build", str(book), "--config", str(book_file(book, "_config.yml")),
            "--toc", str(book_file(book, "_toc.yml")), "--path-output", str(book),
            "--all", "-W", "--keep-going"] + (["-q"] if quiet else [])

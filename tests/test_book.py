@@ -346,6 +346,18 @@ def test_every_toc_page_rendered(built):
     assert "book: " in built.output and "index.html" in built.output
 
 
+def test_the_log_is_clean(built):
+    """In a log (no terminal): one line per notebook, no progress-bar redraws or colour codes, no kernel warning."""
+    out = built.output
+    assert "\r" not in out and "\x1b[" not in out, "terminal control characters in the runner's log"
+    assert "without encryption" not in out  # kernels are reached over IPC, not TCP
+    assert "BuildBackendWarning" not in out and "license" not in out.lower()
+    lines = [ln for ln in out.splitlines() if ln.startswith("notebook ")]
+    assert len(lines) == len(book.NOTEBOOKS), lines
+    for i, (ln, name) in enumerate(zip(lines, book.NOTEBOOKS), 1):
+        assert ln.startswith(f"notebook {i}/{len(book.NOTEBOOKS)} {name} (smoke): "), ln
+
+
 def test_images_exist_and_are_not_empty(built):
     n = 0
     for page in built.html.rglob("*.html"):
