@@ -391,9 +391,11 @@ def build(book_dir: str | os.PathLike | None = None, *, profile: str | None = No
     check_executed(book, profile)
     for page in api_pages(book) if (book / "api").is_dir() else []:
         print(f"new API page {page} (commit it)", file=sys.stderr)
-    # Sphinx colours its messages only on a terminal, as sphinx-build does (Jupyter Book always would).
+    # Colours only on a terminal, as sphinx-build does (Jupyter Book would colour a log too).
     cmd = [sys.executable, "-c", "import sys; from sphinx.util.console import color_terminal, nocolor; "
-           "color_terminal() or nocolor(); from jupyter_book.cli.main import main; sys.exit(main())",
+           "import jupyter_book.utils as u; color_terminal() or (nocolor(), "
+           "setattr(u, '_color_message', lambda msg, color: msg)); "
+           "from jupyter_book.cli.main import main; sys.exit(main())",
            "build", str(book), "--config", str(book_file(book, "_config.yml")),
            "--toc", str(book_file(book, "_toc.yml")), "--path-output", str(book),
            "--all", "-W", "--keep-going"] + (["-q"] if quiet else [])

@@ -157,10 +157,11 @@ _REPORT_JS = r"""
   const vw = document.documentElement.clientWidth;
   const article = document.querySelector('article') || main;
   const aright = article.getBoundingClientRect().right;
-  const wide = [...article.querySelectorAll('table')].filter(t => {
-      const r = t.getBoundingClientRect();
-      return r.width > 0 && (r.right > Math.min(vw, aright) + 2 || t.scrollWidth > t.clientWidth + 2); })
-    .map(t => (t.id || t.className || 'table') + ' ' + Math.round(t.getBoundingClientRect().width) + 'px');
+  const name = t => (t.id || t.className || 'table') + ' ' + Math.round(t.scrollWidth) + 'px';
+  const tables = [...article.querySelectorAll('table')].filter(t => t.getBoundingClientRect().width > 0);
+  // Off the page: a table whose box runs past the text column. Scrolling: one that scrolls inside its box.
+  const wide = tables.filter(t => t.getBoundingClientRect().right > Math.min(vw, aright) + 2).map(name);
+  const scrolling = tables.filter(t => t.scrollWidth > t.clientWidth + 2).map(name);
   const cut = [...article.querySelectorAll('pre')].filter(p => p.scrollWidth > p.clientWidth + 2)
     .map(p => p.textContent.split('\n').find(l => l.length > 0).slice(0, 60));
   return JSON.stringify({
@@ -176,6 +177,7 @@ _REPORT_JS = r"""
     images: document.images.length,
     broken_images: [...document.images].filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.src),
     wide_tables: wide,
+    scrolling_tables: scrolling,
     cut_code: cut,
     height: document.documentElement.scrollHeight,
   });
