@@ -7,8 +7,9 @@
    executed by papermill with ``profile`` injected into its ``parameters`` cell, in a kernel
    that runs this very interpreter (so a fresh virtual environment works without registering
    a kernel by hand). The executed copy is written to a temporary file and renamed to
-   ``book/executed/<name>.ipynb`` only when every cell ran: a failed run names the notebook and
-   the failing cell, keeps its partial copy as ``<name>.failed.ipynb`` for inspection and removes
+   ``book/executed/<name>.ipynb`` only when every cell ran (its ``parameters`` and injected cells
+   tagged for removal from the page, :func:`hawqlib.pages.reader_copy`): a failed run names the
+   notebook and the failing cell, keeps its partial copy as ``<name>.failed.ipynb`` for inspection and removes
    any older executed copy, so a stale result is never built into the book.
 2. Each notebook's wall time goes to ``book/executed/timings.json`` (with the machine it ran on);
    the book's "Reproduce it" page shows them.
@@ -35,11 +36,12 @@ import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from . import profiles
+from . import pages, profiles
 from .storage import atomic_write, atomic_write_json
 
-__all__ = ["NOTEBOOKS", "NotebookError", "BuildError", "project_root", "available", "toc_documents",
-           "kernel_spec_dir", "execute", "run_notebooks", "check_executed", "package_modules", "api_pages", "build",
+__all__ = ["NOTEBOOKS", "NotebookError", "BuildError", "project_root", "available", "book_file", "toc_documents",
+           "kernel_spec_dir", "artifacts_for", "execute", "run_notebooks", "check_executed", "package_modules",
+           "api_page_text", "api_pages", "build",
            "run", "main"]
 
 #: The notebooks, in book order. Each is ``notebooks/<name>.ipynb`` and becomes ``book/executed/<name>``.
@@ -69,12 +71,25 @@ def available(notebooks_dir: str | os.PathLike | None = None) -> list[str]:
     return [n for n in NOTEBOOKS if (nb_dir / f"{n}.ipynb").is_file()]
 
 
+def book_file(book_dir: str | os.PathLike, name: str) -> Path:
+    """The book's ``_config.yml`` or ``_toc.yml``: in ``book_dir`` when it has one, else beside it, else at the
+    top of the repository (where the project keeps both)."""
+    book = Path(book_dir)
+    for folder in (book, book.parent, project_root()):
+        if (folder / name).is_file():
+            return (folder / name).resolve()
+    raise FileNotFoundError(f"no {name} in {book}, beside it, or in {project_root()}")
+
+
 def toc_documents(book_dir: str | os.PathLike) -> list[str]:
-    """Every document of ``<book_dir>/_toc.yml`` (``root``, ``file`` and expanded ``glob`` entries), in toc order."""
+    """Every document of the book's ``_toc.yml`` (``root``, ``file`` and expanded ``glob`` entries), in toc order.
+
+    Entries are relative to ``book_dir``; the file is found by :func:`book_file`.
+    """
     import yaml
 
     book = Path(book_dir)
-    toc = yaml.safe_load((book / "_toc.yml").read_text())
+    toc = yaml.safe_load(book_file(book, "_toc.yml").read_text())
     docs: list[str] = []
 
     def walk(node):
@@ -134,6 +149,30 @@ def _environ(**values: str | None) -> Iterator[None]:
                 os.environ[k] = v
 
 
+def _kernel_manager_class():
+    from jupyter_client.manager import AsyncKernelManager
+
+    class IPCKernelManager(AsyncKernelManager):
+        """A kernel reached over local sockets (IPC), not TCP: nothing listens on the network."""
+
+        def __init__(self, **kwargs):
+            kwargs.setdefault("transport", "ipc")
+            super().__init__(**kwargs)
+
+    return IPCKernelManager
+
+
+def artifacts_for(profile: str) -> str | None:
+    """Where the kernel stores artifacts at ``profile``: ``HAWQ_ARTIFACTS`` when set, else, for any profile
+    but the published one (:data:`hawqlib.profiles.DEFAULT_PROFILE`), ``data/scratch/<profile>``, which git
+    ignores, so a smoke or paper run never leaves folders beside the committed results. None: the default."""
+    if os.environ.get("HAWQ_ARTIFACTS"):
+        return os.environ["HAWQ_ARTIFACTS"]
+    if profile == profiles.DEFAULT_PROFILE:
+        return None
+    return str(project_root() / "data" / "scratch" / profile)
+
+
 def _check_source(path: Path) -> None:
     import nbformat
 
@@ -171,13 +210,14 @@ def execute(name: str, profile: str, *, notebooks_dir: str | os.PathLike | None 
         kernel_spec_dir(kdir)
         jpath = os.pathsep.join([kdir] + ([os.environ["JUPYTER_PATH"]] if os.environ.get("JUPYTER_PATH") else []))
         env = {"JUPYTER_PATH": jpath, "HAWQ_PROFILE": profile, "FORCE": "1" if force else None,
+               "HAWQ_ARTIFACTS": artifacts_for(profile),
                "PYTHONHASHSEED": os.environ.get("PYTHONHASHSEED", "0")}
         t0 = time.perf_counter()
         try:
             with _environ(**env):
                 pm.execute_notebook(str(src), str(tmp), parameters={"profile": profile}, kernel_name=KERNEL_NAME,
-                                    progress_bar={"desc": name, "leave": False} if progress else False,
-                                    cwd=str(nb_dir), start_timeout=180)
+                                    progress_bar={"desc": name, "leave": False} if progress and _tty() else False,
+                                    cwd=str(nb_dir), start_timeout=180, kernel_manager_class=_kernel_manager_class())
         except PapermillExecutionError as exc:
             os.replace(tmp, failed)
             dest.unlink(missing_ok=True)
@@ -194,12 +234,21 @@ def execute(name: str, profile: str, *, notebooks_dir: str | os.PathLike | None 
             tmp.unlink(missing_ok=True)
             raise
         wall = time.perf_counter() - t0
+    import nbformat
+
+    nb = nbformat.read(tmp, as_version=4)
+    pages.reader_copy(nb)
+    nbformat.write(nb, tmp)
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; an executed notebook is not
     os.replace(tmp, dest)
     failed.unlink(missing_ok=True)
     return wall
+
+
+def _tty() -> bool:
+    return sys.stderr.isatty()
 
 
 def _machine() -> dict:
@@ -248,13 +297,14 @@ def run_notebooks(profile: str, only: Sequence[str] | None = None, *, force: boo
     timings_path = out / "timings.json"
     machine = _machine()
     times: dict[str, float] = {}
-    bar = progress_bar(names, desc=f"notebooks ({profile})", unit="nb", disable=not progress)
-    for name in bar:
+    # A bar on a terminal; in a log (no terminal) one line per notebook, written when it finishes.
+    bar = progress_bar(names, desc=f"notebooks ({profile})", unit="nb", disable=not (progress and _tty()))
+    for i, name in enumerate(bar, 1):
         bar.set_postfix_str(name)
         wall = execute(name, profile, notebooks_dir=nb_dir, out_dir=out, force=force, progress=progress)
         times[name] = wall
         if progress:
-            progress_write(f"{name}: {wall:.1f} s")
+            progress_write(f"notebook {i}/{len(names)} {name} ({profile}): {wall:.1f} s")
         record = _read_timings(timings_path)
         record["notebooks"][name] = {"profile": profile, "wall_s": round(wall, 2), "force": bool(force),
                                      "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -301,11 +351,17 @@ def package_modules() -> list[str]:
                   if not m.name.endswith("__main__"))
 
 
-def api_pages(book_dir: str | os.PathLike | None = None) -> list[Path]:
-    """Write ``<book_dir>/api/<module>.md`` for every module that has no API page yet; return the new pages.
+def api_page_text(module: str, is_package: bool = False) -> str:
+    """The API page of ``module``: autodoc's reST inside MyST's ``eval-rst`` (MyST does not parse it bare)."""
+    opts = "" if is_package else "   :members:\n   :show-inheritance:\n"
+    return f"# `{module}`\n\n```{{eval-rst}}\n.. automodule:: {module}\n{opts}```\n"
 
-    A page is one ``automodule`` directive (members of a plain module, the docstring alone for a
-    package, whose members are documented in their own modules). The table of contents picks the
+
+def api_pages(book_dir: str | os.PathLike | None = None) -> list[Path]:
+    """Write ``<book_dir>/api/<module>.md`` for every module whose page is missing or differs; return those pages.
+
+    A page is one ``automodule`` directive (:func:`api_page_text`): members of a plain module, the docstring
+    alone for a package, whose members are documented in their own modules). The table of contents picks the
     pages up by its ``api/hawqlib.*`` glob, so a new module is never missing from the reference.
     """
     import importlib
@@ -314,11 +370,9 @@ def api_pages(book_dir: str | os.PathLike | None = None) -> list[Path]:
     new = []
     for name in package_modules():
         page = book / "api" / f"{name}.md"
-        if page.exists():
+        text = api_page_text(name, hasattr(importlib.import_module(name), "__path__"))
+        if page.exists() and page.read_text() == text:
             continue
-        is_package = hasattr(importlib.import_module(name), "__path__")
-        opts = "" if is_package else ":members:\n:show-inheritance:\n"
-        text = f"# `{name}`\n\n```{{automodule}} {name}\n{opts}```\n"
         atomic_write(page, lambda f: f.write(text), mode="w")
         os.chmod(page, 0o644)
         new.append(page)
@@ -337,8 +391,14 @@ def build(book_dir: str | os.PathLike | None = None, *, profile: str | None = No
     check_executed(book, profile)
     for page in api_pages(book) if (book / "api").is_dir() else []:
         print(f"new API page {page} (commit it)", file=sys.stderr)
-    cmd = [sys.executable, "-c", "import sys; from jupyter_book.cli.main import main; sys.exit(main())",
-           "build", str(book), "--all", "-W", "--keep-going"] + (["-q"] if quiet else [])
+    # Colours only on a terminal, as sphinx-build does (Jupyter Book would colour a log too).
+    cmd = [sys.executable, "-c", "import sys; from sphinx.util.console import color_terminal, nocolor; "
+           "import jupyter_book.utils as u; color_terminal() or (nocolor(), "
+           "setattr(u, '_color_message', lambda msg, color: msg)); "
+           "from jupyter_book.cli.main import main; sys.exit(main())",
+           "build", str(book), "--config", str(book_file(book, "_config.yml")),
+           "--toc", str(book_file(book, "_toc.yml")), "--path-output", str(book),
+           "--all", "-W", "--keep-going"] + (["-q"] if quiet else [])
     proc = subprocess.run(cmd, capture_output=quiet, text=True)
     if proc.returncode != 0:
         detail = ("\n" + (proc.stdout or "")[-4000:] + (proc.stderr or "")[-4000:]) if quiet else ""

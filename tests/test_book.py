@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import json
 import re
+import subprocess
 import sys
 from html.parser import HTMLParser
 from pathlib import Path
@@ -20,7 +21,7 @@ import nbformat
 import pytest
 
 import hawqlib
-from hawqlib import book
+from hawqlib import book, pages
 
 from _book_smoke import ROOT, smoke_book
 
@@ -48,7 +49,49 @@ def test_api_reference_covers_every_module():
     assert not pages - modules, f"API pages of modules that do not exist: {sorted(pages - modules)}"
     for name in pages:
         text = (BOOK / "api" / f"{name}.md").read_text()
-        assert f"{{automodule}} {name}\n" in text
+        # autodoc's reST only renders inside eval-rst: a bare {automodule} block shows as literal text.
+        assert text == book.api_page_text(name, hasattr(importlib.import_module(name), "__path__")), name
+        assert "```{eval-rst}\n.. automodule:: " + name + "\n" in text
+
+
+def test_config_and_toc_sit_at_the_top_of_the_repository():
+    assert book.book_file(BOOK, "_config.yml") == ROOT / "_config.yml"
+    assert book.book_file(BOOK, "_toc.yml") == ROOT / "_toc.yml"
+    assert not (BOOK / "_config.yml").exists() and not (BOOK / "_toc.yml").exists()
+
+
+def test_executed_copy_removes_the_parameter_cells():
+    nb = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell('profile = "cpu"', metadata={"tags": ["parameters"]}),
+        nbformat.v4.new_code_cell('profile = "smoke"', metadata={"tags": ["injected-parameters"]}),
+        nbformat.v4.new_code_cell("glue('x', 1)", metadata={"tags": ["hide-input"]}),
+        nbformat.v4.new_code_cell("y = 2")])
+    assert pages.reader_copy(nb) == 2
+    assert [c.metadata["tags"] for c in nb.cells] == [["parameters", "remove-cell"],
+                                                     ["injected-parameters", "remove-cell"], ["hide-input"], []]
+    assert pages.reader_copy(nb) == 0  # idempotent
+
+
+def test_table_helper_formats_columns_and_rejects_unknown_ones():
+    import pandas as pd
+
+    df = pd.DataFrame({"block": ["layer1.0.conv1", "fc"], "n_i": [2304, 640], "top-1 (%)": [92.6412, 91.0]})
+    html = pages.table(df, {"top-1 (%)": "{:.2f}", "n_i": "{:,d}"}, index=False).to_html()
+    assert 'class="dataframe hawq-table"' in html and ">92.64<" in html and ">2,304<" in html
+    assert "text-align: left" in html  # the string column
+    with pytest.raises(KeyError, match="top1"):
+        pages.table(df, {"top1": "{:.2f}"})
+
+
+def test_artifacts_of_other_profiles_go_where_git_ignores_them(monkeypatch):
+    monkeypatch.delenv("HAWQ_ARTIFACTS", raising=False)
+    assert book.artifacts_for(hawqlib.profiles.DEFAULT_PROFILE) is None  # the published results
+    scratch = Path(book.artifacts_for("smoke"))
+    assert scratch == ROOT / "data" / "scratch" / "smoke"
+    ignored = subprocess.run(["git", "check-ignore", "-q", str(scratch / "x" / "manifest.json")], cwd=ROOT)
+    assert ignored.returncode == 0, "data/scratch/ must be ignored by git"
+    monkeypatch.setenv("HAWQ_ARTIFACTS", "/elsewhere")
+    assert book.artifacts_for("smoke") == "/elsewhere"
 
 
 def test_every_module_docstring_exists():
@@ -301,6 +344,18 @@ def test_every_toc_page_rendered(built):
         assert _parse(page).ids, f"{page} has no content"
     assert (built.html / "index.html").is_file()
     assert "book: " in built.output and "index.html" in built.output
+
+
+def test_the_log_is_clean(built):
+    """In a log (no terminal): one line per notebook, no progress-bar redraws or colour codes, no kernel warning."""
+    out = built.output
+    assert "\r" not in out and "\x1b[" not in out, "terminal control characters in the runner's log"
+    assert "without encryption" not in out  # kernels are reached over IPC, not TCP
+    assert "BuildBackendWarning" not in out and "license" not in out.lower()
+    lines = [ln for ln in out.splitlines() if ln.startswith("notebook ")]
+    assert len(lines) == len(book.NOTEBOOKS), lines
+    for i, (ln, name) in enumerate(zip(lines, book.NOTEBOOKS), 1):
+        assert ln.startswith(f"notebook {i}/{len(book.NOTEBOOKS)} {name} (smoke): "), ln
 
 
 def test_images_exist_and_are_not_empty(built):

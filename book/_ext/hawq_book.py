@@ -7,6 +7,9 @@
 - directive ``{profile-table}`` ``section`` tabulates one profile section for every profile.
 - directive ``{timings-table}`` tabulates ``executed/timings.json`` (notebook wall times written by
   :mod:`hawqlib.book`) and the machine they ran on; a missing file is a build error.
+- docstrings' norm bars (``|w|``) stay text on the API pages (:class:`NormBars`).
+- MathJax is served from the build itself (``_static/mathjax``, copied from the
+  ``sphinx-mathjax-offline`` package), so formulas are typeset without network access.
 - directive ``{our-choices}`` collects every "our choice" statement of the package: docstring
   paragraphs and ``# Our choice`` comment blocks, grouped by module, so the "Our choices" page
   stays complete as the code changes.
@@ -26,7 +29,9 @@ from pathlib import Path
 from docutils import nodes
 from docutils.parsers.rst import Parser as RSTParser
 from docutils.parsers.rst import directives
+from docutils.transforms import Transform
 from docutils.utils import new_document
+from sphinx.errors import ExtensionError
 from sphinx.util.docutils import SphinxDirective, SphinxRole
 
 CHOICE = re.compile(r"our choice(?!s)|choice \(ours|\(ours[,:)]", re.IGNORECASE)
@@ -309,8 +314,73 @@ class OurChoices(SphinxDirective):
         return out
 
 
+class NormBars(Transform):
+    """Docstrings write norms as ``|w|`` and ``|lambda|``: on an API page, an undefined reST substitution
+    reference is that text, as in the docstring, not an error. Runs just before docutils resolves
+    substitutions (priority 220), after Sphinx fills in its own (``|version|``, 210)."""
+
+    default_priority = 215
+
+    def apply(self):
+        doc = self.document
+        for ref in list(doc.findall(nodes.substitution_reference)):
+            name = ref["refname"]
+            if name in doc.substitution_defs or nodes.fully_normalize_name(name) in doc.substitution_names:
+                continue
+            ref.replace_self(nodes.Text(ref.rawsource or f"|{ref.astext()}|"))
+
+
+#: The MathJax files the book needs: the TeX-to-HTML component, its fonts and the TeX extensions it autoloads.
+MATHJAX_FILES = ("tex-chtml.js", "output/chtml/fonts", "input/tex/extensions")
+
+
+def mathjax_source() -> Path:
+    """The MathJax 3 distribution shipped by the ``sphinx-mathjax-offline`` package (a book dependency)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("sphinx-mathjax-offline")
+    if spec is None or not spec.submodule_search_locations:
+        raise ExtensionError("MathJax for offline reading is missing: pip install sphinx-mathjax-offline "
+                             "(it is in hawqlib's 'book' extra)")
+    return Path(list(spec.submodule_search_locations)[0]) / "static" / "mathjax"
+
+
+def _check_mathjax(app):
+    if not str(app.config.mathjax_path).startswith("mathjax/"):
+        raise ExtensionError(f"mathjax_path is {app.config.mathjax_path!r}: the book serves MathJax itself, "
+                             "set it to 'mathjax/tex-chtml.js' in _config.yml")
+    mathjax_source()
+
+
+def _copy_mathjax(app, exc):
+    if exc is not None or app.builder.format != "html":
+        return
+    import shutil
+
+    src, dst = mathjax_source(), Path(app.outdir) / "_static" / "mathjax"
+    for rel in MATHJAX_FILES:
+        if (src / rel).is_dir():
+            shutil.copytree(src / rel, dst / rel, dirs_exist_ok=True)
+        else:
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src / rel, dst / rel)
+
+
+def _drop_thebe(app, pagename, templatename, context, doctree):
+    """The book runs nothing live (``launch_buttons.thebe: false``), yet sphinx-thebe declares its script
+    twice on every page, a JavaScript error; its scripts are dropped from the pages."""
+    scripts = context.get("script_files")
+    if scripts:
+        context["script_files"] = [js for js in scripts if "thebe" not in str(getattr(js, "filename", js) or "")
+                                   and "THEBE_JS_URL" not in str(getattr(js, "attributes", {}).get("body", ""))]
+
+
 def setup(app):
-    """Register the roles and directives."""
+    """Register the roles and directives, and serve MathJax from the build."""
+    app.connect("builder-inited", _check_mathjax)
+    app.connect("build-finished", _copy_mathjax)
+    app.add_transform(NormBars)
+    app.connect("html-page-context", _drop_thebe)
     app.add_role("profile", ProfileRole())
     app.add_role("book-profile", BookProfileRole())
     app.add_directive("profile-table", ProfileTable)

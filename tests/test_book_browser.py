@@ -1,0 +1,108 @@
+"""The built book as a reader sees it: every page opened in headless Chromium, offline.
+
+The smoke build of test_book.py (shared, see _book_smoke.py) is opened page by page from disk
+(``file://``), at 1280 CSS pixels. Each page must show typeset math and no raw LaTeX, no raw
+autodoc or reStructuredText markup, load every image, raise no JavaScript error, request nothing
+from the network, and fit its tables and code in the page. A screenshot of each chapter goes to
+``book/_build/screenshots/`` for a person to look at.
+
+Chromium is Debian's ``chromium`` package (``.ci/run`` installs it). Without it the test skips,
+except under CI (``CI`` set), where it fails.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+
+import pytest
+
+from hawqlib import book
+
+from _book_smoke import ROOT, smoke_book
+from _browser import WIDTH, Browser, find_chromium
+
+SHOTS = ROOT / "book" / "_build" / "screenshots"
+
+
+@pytest.fixture(scope="module")
+def chromium() -> str:
+    binary = find_chromium()
+    if binary is None:
+        msg = "headless Chromium not found (apt-get install chromium, or set HAWQ_CHROMIUM)"
+        if os.environ.get("CI"):
+            pytest.fail(msg + ": under CI the browser check is required")
+        pytest.skip(msg)
+    return binary
+
+
+def _is_chapter(doc: str) -> bool:
+    return doc.startswith(("method/", "executed/")) or doc in ("intro", "choices", "reproduce", "api/index")
+
+
+@pytest.fixture(scope="module")
+def pages(chromium, tmp_path_factory, cifar_root) -> dict[str, dict]:
+    run = smoke_book(tmp_path_factory.mktemp("smoke_book"), cifar_root)
+    assert run.returncode == 0, f"the smoke book failed:\n{run.output[-6000:]}"
+    docs = book.toc_documents(run.book_dir)
+    if SHOTS.exists():
+        shutil.rmtree(SHOTS)
+    t0 = time.perf_counter()
+    browser = Browser(chromium, tmp_path_factory.mktemp("chromium-profile"))
+    try:
+        tab = browser.tab()
+        reports = {doc: tab.inspect((run.html / f"{doc}.html").as_uri(),
+                                    SHOTS / f"{doc.replace('/', '__')}.png" if _is_chapter(doc) else None)
+                   for doc in docs}
+    finally:
+        browser.close()
+    print(f"\nbrowser check: {len(reports)} pages in {time.perf_counter() - t0:.1f} s; screenshots in {SHOTS}")
+    scrolling = {doc: r["scrolling_tables"] for doc, r in reports.items() if r["scrolling_tables"]}
+    if scrolling:
+        print(f"tables wider than the text column, scrolling in their box at {WIDTH} px: {scrolling}")
+    return reports
+
+
+def _bad(pages: dict, key: str) -> dict:
+    return {doc: r[key] for doc, r in pages.items() if r[key]}
+
+
+def test_no_javascript_error_and_nothing_from_the_network(pages):
+    assert not _bad(pages, "js_errors"), _bad(pages, "js_errors")
+    assert not _bad(pages, "failed_requests"), _bad(pages, "failed_requests")
+    assert not _bad(pages, "remote_requests"), f"pages load from the network: {_bad(pages, 'remote_requests')}"
+
+
+def test_math_is_typeset_offline(pages):
+    assert not _bad(pages, "untypeset"), f"math left as source: {_bad(pages, 'untypeset')}"
+    assert not _bad(pages, "mjx_errors"), f"MathJax errors: {_bad(pages, 'mjx_errors')}"
+    assert not _bad(pages, "raw_tex"), f"raw LaTeX in the text: {_bad(pages, 'raw_tex')}"
+    for doc in ("method/hessian", "method/sensitivity", "executed/hessian_spectrum"):
+        assert pages[doc]["typeset"] > 0 and pages[doc]["typeset"] == pages[doc]["math"], (doc, pages[doc])
+
+
+def test_api_pages_are_rendered_by_autodoc(pages):
+    assert not _bad(pages, "raw_rst"), f"raw reStructuredText or autodoc markup: {_bad(pages, 'raw_rst')}"
+    api = [d for d in pages if d.startswith("api/hawqlib.")]
+    assert len(api) == len(book.package_modules())
+    packages = {m for m in book.package_modules() if (ROOT / m.replace(".", "/") / "__init__.py").is_file()}
+    empty = [d for d in api if d.removeprefix("api/") not in packages and pages[d]["signatures"] == 0]
+    assert not empty, f"API pages without a single documented signature: {empty}"
+
+
+def test_every_image_loads(pages):
+    assert not _bad(pages, "broken_images"), _bad(pages, "broken_images")
+    assert sum(r["images"] for r in pages.values()) > 0
+
+
+def test_tables_and_code_fit_a_1280_pixel_page(pages):
+    """No table runs off the page (a wide one scrolls inside its box, listed in the output); no code is cut off."""
+    assert not _bad(pages, "wide_tables"), f"tables running off the page at 1280 px: {_bad(pages, 'wide_tables')}"
+    assert not _bad(pages, "cut_code"), f"code cut off at the right: {_bad(pages, 'cut_code')}"
+
+
+def test_a_screenshot_of_every_chapter(pages):
+    chapters = [d for d in pages if _is_chapter(d)]
+    for doc in chapters:
+        shot = SHOTS / f"{doc.replace('/', '__')}.png"
+        assert shot.is_file() and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", shot
