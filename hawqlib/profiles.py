@@ -16,7 +16,7 @@ __all__ = ["PROFILES", "DEFAULT_PROFILE", "get", "current"]
 DEFAULT_PROFILE = "cpu"
 
 _BASELINE_CPU = {
-    # Our choice: the schedule of the public 92.60% ResNet20 reproduction (paper.md), 200 epochs of
+    # Our choice: the schedule of a public ResNet20 reproduction (see the book's "Our choices"), 200 epochs of
     # cosine decay, Nesterov SGD lr 0.1, momentum 0.9, weight decay 5e-4, batch 256.
     "epochs": 200, "batch_size": 256, "lr": 0.1, "schedule": "cosine", "momentum": 0.9,
     "nesterov": True, "weight_decay": 5e-4, "seed": 0, "eval_every": 5,
@@ -29,7 +29,7 @@ _BASELINE_CPU = {
 
 _HESSIAN_CPU = {
     # Our choice: the Hessian of the mean loss over a seeded sample of 512 training images (no
-    # augmentation, BatchNorm in eval mode), the data size of the reference measurements (paper.md).
+    # augmentation, BatchNorm in eval mode), the data size of the reference measurements ("Our choices").
     "n_samples": 512, "data_seed": 0,
     # Lanczos to a Ritz residual of 1e-4 (relative), at most 100 products per block; "auto" picks the
     # exact Gauss-Newton route where it is exact and autograd elsewhere (hawqlib.hessian).

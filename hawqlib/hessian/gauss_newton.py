@@ -4,7 +4,7 @@ without double backward).
 
 For such a layer (ReLU, max/avg pooling, residual additions, BatchNorm with running statistics), the
 logits are piecewise linear in that layer's weights, so the Hessian block equals the generalized
-Gauss-Newton block exactly (paper.md, "Facts measured beside the paper")::
+Gauss-Newton block exactly (the logits' second derivative in W_i vanishes almost everywhere)::
 
     H_i = (1/N) sum_n f_n J_n^T (diag(p_n) - p_n p_n^T) J_n
 
