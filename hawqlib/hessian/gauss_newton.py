@@ -134,8 +134,8 @@ def patches(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def jac_rows(mod: nn.Module, u: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """Per-sample weight gradients from :func:`patches` ``u`` and output gradients ``g`` (n, *out):
-    (n, numel), row n = d<out_n, g_n>/dW in the weight's memory order."""
+    """Per-sample weight gradients from :func:`patches` ``u`` and output gradients ``g`` of shape
+    ``(n, *out)``: an ``(n, numel)`` tensor whose row n is ``d<out_n, g_n>/dW``, in the weight's memory order."""
     n = g.shape[0]
     if isinstance(mod, nn.Linear):
         return torch.bmm(g.reshape(n, -1, mod.out_features).transpose(1, 2), u).reshape(n, -1)
