@@ -20,13 +20,7 @@ from hawqlib.quant import QUANT_MODULES, BitConfig, quant_modules
 from hawqlib.train import CheckpointError, NonFiniteLossError, evaluate, train
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on the shared 2-core machine this is several times faster for tiny models."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def synthetic(n: int, seed: int, classes: int = 10, signal: float = 0.4):

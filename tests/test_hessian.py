@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 import torch
+from _dense_hessian import exact_hessian
 import torch.nn.functional as F
 from torch import nn
 
@@ -93,26 +94,6 @@ def data_vec(n=10, classes=4, seed=0):
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(n, 6, generator=g, dtype=torch.float64),
             torch.randint(0, classes, (n,), generator=g))
-
-
-def exact_hessian(model, loss_fn, data, block):
-    """The dense Hessian of the mean loss w.r.t. the block's flattened weights, BatchNorm in eval mode."""
-    x, y = data
-    names = {id(p): n for n, p in model.named_parameters()}
-    keys = [names[id(p)] for p in block.params]
-    shapes = [p.shape for p in block.params]
-    sizes = [p.numel() for p in block.params]
-    w0 = torch.cat([p.detach().reshape(-1) for p in block.params])
-    was = model.training
-    model.eval()
-
-    def f(w):
-        parts = {k: t.view(s) for k, t, s in zip(keys, w.split(sizes), shapes)}
-        return loss_fn(torch.func.functional_call(model, parts, (x,)), y)
-
-    Hm = torch.autograd.functional.hessian(f, w0)
-    model.train(was)
-    return Hm
 
 
 _EXACT: dict = {}

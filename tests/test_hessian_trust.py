@@ -9,6 +9,7 @@ import warnings
 
 import pytest
 import torch
+from _dense_hessian import exact_hessian as dense_hessian
 import torch.nn.functional as F
 from torch import nn
 
@@ -19,33 +20,7 @@ RTOL = 1e-4
 TIGHT = dict(tol=1e-10, max_iter=400, progress=False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny float64 models gain nothing from threads on a shared CPU; restore the setting afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def dense_hessian(model, loss_fn, data, block) -> torch.Tensor:
-    """The dense Hessian of ``loss_fn`` on all of ``data`` w.r.t. the block's flattened weights, the model in
-    eval mode, by torch.func.hessian of a functional call."""
-    x, y = data
-    names = {id(p): n for n, p in model.named_parameters()}
-    keys, shapes = [names[id(p)] for p in block.params], [p.shape for p in block.params]
-    sizes = [p.numel() for p in block.params]
-    w0 = torch.cat([p.detach().reshape(-1) for p in block.params])
-    was = model.training
-    model.eval()
-
-    def f(w):
-        parts = {k: t.view(s) for k, t, s in zip(keys, w.split(sizes), shapes)}
-        return loss_fn(torch.func.functional_call(model, parts, (x,)), y)
-
-    Hm = torch.func.hessian(f)(w0).detach()
-    model.train(was)
-    return Hm
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def dense_top(model, loss_fn, data, block) -> float:
