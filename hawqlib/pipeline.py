@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -92,22 +93,71 @@ __all__ += ["HESSIAN_STEP_VERSION", "FINETUNE_STEP_VERSION", "hessian_batch", "s
             "artifact_wall_s", "artifact_threads", "ORDERS", "imagenet_model", "imagenet_batch"]
 
 
+#: Warning categories an artifact may record and replay (anything else replays as UserWarning).
+_REPLAYED = {c.__name__: c for c in (UserWarning, RuntimeWarning)}
+_PACKAGE_DIR = str(Path(__file__).resolve().parent)
+
+
+def _compute_recording(compute, folder) -> tuple:
+    """``compute(folder)`` with the warnings raised inside :mod:`hawqlib` recorded as ``{category, message}``.
+
+    Those warnings describe the result (a block that did not converge, a route that fell back), so the
+    artifact stores them and every later load replays them: a stored result warns as its computation
+    did. Warnings from other packages pass through unchanged and are not stored.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        value = compute(folder)
+    ours = []
+    for w in caught:
+        if str(Path(w.filename).resolve()).startswith(_PACKAGE_DIR):
+            rec = {"category": w.category.__name__ if w.category.__name__ in _REPLAYED else "UserWarning",
+                   "message": str(w.message)}
+            if rec not in ours:
+                ours.append(rec)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return value, ours
+
+
+def _replay(records) -> None:
+    """Re-raise the warnings an artifact recorded (:func:`_compute_recording`), from one fixed place."""
+    for rec in records or ():
+        if not (isinstance(rec, dict) and isinstance(rec.get("message"), str)):
+            raise runs.ArtifactError(f"an artifact's recorded warning {rec!r} is not a {{category, message}} "
+                                     "object; delete its manifest.json to recompute it")
+        warnings.warn(rec["message"], _REPLAYED.get(rec.get("category"), UserWarning), stacklevel=1)
+
+
 def _cached(kind: str, params: dict, compute, save, load, force: bool | None):
-    """Load the artifact ``kind``/``params`` when complete, else compute, save and mark it complete."""
+    """Load the artifact ``kind``/``params`` when complete, else compute, save and mark it complete.
+
+    Warnings raised inside hawqlib while computing are stored in the manifest and replayed on every
+    load, so a result warns the same whether it was just computed or read back.
+    """
     folder = runs.artifact_dir(kind, params)
     force = runs.force_recompute() if force is None else force
+
+    def stored():
+        value = load(folder)
+        _replay((runs.read_manifest(folder) or {}).get("warnings"))
+        return value, folder
+
     if not force and runs.complete(folder, params):  # verified: every file's SHA-256 (hawqlib.runs)
-        return load(folder), folder
+        return stored()
     with folder_lock(folder):  # one writer per artifact; a second process gets the holder's PID
         if not force and runs.complete(folder, params):  # another process finished it meanwhile
-            return load(folder), folder
+            return stored()
         runs.invalidate(folder)
         remove_orphan_tmp(folder)
         t0 = time.perf_counter()
-        value = compute(folder)
+        value, recorded = _compute_recording(compute, folder)
         wall = time.perf_counter() - t0
         facts = save(folder, value) or {}
+        if recorded:
+            facts["warnings"] = recorded
         runs.write_manifest(folder, params, wall_s=facts.pop("wall_s", wall), **facts)
+    _replay(recorded)
     return value, folder
 
 

@@ -51,6 +51,25 @@ def test_spectrum_is_stored_then_loaded_without_recomputing(artifacts, monkeypat
         pipeline.spectrum(net, "tiny", CFG, "layer", data=data, data_key="tiny-data", vectors=True, force=True)
 
 
+def test_a_stored_spectrum_warns_as_its_computation_did(artifacts, monkeypatch):
+    """A block that did not converge warns when computed and again, with the same words, when loaded."""
+    net, data = _tiny()
+    cfg = {**CFG, "solver": "power", "max_iter": 2, "tol": 1e-9}
+    with pytest.warns(RuntimeWarning) as computed:
+        res, folder = pipeline.spectrum(net, "tiny", cfg, "layer", data=data, data_key="tiny-data")
+    assert not all(r.converged for r in res)
+    said = [str(w.message) for w in computed if "not converged" in str(w.message)]
+    assert said and runs.read_manifest(folder)["warnings"]
+    monkeypatch.setattr(hessian, "top_eigenvalues", lambda *a, **k: pytest.fail("recomputed a stored spectrum"))
+    with pytest.warns(RuntimeWarning) as loaded:
+        pipeline.spectrum(net, "tiny", cfg, "layer", data=data, data_key="tiny-data")
+    assert [str(w.message) for w in loaded if "not converged" in str(w.message)] == said
+    monkeypatch.undo()
+    # a converged spectrum records nothing
+    quiet, qfolder = pipeline.spectrum(net, "tiny", CFG, "layer", data=data, data_key="tiny-data")
+    assert all(r.converged for r in quiet) and "warnings" not in runs.read_manifest(qfolder)
+
+
 def test_spectrum_checks_its_inputs(artifacts):
     net, data = _tiny()
     with pytest.raises(ValueError, match="data_key"):
