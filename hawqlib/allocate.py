@@ -1,28 +1,22 @@
-"""Bit allocation and the fine-tuning order: HAWQ sections 3.1 and 3.2, solved exactly.
+"""Bit allocation: HAWQ section 3.1's rule (more bits for more sensitive blocks), solved exactly.
 
-Notation (paper section 3.1): block B_i holds the weights W_i (``n_i`` of them, see
-:mod:`hawqlib.blocks`); ``lambda_i`` is the top eigenvalue of its Hessian block H_i (from
-:mod:`hawqlib.hessian`). Then
-
-- **sensitivity** ``S_i = lambda_i / n_i`` (section 3.1); the paper sorts blocks by S_i and
-  gives more sensitive blocks more bits;
-- **second-order perturbation** of quantizing B_i to ``b`` bits:
-  ``Omega_i(b) = lambda_i * ||Q_b(W_i) - W_i||_2^2`` (the quantity of section 3.2, i.e. the
-  quadratic model ``1/2 dW^T H_i dW`` bounded by its top eigenvalue, without the constant 1/2);
-- **fine-tuning order** (section 3.2): blocks by ``Omega_i`` at their assigned bits, largest first.
+The paper sorts the blocks by their sensitivity ``S_i = lambda_i / n_i`` (section 3.1) and gives more
+sensitive blocks more bits; the quantities and their notation are in :mod:`hawqlib.sensitivity`, the
+fine-tuning order of section 3.2 in :mod:`hawqlib.order`.
 
 Allocation (beyond the paper; the paper picks the exact bit numbers by hand within the S order).
 Our choice: among all assignments of bits from ``choices`` that are *monotone* in the S order
 (a more sensitive block never gets fewer bits than a less sensitive one) and whose model size
 (by :func:`hawqlib.size.model_size_bytes`) fits the budget, :func:`allocate_bits` returns the one
-that minimizes the total predicted perturbation ``sum_i Omega_i(b_i)``. This is solved exactly by
+that minimizes the total predicted perturbation ``sum_i Omega_i(b_i)`` (section 3.2's
+``Omega_i(b) = lambda_i ||Q_b(W_i) - W_i||_2^2``). This is solved exactly by
 dynamic programming over the blocks in S order, with the bit level of the last block as state and,
 in each state, the Pareto frontier of (size, perturbation) pairs of all monotone prefixes ending at
 that level (a dominated prefix can be swapped for the one dominating it in any completion, so
 pruning it loses nothing). Sizes are counted in whole bits (integers), so the budget test is exact.
 The budget measures the whole model as :mod:`hawqlib.size` counts it (``measure="model"``, the default)
 or the weights' bits alone (``measure="weights"``, the paper's "weight size reduction").
-The frontiers stay small (ResNet20, 20 blocks, bits (2, 3, 4, 8): about 300 Pareto points in all).
+Pruning keeps the frontiers small, so the exact search is quick for the models of the paper.
 
 Policies (``policy=``):
 
@@ -32,36 +26,35 @@ Policies (``policy=``):
   (``random.Random(seed)``), with the same optimizer;
 - ``"uniform"``: one bit width for every block, the largest in ``choices`` that fits the budget.
 
-The quantizer behind ``Q_b`` is :func:`hawqlib.quant.quantize_tensor` with the same settings that
-:func:`hawqlib.quant.quantize_model` uses, so the predicted perturbation is of the weights the
-fine-tuned model starts from.
+:func:`sensitivities`, :func:`allocation_table`, :func:`quant_errors` (from :mod:`hawqlib.sensitivity`) and
+:func:`finetune_order`, :class:`OmegaEntry`, :data:`ORDER_POLICIES` (from :mod:`hawqlib.order`) are
+importable from here too.
 """
 from __future__ import annotations
 
 import math
 import random
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import nn
 
-from .blocks import quant_blocks
-from .quant import BitConfig, quantize_tensor
+# finetune_order, OmegaEntry, ORDER_POLICIES, sensitivities, allocation_table and quant_errors lived here
+# before their modules were split off; callers still import them from hawqlib.allocate.
+from .order import ORDER_POLICIES, OmegaEntry, finetune_order  # noqa: F401
+from .quant import BitConfig
+from .sensitivity import allocation_table, lambda_of, match_blocks, quant_errors, sensitivities  # noqa: F401
 from .size import fp32_size_bytes, model_size_bytes, size_table
 
-__all__ = ["POLICIES", "MEASURES", "ORDER_POLICIES", "DEFAULT_CHOICES", "MB", "sensitivities", "allocate_bits",
-           "allocation_table", "pareto_front", "finetune_order", "OmegaEntry", "ParetoPoint", "quant_errors",
+__all__ = ["POLICIES", "MEASURES", "DEFAULT_CHOICES", "MB", "allocate_bits", "pareto_front", "ParetoPoint",
            "block_order"]
 
 POLICIES = ("hawq", "reverse", "random", "uniform")
 #: What a budget measures: the whole model (hawqlib.size.model_size_bytes, compression_ratio) or the
 #: quantized weights' bits alone (hawqlib.size.weight_compression, the paper's "weight size reduction").
 MEASURES = ("model", "weights")
-#: Orders of staged fine-tuning: the paper's (largest Omega first) and the ablation's.
-ORDER_POLICIES = ("omega", "reverse", "random")
 DEFAULT_CHOICES = (2, 3, 4, 8)
 #: Bytes in one megabyte for ``target_size_mb`` and the tables. Our choice: 2**20 (MiB), the unit
 #: in which the paper's model sizes (e.g. ResNet20 FP32 = 1.05 MB = 0.27 M weights x 4 bytes) agree.
@@ -69,57 +62,6 @@ MB = 2 ** 20
 
 
 # --------------------------------------------------------------------------- inputs
-
-def _lambda_of(spec: Any) -> float:
-    """The top eigenvalue of a spectrum object: ``.eigenvalue`` (a number, or a sequence whose max is taken)."""
-    if not hasattr(spec, "eigenvalue"):
-        raise TypeError(f"a spectrum needs .name, .numel and .eigenvalue attributes; got {type(spec).__name__}")
-    lam = spec.eigenvalue
-    if isinstance(lam, torch.Tensor):
-        lam = lam.max().item() if lam.numel() > 1 else lam.item()
-    elif isinstance(lam, Sequence):
-        if not lam:
-            raise ValueError(f"spectrum of block {getattr(spec, 'name', '?')!r} has no eigenvalue")
-        lam = max(float(v) for v in lam)
-    lam = float(lam)
-    if not math.isfinite(lam):
-        raise ValueError(f"block {getattr(spec, 'name', '?')!r} has a non-finite eigenvalue {lam}")
-    return lam
-
-
-def _spectra_list(spectra) -> list:
-    if isinstance(spectra, Mapping):
-        spectra = list(spectra.values())
-    if isinstance(spectra, (str, bytes)) or not isinstance(spectra, Sequence):
-        spectra = list(spectra)
-    for s in spectra:
-        for attr in ("name", "numel", "eigenvalue"):
-            if not hasattr(s, attr):
-                raise TypeError(f"a spectrum needs .name, .numel and .eigenvalue attributes; "
-                                f"{type(s).__name__} has no .{attr}")
-    names = [s.name for s in spectra]
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise ValueError(f"spectra name blocks more than once: {dup}")
-    if not spectra:
-        raise ValueError("spectra is empty: need one spectrum per block")
-    return list(spectra)
-
-
-def sensitivities(spectra) -> dict[str, float]:
-    """S_i = lambda_i / n_i for each block (paper section 3.1), as ``{name: S_i}`` in the spectra's order.
-
-    ``spectra`` is a sequence (or a name-keyed mapping) of objects with ``.name``, ``.numel`` and
-    ``.eigenvalue`` (the top Hessian eigenvalue of the block; a sequence of eigenvalues counts by its max).
-    """
-    out = {}
-    for s in _spectra_list(spectra):
-        n = int(s.numel)
-        if n < 1:
-            raise ValueError(f"block {s.name!r} has numel {s.numel!r}; must be >= 1")
-        out[s.name] = _lambda_of(s) / n
-    return out
-
 
 def _check_choices(choices) -> tuple[int, ...]:
     if isinstance(choices, int) and not isinstance(choices, bool):
@@ -164,39 +106,6 @@ class _Problem:
         return max(self.lam[i], 0.0) * self.err[i][j]
 
 
-def _match_blocks(model: nn.Module, spectra, granularity):
-    blocks = quant_blocks(model, granularity)
-    specs = _spectra_list(spectra)
-    by_name = {s.name: s for s in specs}
-    names = [b.name for b in blocks]
-    missing = [n for n in names if n not in by_name]
-    extra = [n for n in by_name if n not in set(names)]
-    if missing or extra:
-        raise ValueError(f"spectra do not match the model's blocks at granularity {granularity!r}: "
-                         f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-                         f"unknown {extra[:5]}{'...' if len(extra) > 5 else ''}; valid block names: {names[:8]}"
-                         f"{'...' if len(names) > 8 else ''}")
-    ordered = [by_name[n] for n in names]
-    for b, s in zip(blocks, ordered):
-        if int(s.numel) != b.numel:
-            raise ValueError(f"spectrum of block {b.name!r} says numel={s.numel} but the model's block "
-                             f"has {b.numel} weights: the spectrum belongs to another model or granularity")
-    return blocks, ordered
-
-
-def quant_errors(block, choices) -> list[float]:
-    """``||Q_b(W_i) - W_i||_2^2`` of one block for each ``b`` in ``choices`` (summed over its weight tensors)."""
-    out = []
-    with torch.no_grad():
-        for b in choices:
-            tot = 0.0
-            for w in block.params:
-                w = w.detach().float()
-                tot += float((quantize_tensor(w, b) - w).double().pow(2).sum())
-            out.append(tot)
-    return out
-
-
 def _block_sizes(model: nn.Module, blocks, choices, granularity, act_bits):
     """Per-block size in bits at each choice, the bits outside blocks, and the FP32 size in bytes.
 
@@ -239,8 +148,8 @@ def _check_measure(measure) -> str:
 def _problem(model, spectra, choices, granularity, act_bits, measure="model") -> tuple[_Problem, list]:
     choices = _check_choices(choices)
     _check_measure(measure)
-    blocks, specs = _match_blocks(model, spectra, granularity)
-    lam = [_lambda_of(s) for s in specs]
+    blocks, specs = match_blocks(model, spectra, granularity)
+    lam = [lambda_of(s) for s in specs]
     neg = [b.name for b, l in zip(blocks, lam) if l < 0]
     if neg:
         warnings.warn(f"negative top eigenvalue for blocks {neg[:5]}: their predicted perturbation counts as 0 "
@@ -408,38 +317,6 @@ def _check_additive(model, cfg, predicted_bits: int) -> None:
                            f"measured {got}; the allocator's exactness assumes a per-block sum")
 
 
-# --------------------------------------------------------------------------- tables for the notebooks
-
-def allocation_table(model: nn.Module, spectra, bit_config) -> list[dict]:
-    """One row per block, in module order, for a given ``bit_config``.
-
-    Row keys: ``name``, ``numel`` (n_i), ``lambda`` (lambda_i), ``S`` (lambda_i/n_i), ``bits``,
-    ``quant_error`` (||Q(W_i)-W_i||^2), ``omega`` (lambda_i ||Q(W_i)-W_i||^2, the predicted
-    perturbation; a negative lambda counts as 0, as in :func:`allocate_bits`), ``size_bytes`` (the
-    block's packed weights and scales, by :func:`hawqlib.size.size_table`).
-    """
-    blocks, specs = _match_blocks(model, spectra, bit_config.granularity)
-    _check_config_blocks(blocks, bit_config)
-    sizes = {r["block"]: r["bytes"] for r in size_table(model, bit_config)}
-    rows = []
-    for b, s in zip(blocks, specs):
-        bits = bit_config.weights[b.name]
-        lam = _lambda_of(s)
-        err = quant_errors(b, (bits,))[0]
-        rows.append({"name": b.name, "numel": b.numel, "lambda": lam, "S": lam / b.numel, "bits": bits,
-                     "quant_error": err, "omega": max(lam, 0.0) * err, "size_bytes": sizes[b.name]})
-    return rows
-
-
-def _check_config_blocks(blocks, bit_config) -> None:
-    names = [b.name for b in blocks]
-    missing = [n for n in names if n not in bit_config.weights]
-    extra = [n for n in bit_config.weights if n not in set(names)]
-    if missing or extra:
-        raise ValueError(f"bit config does not match the model's blocks at granularity "
-                         f"{bit_config.granularity!r}: missing {missing[:5]}, unknown {extra[:5]}")
-
-
 @dataclass(frozen=True)
 class ParetoPoint:
     """One point of a policy's (size, predicted perturbation) trade-off curve."""
@@ -472,47 +349,3 @@ def pareto_front(model: nn.Module, spectra, policy: str = "hawq", choices=DEFAUL
         mean = sum(problem.choices[j] * k for j, k in zip(levels, problem.numel)) / total
         out.append(ParetoPoint(s / 8, s / 8 / MB, problem.fp32_bytes * 8 / s, c, bits, mean))
     return out
-
-
-# --------------------------------------------------------------------------- fine-tuning order
-
-@dataclass(frozen=True)
-class OmegaEntry:
-    """A block in the fine-tuning order: ``omega`` = lambda ||Q(W) - W||_2^2 at ``bits`` (section 3.2)."""
-
-    name: str
-    omega: float
-    bits: int
-    lam: float
-
-    @property
-    def lambda_(self) -> float:
-        """The block's top Hessian eigenvalue (alias of ``lam``)."""
-        return self.lam
-
-
-def finetune_order(model: nn.Module, spectra, bit_config, *, policy: str = "omega",
-                   seed: int = 0) -> list[OmegaEntry]:
-    """Blocks by ``Omega_i = lambda_i ||Q(W_i) - W_i||_2^2`` at their bits, largest first (paper section 3.2).
-
-    Ties (e.g. several blocks left at 8 bits with tiny errors that coincide) keep module order.
-    Negative eigenvalues are used as they are here (the order is the paper's rule, unclamped).
-    For the ablation, ``policy="reverse"`` returns the exact reverse (smallest Omega first) and
-    ``policy="random"`` a ``random.Random(seed)`` shuffle of the Omega order; each record still carries
-    its Omega.
-    """
-    if policy not in ORDER_POLICIES:
-        raise ValueError(f"unknown order policy {policy!r}; valid: {', '.join(ORDER_POLICIES)}")
-    blocks, specs = _match_blocks(model, spectra, bit_config.granularity)
-    _check_config_blocks(blocks, bit_config)
-    entries = []
-    for b, s in zip(blocks, specs):
-        bits = bit_config.weights[b.name]
-        lam = _lambda_of(s)
-        entries.append(OmegaEntry(b.name, lam * quant_errors(b, (bits,))[0], bits, lam))
-    order = sorted(range(len(entries)), key=lambda i: (-entries[i].omega, i))
-    if policy == "reverse":
-        order.reverse()
-    elif policy == "random":  # a seeded shuffle of the Omega order (the book's order-random row)
-        random.Random(seed).shuffle(order)
-    return [entries[i] for i in order]

@@ -1,7 +1,7 @@
 """Staged quantization-aware fine-tuning in the Omega order (HAWQ section 3.2, "multi-stage fine-tuning").
 
 The paper quantizes blocks progressively: the block with the largest ``Omega_i = lambda_i
-||Q(W_i) - W_i||_2^2`` (:func:`hawqlib.allocate.finetune_order`) first; between stages the network is
+||Q(W_i) - W_i||_2^2`` (:func:`hawqlib.order.finetune_order`) first; between stages the network is
 fine-tuned with the already-quantized blocks held in their quantized form by the straight-through
 estimator, and at the end every block is quantized (section 3.2-3.3). The per-stage schedule is not
 restated by the paper. Our choices, with their reasons:
@@ -68,7 +68,7 @@ def stage_groups(order: Sequence[str], stages: int) -> list[list[str]]:
 def _order_names(order, bit_config: BitConfig) -> list[str]:
     if isinstance(order, (str, bytes)) or not isinstance(order, Sequence):
         raise TypeError("order must be a sequence of block names or of records with a .name "
-                        "(e.g. hawqlib.allocate.finetune_order(...))")
+                        "(e.g. hawqlib.order.finetune_order(...))")
     names = []
     for o in order:
         name = o if isinstance(o, str) else getattr(o, "name", None)
@@ -125,7 +125,7 @@ def staged_finetune(model: nn.Module, bit_config: BitConfig, order, train_data, 
                     act_rule: str = "mse") -> tuple[nn.Module, dict]:
     """Quantize ``model`` to ``bit_config`` block group by block group in ``order``, fine-tuning after each.
 
-    ``order``: the block names (or :class:`hawqlib.allocate.OmegaEntry` records), first to be quantized
+    ``order``: the block names (or :class:`hawqlib.order.OmegaEntry` records), first to be quantized
     first; it must name each block of ``bit_config`` once. ``train_data``: a re-iterable of ``(x, y)`` batches
     with ``len`` and, optionally, ``set_epoch`` (:class:`hawqlib.data.TensorLoader`). ``act_bits`` overrides
     ``bit_config.act_bits``; ``weight_rule``/``act_rule`` the weight scale and activation range rules

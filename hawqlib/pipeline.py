@@ -2,14 +2,14 @@
 
 This is the layer the notebooks and the command line call. Every step keys its artifact
 by its parameters, the code version of the modules it runs and the digest of its data
-(:mod:`hawqlib.runs`); ``FORCE=1`` recomputes.
+(:mod:`hawqlib.runs`); ``FORCE=1`` recomputes. The load-or-compute protocol is :func:`hawqlib.cache.cached`;
+the steps are the paper's: the FP32 baseline, the Hessian spectrum and traces of section 3.1, the loss
+landscape behind it, and the staged fine-tuning of section 3.2.
 """
 from __future__ import annotations
 
-import json
 import shutil
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,8 +19,16 @@ from . import data as hdata
 from . import models as hmodels
 from . import runs
 from .blocks import quant_blocks
+from .cache import cached as _cached, read_json as _read_json
 from .storage import atomic_torch_save, atomic_write_json, folder_lock, remove_orphan_tmp
+from .surface import loss_surface
 from .train import TrainConfig, load_weights, train
+
+# Defined in the modules of their own concept and imported here too, where the notebooks, the command
+# line and the tests call them (pipeline.<name>); each is documented in its own module.
+from .cache import artifact_threads, artifact_wall_s  # noqa: F401  (hawqlib.cache)
+from .imagenet import imagenet_batch, imagenet_model  # noqa: F401  (hawqlib.imagenet)
+from .order import ORDERS, order_blocks  # noqa: F401  (hawqlib.order)
 
 __all__ = ["TRAIN_CODE_VERSION", "baseline_params", "initial_model", "baseline"]
 
@@ -89,101 +97,7 @@ HESSIAN_STEP_VERSION = 2
 FINETUNE_STEP_VERSION = 1
 
 __all__ += ["HESSIAN_STEP_VERSION", "FINETUNE_STEP_VERSION", "hessian_batch", "spectrum", "spectrum_stability",
-            "block_traces", "loss_surface", "landscape", "order_blocks", "finetuned", "FinetuneResult",
-            "artifact_wall_s", "artifact_threads", "ORDERS", "imagenet_model", "imagenet_batch"]
-
-
-#: Warning categories an artifact may record and replay (anything else replays as UserWarning).
-_REPLAYED = {c.__name__: c for c in (UserWarning, RuntimeWarning)}
-_PACKAGE_DIR = str(Path(__file__).resolve().parent)
-
-
-def _compute_recording(compute, folder) -> tuple:
-    """``compute(folder)`` with the warnings raised inside :mod:`hawqlib` recorded as ``{category, message}``.
-
-    Those warnings describe the result (a block that did not converge, a route that fell back), so the
-    artifact stores them and every later load replays them: a stored result warns as its computation
-    did. Warnings from other packages pass through unchanged and are not stored.
-    """
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        value = compute(folder)
-    ours = []
-    for w in caught:
-        if str(Path(w.filename).resolve()).startswith(_PACKAGE_DIR):
-            rec = {"category": w.category.__name__ if w.category.__name__ in _REPLAYED else "UserWarning",
-                   "message": str(w.message)}
-            if rec not in ours:
-                ours.append(rec)
-        else:
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    return value, ours
-
-
-def _replay(records) -> None:
-    """Re-raise the warnings an artifact recorded (:func:`_compute_recording`), from one fixed place."""
-    for rec in records or ():
-        if not (isinstance(rec, dict) and isinstance(rec.get("message"), str)):
-            raise runs.ArtifactError(f"an artifact's recorded warning {rec!r} is not a {{category, message}} "
-                                     "object; delete its manifest.json to recompute it")
-        warnings.warn(rec["message"], _REPLAYED.get(rec.get("category"), UserWarning), stacklevel=1)
-
-
-def _cached(kind: str, params: dict, compute, save, load, force: bool | None):
-    """Load the artifact ``kind``/``params`` when complete, else compute, save and mark it complete.
-
-    Warnings raised inside hawqlib while computing are stored in the manifest and replayed on every
-    load, so a result warns the same whether it was just computed or read back.
-    """
-    folder = runs.artifact_dir(kind, params)
-    force = runs.force_recompute() if force is None else force
-
-    def stored():
-        value = load(folder)
-        _replay((runs.read_manifest(folder) or {}).get("warnings"))
-        return value, folder
-
-    if not force and runs.complete(folder, params):  # verified: every file's SHA-256 (hawqlib.runs)
-        return stored()
-    with folder_lock(folder):  # one writer per artifact; a second process gets the holder's PID
-        if not force and runs.complete(folder, params):  # another process finished it meanwhile
-            return stored()
-        runs.invalidate(folder)
-        remove_orphan_tmp(folder)
-        t0 = time.perf_counter()
-        value, recorded = _compute_recording(compute, folder)
-        wall = time.perf_counter() - t0
-        facts = save(folder, value) or {}
-        if recorded:
-            facts["warnings"] = recorded
-        runs.write_manifest(folder, params, wall_s=facts.pop("wall_s", wall), **facts)
-    _replay(recorded)
-    return value, folder
-
-
-def _read_json(path: Path):
-    """A JSON file of an artifact (already verified against its manifest); a clear error if unreadable."""
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError) as exc:
-        raise runs.ArtifactError(f"{path} is unreadable ({type(exc).__name__}: {exc}); delete "
-                                 f"{Path(path).parent / runs.MANIFEST} to recompute the artifact, or set FORCE=1")
-
-
-def artifact_wall_s(folder) -> float:
-    """The wall time (s) recorded in an artifact's manifest (0.0 when it has none)."""
-    m = runs.read_manifest(folder)
-    return float(m["wall_s"]) if m else 0.0
-
-
-def artifact_threads(folder) -> int | None:
-    """The torch threads of the process that completed an artifact, from its manifest (``None`` if unrecorded).
-
-    Wall times are only comparable between runs with the same threads on the same machine.
-    """
-    m = runs.read_manifest(folder) or {}
-    threads = m.get("machine", {}).get("torch_threads")
-    return int(threads) if threads is not None else None
+            "block_traces", "landscape", "finetuned", "FinetuneResult"]
 
 
 def hessian_batch(n_samples: int, data_seed: int = 0, data_root=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -299,55 +213,9 @@ def block_traces(model: torch.nn.Module, base: str, cfg: dict, granularity="laye
     return _cached("traces", params, compute, save, lambda f: hessian.load_spectra(f / "traces.json"), force)
 
 
-@torch.no_grad()
-def loss_surface(model: torch.nn.Module, block, directions, coords, data, *, loss_fn=None,
-                 batch_size: int = 1024) -> torch.Tensor:
-    """The mean loss at ``W + sum_k c_k d_k`` for each row ``c`` of ``coords`` (one block's weights moved).
-
-    ``block`` is a :class:`hawqlib.blocks.Block` of ``model``; ``directions`` a list of K directions,
-    each a flat tensor of length ``block.numel`` (the block's weights concatenated in ``block.params``
-    order) or a list of tensors shaped like ``block.params`` (as the Hessian's eigenvectors come);
-    ``coords`` an (M, K) tensor. BatchNorm runs in eval mode (the Hessian's setting).
-    Returns M losses. The model's weights and mode are restored on return, also after an error.
-    """
-    coords = torch.as_tensor(coords, dtype=torch.float64)
-    if coords.dim() == 1:
-        coords = coords[:, None]
-    dirs = [(torch.cat([t.reshape(-1) for t in d]) if isinstance(d, (list, tuple)) else torch.as_tensor(d))
-            .reshape(-1).to(torch.float32) for d in directions]
-    if coords.shape[1] != len(dirs):
-        raise ValueError(f"coords has {coords.shape[1]} columns but {len(dirs)} directions were given")
-    for d in dirs:
-        if d.numel() != block.numel:
-            raise ValueError(f"a direction has {d.numel()} entries; block {block.name!r} has {block.numel} weights")
-    loss_fn = loss_fn or torch.nn.CrossEntropyLoss(reduction="sum")
-    x, y = data
-    params = block.params
-    saved = [p.detach().clone() for p in params]
-    was_training = model.training
-    model.eval()
-    out = torch.empty(len(coords), dtype=torch.float64)
-    try:
-        for m, c in enumerate(coords):
-            delta = sum(float(ck) * d for ck, d in zip(c, dirs))
-            off = 0
-            for p, w0 in zip(params, saved):
-                p.copy_(w0 + delta[off:off + p.numel()].view_as(p))
-                off += p.numel()
-            total = 0.0
-            for i in range(0, len(y), batch_size):
-                total += float(loss_fn(model(x[i:i + batch_size]), y[i:i + batch_size]))
-            out[m] = total / len(y)
-    finally:
-        for p, w0 in zip(params, saved):
-            p.copy_(w0)
-        model.train(was_training)
-    return out
-
-
 def landscape(model: torch.nn.Module, base: str, cfg: dict, block_name: str, directions, coords, *,
               directions_key, granularity="layer", force: bool | None = None, data_root=None) -> tuple:
-    """:func:`loss_surface` on the profile's Hessian sample, as an artifact; ``(losses, folder)``.
+    """:func:`hawqlib.surface.loss_surface` on the profile's Hessian sample, as an artifact; ``(losses, folder)``.
 
     ``cfg`` is the profile's ``landscape`` section (``n_samples``, ``data_seed``); ``directions_key`` a
     JSON-able name of the directions (e.g. the spectrum folder and the random seed) for the key.
@@ -372,19 +240,6 @@ def landscape(model: torch.nn.Module, base: str, cfg: dict, block_name: str, dir
         return torch.tensor(_read_json(folder / "losses.json")["loss"], dtype=torch.float64)
 
     return _cached("landscape", params, compute, save, load, force)
-
-
-ORDERS = ("omega", "reverse", "random")
-
-
-def order_blocks(model: torch.nn.Module, spectra, bit_config, kind: str = "omega", seed: int = 0) -> list[str]:
-    """The names of :func:`hawqlib.allocate.finetune_order` with ``policy=kind``: ``"omega"`` (paper
-    section 3.2, largest Omega_i first), its ``"reverse"``, or a ``"random"`` seeded permutation."""
-    from . import allocate
-
-    if kind not in ORDERS:
-        raise ValueError(f"unknown fine-tuning order {kind!r}; valid: {', '.join(ORDERS)}")
-    return [e.name for e in allocate.finetune_order(model, spectra, bit_config, policy=kind, seed=seed)]
 
 
 _FT_KEYS = ("stages", "epochs_per_stage", "final_epochs", "lr", "momentum", "nesterov", "weight_decay",
@@ -420,7 +275,7 @@ def finetuned(model: torch.nn.Module, base: str, bit_config, order, cfg: dict, *
               provenance: dict | None = None, load_only: bool = False) -> FinetuneResult | None:
     """Fine-tune ``model`` to ``bit_config`` (paper section 3.2), stored as an artifact with its packed file.
 
-    ``order``: block names, first quantized first (e.g. :func:`order_blocks`); ``cfg``: a profile's
+    ``order``: block names, first quantized first (e.g. :func:`hawqlib.order.order_blocks`); ``cfg``: a profile's
     ``finetune`` section. ``direct=True`` is the direct baseline (every block at once, for the same total
     number of epochs, :func:`hawqlib.finetune.direct_finetune`; ``order`` is then ignored). The run
     checkpoints every epoch inside the artifact folder (``run/``) and resumes after an interruption; once the
@@ -494,50 +349,3 @@ def finetuned(model: torch.nn.Module, base: str, bit_config, order, cfg: dict, *
         # the model's size) is dead weight once the artifact is complete; what the notebooks read stays.
         shutil.rmtree(folder / "run")
     return FinetuneResult(bit_config=bit_config, order=order, folder=folder, **r)
-
-
-def imagenet_model(name: str, weights=None, seed: int = 0) -> tuple[torch.nn.Module, str]:
-    """An ImageNet model of the paper (:func:`hawqlib.models.get`) in eval mode, and the key of its weights.
-
-    ``weights=None`` gives a seeded random initialisation (``torch.manual_seed(seed)`` first), keyed
-    ``"<name>-random-<seed>"``; ``"pretrained"`` or a path loads those weights (an error when absent,
-    never a silent random model), keyed by the weights file's name and size.
-    """
-    if weights is None:
-        torch.manual_seed(seed)
-        net = hmodels.get(name)
-        key = f"{name}-random-{seed}"
-    else:
-        net = hmodels.get(name, weights=weights)
-        path = Path(hmodels.find_pretrained(name) if weights == "pretrained" else weights)
-        key = f"{name}-{path.name}-{path.stat().st_size}" if path.exists() else f"{name}-{weights}"
-    return net.eval(), key
-
-
-def imagenet_batch(model_name: str, n_samples: int, seed: int = 0, *, root=None,
-                   image_size: int | None = None) -> tuple[tuple[torch.Tensor, torch.Tensor], dict]:
-    """``((inputs, targets), data_key)``: ``n_samples`` ImageNet validation images, or synthetic ones.
-
-    With ``root`` (an ImageFolder tree with ``val/``): a seeded sample of the validation split with the
-    model's eval transforms (:func:`hawqlib.data.imagenet_transforms`). Without: seeded standard-normal
-    images of ``image_size`` x ``image_size`` pixels and uniform random labels in 0..999, which exercise
-    the pipeline but say nothing about accuracy (our choice for machines without ImageNet).
-    """
-    if not isinstance(n_samples, int) or n_samples < 1:
-        raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
-    g = torch.Generator().manual_seed(seed)
-    if root is None:
-        if not image_size:
-            raise ValueError("synthetic ImageNet inputs need image_size= (pixels per side)")
-        x = torch.randn(n_samples, 3, image_size, image_size, generator=g)
-        y = torch.randint(0, 1000, (n_samples,), generator=g)
-        return (x, y), {"synthetic": n_samples, "size": image_size, "seed": seed}
-    from torchvision.datasets import ImageFolder
-
-    ds = ImageFolder(str(Path(root).expanduser() / "val"), transform=hdata.imagenet_transforms(model_name))
-    if len(ds) == 0:
-        raise ValueError(f"no images under {root}/val")
-    idx = torch.randperm(len(ds), generator=g)[:n_samples].sort().values.tolist()
-    xs, ys = zip(*(ds[i] for i in idx))
-    return (torch.stack(xs), torch.tensor(ys)), {"imagenet_val": n_samples, "seed": seed, "root": str(root),
-                                                 "files": len(ds), "model_transform": model_name}

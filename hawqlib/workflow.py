@@ -7,7 +7,7 @@ One call chains the paper's steps, each done by the module that owns it:
    LayerNorm);
 2. the mixed-precision bits, more bits to blocks of larger S_i = lambda_i / n_i, under a size budget
    (section 3.1, :func:`hawqlib.allocate.allocate_bits`);
-3. the Omega_i = lambda_i ||Q(W_i) - W_i||^2 order (section 3.2, :func:`hawqlib.allocate.finetune_order`)
+3. the Omega_i = lambda_i ||Q(W_i) - W_i||^2 order (section 3.2, :func:`hawqlib.order.finetune_order`)
    and multi-stage quantization-aware fine-tuning in that order (sections 3.2-3.3,
    :func:`hawqlib.finetune.staged_finetune`);
 4. the sizes (:mod:`hawqlib.size`) and, on request, the bit-packed file (:mod:`hawqlib.export`).
@@ -37,12 +37,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import size as hsize
-from .allocate import DEFAULT_CHOICES, MEASURES, allocate_bits, allocation_table, finetune_order
+from .allocate import DEFAULT_CHOICES, MEASURES, allocate_bits
 from .blocks import quant_blocks
 from .export import save_packed
 from .finetune import stage_groups, staged_finetune
 from .hessian import top_eigenvalues
+from .order import finetune_order
 from .quant import QUANT_MODULES, BitConfig, calibrate_activations, quantize_model
+from .sensitivity import allocation_table
 from .train import evaluate
 
 __all__ = ["quantize", "FinetuneSchedule", "QuantizeReport", "HESSIAN_BATCHES", "DEFAULT_STAGES"]
@@ -98,8 +100,8 @@ class QuantizeReport:
     """What :func:`quantize` decided and measured.
 
     ``spectra``: one :class:`hawqlib.hessian.BlockSpectrum` per block; ``table``: the allocation per block
-    (:func:`hawqlib.allocate.allocation_table`: lambda, S, bits, Omega, bytes); ``order``: the Omega order
-    (:class:`hawqlib.allocate.OmegaEntry`, first quantized first); ``weight_compression``: 32 / mean weight
+    (:func:`hawqlib.sensitivity.allocation_table`: lambda, S, bits, Omega, bytes); ``order``: the Omega order
+    (:class:`hawqlib.order.OmegaEntry`, first quantized first); ``weight_compression``: 32 / mean weight
     bits; ``compression``: FP32 size / ``size_bytes``, the whole model as :mod:`hawqlib.size` counts it;
     ``history``: the fine-tuning record (None when skipped); ``val_top1``/``fp32_val_top1``: top-1 (%) of the
     quantized and of the original model on ``val_data`` (None without it); ``packed_bytes``: the size of the

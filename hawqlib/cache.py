@@ -1,0 +1,117 @@
+"""A step's result as a stored artifact: loaded when a complete one matches, else computed, saved and sealed.
+
+:func:`cached` is what every cached step of :mod:`hawqlib.pipeline` goes through. The artifact's key,
+folder, manifest and verification are :mod:`hawqlib.runs`'s; this module adds the load-or-compute
+protocol around them: one writer per artifact (:func:`hawqlib.storage.folder_lock`), a second check
+under the lock (another process may have finished it meanwhile), ``FORCE=1`` recomputing, and the
+warnings raised inside :mod:`hawqlib` during the computation stored in the manifest and replayed on
+every load, so a result warns the same whether it was just computed or read back.
+
+Nothing here is from the paper; it is the machinery that makes each result computed once.
+"""
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from pathlib import Path
+
+from . import runs
+from .storage import folder_lock, remove_orphan_tmp
+
+__all__ = ["cached", "compute_recording", "replay", "read_json", "artifact_wall_s", "artifact_threads"]
+
+#: Warning categories an artifact may record and replay (anything else replays as UserWarning).
+_REPLAYED = {c.__name__: c for c in (UserWarning, RuntimeWarning)}
+_PACKAGE_DIR = str(Path(__file__).resolve().parent)
+
+
+def compute_recording(compute, folder) -> tuple:
+    """``compute(folder)`` with the warnings raised inside :mod:`hawqlib` recorded as ``{category, message}``.
+
+    Those warnings describe the result (a block that did not converge, a route that fell back), so the
+    artifact stores them and every later load replays them: a stored result warns as its computation
+    did. Warnings from other packages pass through unchanged and are not stored.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        value = compute(folder)
+    ours = []
+    for w in caught:
+        if str(Path(w.filename).resolve()).startswith(_PACKAGE_DIR):
+            rec = {"category": w.category.__name__ if w.category.__name__ in _REPLAYED else "UserWarning",
+                   "message": str(w.message)}
+            if rec not in ours:
+                ours.append(rec)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return value, ours
+
+
+def replay(records) -> None:
+    """Re-raise the warnings an artifact recorded (:func:`compute_recording`), from one fixed place."""
+    for rec in records or ():
+        if not (isinstance(rec, dict) and isinstance(rec.get("message"), str)):
+            raise runs.ArtifactError(f"an artifact's recorded warning {rec!r} is not a {{category, message}} "
+                                     "object; delete its manifest.json to recompute it")
+        warnings.warn(rec["message"], _REPLAYED.get(rec.get("category"), UserWarning), stacklevel=1)
+
+
+def cached(kind: str, params: dict, compute, save, load, force: bool | None):
+    """Load the artifact ``kind``/``params`` when complete, else compute, save and mark it complete.
+
+    ``compute(folder)`` returns the value; ``save(folder, value)`` writes its files and may return extra
+    manifest facts (a ``wall_s`` there replaces the measured one); ``load(folder)`` reads the value back.
+    ``force=None`` reads ``FORCE`` from the environment. Returns ``(value, folder)``. Warnings raised
+    inside hawqlib while computing are stored in the manifest and replayed on every load, so a result
+    warns the same whether it was just computed or read back.
+    """
+    folder = runs.artifact_dir(kind, params)
+    force = runs.force_recompute() if force is None else force
+
+    def stored():
+        value = load(folder)
+        replay((runs.read_manifest(folder) or {}).get("warnings"))
+        return value, folder
+
+    if not force and runs.complete(folder, params):  # verified: every file's SHA-256 (hawqlib.runs)
+        return stored()
+    with folder_lock(folder):  # one writer per artifact; a second process gets the holder's PID
+        if not force and runs.complete(folder, params):  # another process finished it meanwhile
+            return stored()
+        runs.invalidate(folder)
+        remove_orphan_tmp(folder)
+        t0 = time.perf_counter()
+        value, recorded = compute_recording(compute, folder)
+        wall = time.perf_counter() - t0
+        facts = save(folder, value) or {}
+        if recorded:
+            facts["warnings"] = recorded
+        runs.write_manifest(folder, params, wall_s=facts.pop("wall_s", wall), **facts)
+    replay(recorded)
+    return value, folder
+
+
+def read_json(path: Path):
+    """A JSON file of an artifact (already verified against its manifest); a clear error if unreadable."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise runs.ArtifactError(f"{path} is unreadable ({type(exc).__name__}: {exc}); delete "
+                                 f"{Path(path).parent / runs.MANIFEST} to recompute the artifact, or set FORCE=1")
+
+
+def artifact_wall_s(folder) -> float:
+    """The wall time (s) recorded in an artifact's manifest (0.0 when it has none)."""
+    m = runs.read_manifest(folder)
+    return float(m["wall_s"]) if m else 0.0
+
+
+def artifact_threads(folder) -> int | None:
+    """The torch threads of the process that completed an artifact, from its manifest (``None`` if unrecorded).
+
+    Wall times are only comparable between runs with the same threads on the same machine.
+    """
+    m = runs.read_manifest(folder) or {}
+    threads = m.get("machine", {}).get("torch_threads")
+    return int(threads) if threads is not None else None

@@ -1,0 +1,75 @@
+"""The fine-tuning order of HAWQ section 3.2: blocks by Omega_i at their assigned bits, largest first.
+
+After the bits are chosen (:mod:`hawqlib.allocate`), the paper quantizes and fine-tunes the network in
+stages, starting with the block whose quantization perturbs the loss most by the second-order model
+``Omega_i = lambda_i ||Q(W_i) - W_i||_2^2`` (:mod:`hawqlib.sensitivity`): it gets the most fine-tuning to
+recover, while the rest of the network is still in full precision and free to adapt to it.
+:func:`finetune_order` computes that order; for the paper's ablation it also gives the exact reverse
+(smallest Omega first) and a seeded random permutation. :func:`order_blocks` returns the block names
+alone, as :func:`hawqlib.finetune.staged_finetune` and :func:`hawqlib.pipeline.finetuned` take them.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from torch import nn
+
+from .sensitivity import check_config_blocks, lambda_of, match_blocks, quant_errors
+
+__all__ = ["ORDER_POLICIES", "ORDERS", "OmegaEntry", "finetune_order", "order_blocks"]
+
+#: Orders of staged fine-tuning: the paper's (largest Omega first) and the ablation's.
+ORDER_POLICIES = ("omega", "reverse", "random")
+#: The same orders, by the name the notebooks and :mod:`hawqlib.pipeline` use.
+ORDERS = ORDER_POLICIES
+
+
+@dataclass(frozen=True)
+class OmegaEntry:
+    """A block in the fine-tuning order: ``omega`` = lambda ||Q(W) - W||_2^2 at ``bits`` (section 3.2)."""
+
+    name: str
+    omega: float
+    bits: int
+    lam: float
+
+    @property
+    def lambda_(self) -> float:
+        """The block's top Hessian eigenvalue (alias of ``lam``)."""
+        return self.lam
+
+
+def finetune_order(model: nn.Module, spectra, bit_config, *, policy: str = "omega",
+                   seed: int = 0) -> list[OmegaEntry]:
+    """Blocks by ``Omega_i = lambda_i ||Q(W_i) - W_i||_2^2`` at their bits, largest first (paper section 3.2).
+
+    Ties (e.g. several blocks left at 8 bits with tiny errors that coincide) keep module order.
+    Negative eigenvalues are used as they are here (the order is the paper's rule, unclamped).
+    For the ablation, ``policy="reverse"`` returns the exact reverse (smallest Omega first) and
+    ``policy="random"`` a ``random.Random(seed)`` shuffle of the Omega order; each record still carries
+    its Omega.
+    """
+    if policy not in ORDER_POLICIES:
+        raise ValueError(f"unknown order policy {policy!r}; valid: {', '.join(ORDER_POLICIES)}")
+    blocks, specs = match_blocks(model, spectra, bit_config.granularity)
+    check_config_blocks(blocks, bit_config)
+    entries = []
+    for b, s in zip(blocks, specs):
+        bits = bit_config.weights[b.name]
+        lam = lambda_of(s)
+        entries.append(OmegaEntry(b.name, lam * quant_errors(b, (bits,))[0], bits, lam))
+    order = sorted(range(len(entries)), key=lambda i: (-entries[i].omega, i))
+    if policy == "reverse":
+        order.reverse()
+    elif policy == "random":  # a seeded shuffle of the Omega order (the book's order-random row)
+        random.Random(seed).shuffle(order)
+    return [entries[i] for i in order]
+
+
+def order_blocks(model: nn.Module, spectra, bit_config, kind: str = "omega", seed: int = 0) -> list[str]:
+    """The names of :func:`finetune_order` with ``policy=kind``: ``"omega"`` (paper section 3.2, largest
+    Omega_i first), its ``"reverse"``, or a ``"random"`` seeded permutation."""
+    if kind not in ORDERS:
+        raise ValueError(f"unknown fine-tuning order {kind!r}; valid: {', '.join(ORDERS)}")
+    return [e.name for e in finetune_order(model, spectra, bit_config, policy=kind, seed=seed)]
