@@ -60,11 +60,11 @@ def test_a_stored_spectrum_warns_as_its_computation_did(artifacts, monkeypatch):
     assert not all(r.converged for r in res)
     said = [str(w.message) for w in computed if "not converged" in str(w.message)]
     assert said and runs.read_manifest(folder)["warnings"]
-    monkeypatch.setattr(hessian, "top_eigenvalues", lambda *a, **k: pytest.fail("recomputed a stored spectrum"))
-    with pytest.warns(RuntimeWarning) as loaded:
-        pipeline.spectrum(net, "tiny", cfg, "layer", data=data, data_key="tiny-data")
+    with monkeypatch.context() as m:  # not monkeypatch.undo(): that would drop the fixture's HAWQ_ARTIFACTS too
+        m.setattr(hessian, "top_eigenvalues", lambda *a, **k: pytest.fail("recomputed a stored spectrum"))
+        with pytest.warns(RuntimeWarning) as loaded:
+            pipeline.spectrum(net, "tiny", cfg, "layer", data=data, data_key="tiny-data")
     assert [str(w.message) for w in loaded if "not converged" in str(w.message)] == said
-    monkeypatch.undo()
     # a converged spectrum records nothing
     quiet, qfolder = pipeline.spectrum(net, "tiny", CFG, "layer", data=data, data_key="tiny-data")
     assert all(r.converged for r in quiet) and "warnings" not in runs.read_manifest(qfolder)
