@@ -205,7 +205,7 @@ def staged_finetune(model: nn.Module, bit_config: BitConfig, order, train_data, 
         finished = sdir is not None and resume and (sdir / "model.pt").exists()
         if finished:
             ckpt = load_checkpoint(sdir / "model.pt", qmodel)
-            want = json.loads(json.dumps(_cfg_dict(cfg)))
+            want = json.loads(json.dumps(cfg.to_dict()))
             if ckpt["config"] != want:
                 raise CheckpointError(f"{sdir / 'model.pt'} was written by another fine-tuning plan; "
                                       "use another checkpoint_dir or resume=False")
@@ -263,14 +263,6 @@ def staged_finetune(model: nn.Module, bit_config: BitConfig, order, train_data, 
     if bar is not None:
         bar.close()
     return qmodel, history
-
-
-def _cfg_dict(cfg: TrainConfig) -> dict:
-    from dataclasses import asdict
-
-    d = asdict(cfg)
-    d["milestones"] = list(d["milestones"])
-    return d
 
 
 def _write_history(path: Path, plan: dict, stages: list) -> None:

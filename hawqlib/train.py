@@ -108,6 +108,12 @@ class TrainConfig:
         if self.eval_every < 1:
             raise ValueError(f"eval_every must be >= 1, got {self.eval_every!r}")
 
+    def to_dict(self) -> dict:
+        """The fields as a JSON-able dict (``milestones`` as a list), as logs and checkpoints record them."""
+        d = asdict(self)
+        d["milestones"] = list(d["milestones"])
+        return d
+
 
 def lr_at(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
     """Learning rate at a global step: cosine decay to zero per step, or step decay per epoch."""
@@ -216,7 +222,7 @@ def train(model: nn.Module, train_data, val_data=None, *, epochs: int | None = N
                           nesterov=config.nesterov, weight_decay=config.weight_decay)
 
     ckpt_path = log_path = None
-    log = {"config": _config_dict(config), "model_class": type(model).__name__,
+    log = {"config": config.to_dict(), "model_class": type(model).__name__,
            "steps_per_epoch": steps_per_epoch, "epochs": []}
     start_epoch = 0
     if checkpoint_dir is not None:
@@ -327,9 +333,3 @@ def _check_resume(path: Path, ckpt: dict, epochs: int) -> None:
     if bad:
         raise CheckpointError(f"{path}: weights {bad[:3]} hold NaN or infinity. Delete the checkpoint to start "
                               "the run over.")
-
-
-def _config_dict(cfg: TrainConfig) -> dict:
-    d = asdict(cfg)
-    d["milestones"] = list(d["milestones"])
-    return d
