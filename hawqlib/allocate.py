@@ -44,7 +44,7 @@ from torch import nn
 # finetune_order, OmegaEntry, ORDER_POLICIES, sensitivities, allocation_table and quant_errors lived here
 # before their modules were split off; callers still import them from hawqlib.allocate.
 from .order import ORDER_POLICIES, OmegaEntry, finetune_order  # noqa: F401
-from .quant import BitConfig
+from .quant import BitConfig, check_bits
 from .sensitivity import allocation_table, lambda_of, match_blocks, quant_errors, sensitivities  # noqa: F401
 from .size import fp32_size_bytes, model_size_bytes, size_table
 
@@ -72,11 +72,7 @@ def _check_choices(choices) -> tuple[int, ...]:
         raise TypeError(f"choices must be a sequence of integer bit widths in 1..8, got {choices!r}") from None
     if not vals:
         raise ValueError("choices is empty; give bit widths among 1..8, e.g. (2, 3, 4, 8)")
-    for b in vals:
-        if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= 8:
-            raise ValueError(f"bad bit width {b!r} in choices: each must be an int in 1..8 "
-                             "(e.g. choices=(2, 3, 4, 8))")
-    return tuple(sorted(set(vals)))
+    return tuple(sorted({check_bits(b, "each bit width in choices") for b in vals}))
 
 
 def _check_policy(policy) -> str:
@@ -277,9 +273,8 @@ def allocate_bits(model: nn.Module, spectra, *, target_size_mb: float | None = N
     """
     _check_policy(policy)
     choices = _check_choices(choices)
-    if act_bits is not None and (isinstance(act_bits, bool) or not isinstance(act_bits, int)
-                                 or not 1 <= act_bits <= 8):
-        raise ValueError(f"act_bits must be None or an int in 1..8, got {act_bits!r}")
+    if act_bits is not None:
+        act_bits = check_bits(act_bits, "act_bits other than None")
     if not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {seed!r}")
     no_budget = target_size_mb is None and target_compression is None

@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .quant import QUANT_MODULES, BitConfig, QuantAct, quantize_model, weight_code_limit
+from .quant import QUANT_MODULES, BitConfig, QuantAct, check_bits, quantize_model, weight_code_limit
 from .storage import atomic_write_bytes
 
 __all__ = ["CODE_VERSION", "save_packed", "load_packed", "read_header", "pack_bits", "unpack_bits", "PACKED_FORMAT",
@@ -75,8 +75,7 @@ CODE_VERSION = 2
 
 def pack_bits(values: np.ndarray, bits: int) -> bytes:
     """Pack unsigned integers ``0 <= v < 2**bits`` into ``ceil(len * bits / 8)`` bytes (LSB first)."""
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
-        raise ValueError(f"bits must be in 1..8, got {bits!r}")
+    bits = check_bits(bits)
     raw = np.asarray(values).reshape(-1)
     if raw.size and (int(raw.min()) < 0 or int(raw.max()) >= 2 ** bits):
         bad = int(raw.max()) if int(raw.max()) >= 2 ** bits else int(raw.min())

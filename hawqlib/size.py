@@ -32,7 +32,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .blocks import QUANT_TYPES, quant_blocks
-from .quant import QUANT_MODULES, BitConfig, QuantAct
+from .quant import QUANT_MODULES, BitConfig, QuantAct, check_bits
 
 __all__ = ["model_size_bytes", "fp32_size_bytes", "compression_ratio", "weight_compression",
            "activation_compression", "size_table", "weight_bits_by_module"]
@@ -139,9 +139,7 @@ def activation_compression(bit_config: BitConfig | int | None) -> float:
     bits = bit_config.act_bits if isinstance(bit_config, BitConfig) else bit_config
     if bits is None:
         return 1.0
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
-        raise ValueError(f"activation bits must be an integer in 1..8 or None, got {bits!r}")
-    return 32.0 / bits
+    return 32.0 / check_bits(bits, "activation bits other than None")
 
 
 def size_table(model: nn.Module, bit_config: BitConfig | None = None) -> list[dict]:
