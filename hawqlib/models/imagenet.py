@@ -22,10 +22,9 @@ the paper used other weights (not named), so the FP32 starting points differ by 
 """
 from __future__ import annotations
 
-from torch import nn
 from torchvision import models as tvm
 
-__all__ = ["resnet50", "inception_v3", "TORCHVISION_WEIGHTS", "is_inception"]
+__all__ = ["resnet50", "inception_v3", "TORCHVISION_WEIGHTS"]
 
 #: Pretrained weights torchvision publishes for each model: name -> (weights enum, default member).
 #: ``weights="pretrained"`` picks the default member (our choice: ResNet50's ``IMAGENET1K_V1``, the
@@ -62,8 +61,3 @@ def inception_v3(num_classes: int = 1000, *, aux_logits: bool = False, transform
 def _check_classes(num_classes) -> None:
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
-
-
-def is_inception(model: nn.Module) -> bool:
-    """True for torchvision's Inception-V3."""
-    return isinstance(model, tvm.Inception3)
