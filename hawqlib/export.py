@@ -4,13 +4,13 @@ The paper's compression figures are arithmetic on bit counts; this module writes
 that :func:`hawqlib.size.model_size_bytes` can be checked against a file on disk, and reads them
 back into a model that computes exactly what the fake-quantized model computes.
 
-File format ``hawqlib.packed/1`` (our design), little-endian, written atomically:
+File format ``hawqlib.packed/2`` (:data:`PACKED_FORMAT`; our design), little-endian, written atomically:
 
 ====================  ======================================================================
 bytes                 content
 ====================  ======================================================================
 8                     magic ``b"HAWQPACK"``
-4 (uint32)            format version (1)
+4 (uint32)            preamble version (1, ``VERSION``)
 4 (uint32)            ``H``: length of the header
 H                     header: zlib-compressed UTF-8 JSON ``{"format", "bit_config", "arch",
                       "entries"}``; ``entries`` lists the payload records in order

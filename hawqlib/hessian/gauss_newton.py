@@ -115,7 +115,7 @@ def patches(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
     Linear: the input as (n, positions, in_features). Conv2d: the input patches as
     (n, groups, Cin/groups * kh * kw, Ho * Wo), built from strided views of the padded input (our
-    choice: ``F.unfold`` is about 15x slower on CPU for ResNet20's layers).
+    choice: ``F.unfold`` is much slower on CPU for ResNet20's layers).
     """
     n = x.shape[0]
     if isinstance(mod, nn.Linear):
@@ -190,7 +190,7 @@ class GNStore:
                 out.addmv_(slab.T, slab @ v)
             return out / rows
         # the layer map is linear in W: its vector-Jacobian product is the weight gradient of one backward
-        # (plain autograd: torch.func.vjp costs about a second on its first call in a process)
+        # (plain autograd: torch.func.vjp has a large one-time cost on its first call in a process)
         W = v.view(self.mod.weight.shape).detach().requires_grad_(True)
         out = torch.zeros_like(v)
         for i in range(0, rows, block_rows):

@@ -167,8 +167,8 @@ def top_eigenvalues(model: nn.Module, loss_fn, data, blocks=None, *, method: str
     names, or :class:`Block` objects. ``data``: an (inputs, targets) pair or an iterable of such batches
     (replayed identically on every pass); the Hessian is that of ``loss_fn`` over all samples as the loss
     defines it (:mod:`hawqlib.hessian.losses`). ``method``/``solver``/``tol``: see :mod:`hawqlib.hessian`.
-    ``chunk_size`` bounds the samples in one autograd graph (our choice, 32: on a 2-core CPU chunks of
-    16 to 64 run equally fast on ResNet20, and memory grows with the chunk); ``max_memory`` (bytes) bounds
+    ``chunk_size`` bounds the samples in one autograd graph (our choice, 32: a size where the speed on CPU
+    for ResNet20 no longer depends on it, and memory grows with the chunk); ``max_memory`` (bytes) bounds
     the Gauss-Newton storage of one group of layers; ``check_samples`` is the size of the seeded sample,
     spread over the data, on which the operator is checked and the Gauss-Newton identity proved in
     float64 (our choice, 8: the identity holds sample by sample, and float64 convolutions are slow on
