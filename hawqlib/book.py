@@ -109,6 +109,15 @@ def _kernel_manager_class():
             kwargs.setdefault("transport", "ipc")
             super().__init__(**kwargs)
 
+        async def _async_interrupt_kernel(self):
+            # jupyter_client interrupts (SIGINT) every kernel it shuts down; ours is idle by then (its
+            # notebook has finished), and the signal only made ipykernel log "KeyboardInterrupt caught
+            # in kernel" as an ERROR. The shutdown request that follows stops it; a cell that runs too
+            # long is still interrupted (nbclient calls interrupt_kernel before any shutdown).
+            if self.shutting_down:
+                return
+            await super()._async_interrupt_kernel()
+
     return IPCKernelManager
 
 
