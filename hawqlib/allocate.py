@@ -32,8 +32,8 @@ Policies (``policy=``):
   (``random.Random(seed)``), with the same optimizer;
 - ``"uniform"``: one bit width for every block, the largest in ``choices`` that fits the budget.
 
-The quantizer behind ``Q_b`` is :func:`hawqlib.quant.quantize_tensor` with the same settings that
-:func:`hawqlib.quant.quantize_model` uses, so the predicted perturbation is of the weights the
+The quantizer behind ``Q_b`` is :func:`hawqlib.quant.grids.quantize_tensor` with the same settings that
+:func:`hawqlib.quant.swap.quantize_model` uses, so the predicted perturbation is of the weights the
 fine-tuned model starts from.
 """
 from __future__ import annotations
@@ -48,8 +48,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .bitconfig import BitConfig
 from .blocks import quant_blocks
-from .quant import BitConfig, quantize_tensor
+from .quant import quantize_tensor
 from .size import fp32_size_bytes, model_size_bytes, size_table
 
 __all__ = ["POLICIES", "MEASURES", "ORDER_POLICIES", "DEFAULT_CHOICES", "MB", "sensitivities", "allocate_bits",

@@ -38,11 +38,12 @@ from torch import nn
 
 from . import size as hsize
 from .allocate import DEFAULT_CHOICES, MEASURES, allocate_bits, allocation_table, finetune_order
+from .bitconfig import BitConfig
 from .blocks import quant_blocks
 from .export import save_packed
 from .finetune import stage_groups, staged_finetune
 from .hessian import top_eigenvalues
-from .quant import QUANT_MODULES, BitConfig, calibrate_activations, quantize_model
+from .quant import QUANT_MODULES, calibrate_activations, quantize_model
 from .train import evaluate
 
 __all__ = ["quantize", "FinetuneSchedule", "QuantizeReport", "HESSIAN_BATCHES", "DEFAULT_STAGES"]

@@ -404,7 +404,7 @@ def test_act_mse_range_signed_input_shrinks_both_ends():
 def test_act_mse_sample_visits_every_channel_of_a_channels_last_tensor():
     # value = channel index; the batch is larger than the sample, so it is strided
     x = torch.arange(16.0).view(1, 16, 1, 1).expand(64, 16, 32, 32).contiguous(memory_format=torch.channels_last)
-    from hawqlib.quant import _strided_sample
+    from hawqlib.quant.observer import _strided_sample
     sample = _strided_sample(x.permute(0, 2, 3, 1), 8192)
     assert 7000 < sample.numel() <= 8192 and set(sample.unique().tolist()) == set(range(16))
 
