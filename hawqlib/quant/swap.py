@@ -7,6 +7,10 @@
 first layer (our choice: its input is the image, 8-bit data to begin with, which we leave in floating
 point). :func:`set_quant_enabled` switches whole blocks for the staged fine-tuning of section 3.2, and
 :func:`calibrate_activations` sets the activation ranges without touching BatchNorm.
+
+The quantized model carries its effective config as ``qmodel.bit_config``; loading a state dict into it
+(``qmodel.load_state_dict``) updates that config from the bits the modules then hold
+(:mod:`hawqlib.quant.modules` says what a state dict restores).
 """
 from __future__ import annotations
 
@@ -62,7 +66,30 @@ def quantize_model(model: nn.Module, bit_config: BitConfig, act_bits: int | None
             _set_submodule(qmodel, name, cls.from_float(m, bits, ab, weight_rule, act_rule))
     qmodel.bit_config = BitConfig(dict(bit_config.weights), a_bits,
                                   copy.copy(bit_config.granularity))
+    qmodel.register_load_state_dict_post_hook(_sync_bit_config)
     return qmodel
+
+
+def _sync_bit_config(qmodel: nn.Module, incompatible_keys=None) -> None:
+    """After ``qmodel.load_state_dict``: make ``qmodel.bit_config`` say the bits its modules now hold.
+
+    A block takes its modules' weight bits when they agree; ``act_bits`` is the bits of the activation
+    quantizers when they agree, None when a model of several quantized layers has none (with a single
+    layer, which never gets one, the config keeps its value).
+    """
+    cfg = getattr(qmodel, "bit_config", None)
+    if not isinstance(cfg, BitConfig):
+        return
+    weights = dict(cfg.weights)
+    for block in quant_blocks(qmodel, cfg.granularity):
+        bits = {m.weight_bits for m in block.modules if isinstance(m, QUANT_MODULES)}
+        if len(bits) == 1 and block.name in weights:
+            weights[block.name] = bits.pop()
+    mods = quant_modules(qmodel)
+    acts = {m.act_quant.bits for _, m in mods if m.act_quant is not None}
+    act_bits = acts.pop() if len(acts) == 1 else None if not acts and len(mods) > 1 else cfg.act_bits
+    if weights != cfg.weights or act_bits != cfg.act_bits:
+        qmodel.bit_config = BitConfig(weights, act_bits, copy.copy(cfg.granularity))
 
 
 def quant_modules(qmodel: nn.Module) -> list[tuple[str, nn.Module]]:
