@@ -1,6 +1,6 @@
 """Activation range rules side by side: least squared error ("mse", hawqlib's default) against min/max.
 
-Not a speed benchmark: the measurement behind the activation range rule chosen in :mod:`hawqlib.quant`.
+Not a speed benchmark: the measurement behind the activation range rule chosen in :mod:`hawqlib.quant.observer`.
 On one ResNet20 (the newest baseline checkpoint under ``data/artifacts``, read-only), in one process:
 
 1. 4-bit activations (weights left at 8 bits), ranges calibrated on 4 training batches under each rule:

@@ -1,6 +1,6 @@
 """Weight grids side by side: hawqlib's mid-rise grid (all 2**b codes) against the ternary-at-2-bits grid.
 
-Not a speed benchmark: the measurement behind the weight grid chosen in :mod:`hawqlib.quant`. The
+Not a speed benchmark: the measurement behind the weight grid chosen in :mod:`hawqlib.quant.grids`. The
 reference is the symmetric grid with an exact zero ("restricted range", codes in
 ``[-(2**(b-1) - 1), 2**(b-1) - 1]``, ``2**b - 1`` levels; ternary at 2 bits), written out below with the
 same least-squares scale search as hawqlib's. On one ResNet20 (the newest baseline checkpoint under

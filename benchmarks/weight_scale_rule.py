@@ -1,6 +1,6 @@
 """Weight scale rules side by side: least squared error ("mse", hawqlib's default) against max |w|.
 
-Not a speed benchmark: the measurement behind the scale rule chosen in :mod:`hawqlib.quant`.
+Not a speed benchmark: the measurement behind the scale rule chosen in :mod:`hawqlib.quant.grids`.
 On one ResNet20 (the newest baseline checkpoint under ``data/artifacts``, read-only), in one process:
 
 1. per bit width, the squared quantization error of all Conv2d/Linear weights under each rule, and the

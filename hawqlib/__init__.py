@@ -3,7 +3,7 @@
 The front door is :func:`quantize` (:mod:`hawqlib.workflow`): HAWQ on any network and data in one call.
 """
 from .export import load_packed, save_packed
-from .quant import BitConfig
+from .bitconfig import BitConfig
 from .workflow import FinetuneSchedule, QuantizeReport, quantize
 
 __version__ = "0.1.0"

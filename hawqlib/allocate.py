@@ -29,6 +29,10 @@ Policies (``policy=``):
 :func:`sensitivities`, :func:`allocation_table`, :func:`quant_errors` (from :mod:`hawqlib.sensitivity`) and
 :func:`finetune_order`, :class:`OmegaEntry`, :data:`ORDER_POLICIES` (from :mod:`hawqlib.order`) are
 importable from here too.
+
+The quantizer behind ``Q_b`` is :func:`hawqlib.quant.grids.quantize_tensor` with the same settings that
+:func:`hawqlib.quant.swap.quantize_model` uses, so the predicted perturbation is of the weights the
+fine-tuned model starts from.
 """
 from __future__ import annotations
 
@@ -44,7 +48,7 @@ from torch import nn
 # finetune_order, OmegaEntry, ORDER_POLICIES, sensitivities, allocation_table and quant_errors lived here
 # before their modules were split off; callers still import them from hawqlib.allocate.
 from .order import ORDER_POLICIES, OmegaEntry, finetune_order  # noqa: F401
-from .quant import BitConfig, check_bits
+from .bitconfig import BitConfig, check_bits
 from .sensitivity import allocation_table, lambda_of, match_blocks, quant_errors, sensitivities  # noqa: F401
 from .size import fp32_size_bytes, model_size_bytes, size_table
 

@@ -60,7 +60,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .quant import QUANT_MODULES, BitConfig, QuantAct, check_bits, quantize_model, weight_code_limit
+from .bitconfig import BitConfig, check_bits
+from .quant import QUANT_MODULES, QuantAct, quantize_model, weight_code_limit
 from .storage import atomic_write_bytes
 
 __all__ = ["CODE_VERSION", "save_packed", "load_packed", "read_header", "pack_bits", "unpack_bits", "PACKED_FORMAT",
@@ -167,7 +168,7 @@ def arch_of(model: nn.Module) -> str | None:
 
 
 def save_packed(qmodel: nn.Module, path: str | os.PathLike, *, arch: str | None = None) -> int:
-    """Write ``qmodel`` (from :func:`hawqlib.quant.quantize_model`) to ``path`` in the packed format.
+    """Write ``qmodel`` (from :func:`hawqlib.quant.swap.quantize_model`) to ``path`` in the packed format.
 
     ``arch`` (optional) names a constructor of :func:`hawqlib.models.get` so that
     :func:`load_packed` can rebuild the network without being given one. Returns the file size.

@@ -13,10 +13,10 @@ restated by the paper. Our choices, with their reasons:
   (every block at once), the baseline of :func:`direct_finetune`. An optional last stage of
   ``final_epochs`` fine-tunes the fully quantized network further.
 - **Activations** are quantized (at ``act_bits``) from the first stage on, in every layer that
-  :func:`hawqlib.quant.quantize_model` gives a :class:`~hawqlib.quant.QuantAct`: the activation grid is
+  :func:`hawqlib.quant.swap.quantize_model` gives a :class:`~hawqlib.quant.modules.QuantAct`: the activation grid is
   shared by all blocks, and turning it on last would leave one stage to absorb it alone. Before stage 1
   the activation ranges are calibrated on ``calibration_batches`` training batches (of epoch 0, in eval
-  mode, :func:`hawqlib.quant.calibrate_activations`), so that the accuracy right after each quantization
+  mode, :func:`hawqlib.quant.swap.calibrate_activations`), so that the accuracy right after each quantization
   step can be measured before any fine-tuning.
 - **Optimizer and schedule.** Each stage is one run of :func:`hawqlib.train.train` (SGD with momentum,
   cosine decay of the learning rate from ``lr`` to 0 within the stage, a fresh optimizer per stage): each
@@ -40,9 +40,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .bitconfig import BitConfig
 from .blocks import quant_blocks
 from .progress import bar as progress_bar, write as progress_write
-from .quant import BitConfig, calibrate_activations, quantize_model, set_quant_enabled
+from .quant import calibrate_activations, quantize_model, set_quant_enabled
 from .storage import atomic_write_json
 from .train import CheckpointError, TrainConfig, evaluate, load_checkpoint, train
 
@@ -129,13 +130,13 @@ def staged_finetune(model: nn.Module, bit_config: BitConfig, order, train_data, 
     first; it must name each block of ``bit_config`` once. ``train_data``: a re-iterable of ``(x, y)`` batches
     with ``len`` and, optionally, ``set_epoch`` (:class:`hawqlib.data.TensorLoader`). ``act_bits`` overrides
     ``bit_config.act_bits``; ``weight_rule``/``act_rule`` the weight scale and activation range rules
-    (:func:`hawqlib.quant.quantize_model`).
+    (:func:`hawqlib.quant.swap.quantize_model`).
     ``checkpoint_dir=None`` keeps nothing on disk (no resume).
     ``callback(record)`` is called after every epoch (its checkpoint already on disk) with the epoch's
     record, ``stage`` and ``global_epoch`` included; returning True stops the run there (resumable; the
     history then has ``complete = False``: a time-boxed run, or a test's interruption).
     ``model`` is not modified. Returns ``(qmodel, history)``: the fine-tuned quantized model
-    (:func:`hawqlib.quant.quantize_model`'s modules, every block quantized once the run is complete) and
+    (:func:`hawqlib.quant.swap.quantize_model`'s modules, every block quantized once the run is complete) and
 
     - ``history["plan"]``: the groups, epochs and settings;
     - ``history["stages"]``: per stage, ``quantized`` (the group switched on), ``before`` (validation right

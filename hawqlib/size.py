@@ -15,7 +15,7 @@ stored in, and :mod:`hawqlib.export` writes exactly these numbers to its packed 
   ``num_batches_tracked``, which inference never reads). For an affine BatchNorm this equals its
   parameter count, so the FP32 size of a model is exactly 4 bytes x its number of parameters
   (ResNet20: 4 x 269,722 = 1,078,888 bytes);
-- each activation quantizer (:class:`hawqlib.quant.QuantAct`): its scale (FP32) and zero point
+- each activation quantizer (:class:`hawqlib.quant.modules.QuantAct`): its scale (FP32) and zero point
   (int32), 8 bytes;
 - other buffers are not counted (the project's models have none besides BatchNorm's).
 
@@ -31,8 +31,9 @@ import math
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .bitconfig import BitConfig, check_bits
 from .blocks import QUANT_TYPES, quant_blocks
-from .quant import QUANT_MODULES, BitConfig, QuantAct, check_bits
+from .quant import QUANT_MODULES, QuantAct
 
 __all__ = ["model_size_bytes", "fp32_size_bytes", "compression_ratio", "weight_compression",
            "activation_compression", "size_table", "weight_bits_by_module"]

@@ -150,7 +150,12 @@ def evaluate(model: nn.Module, data: Iterable, *, loss_fn=None) -> dict:
 
 
 def _fingerprint(model: nn.Module) -> dict:
-    return {k: list(v.shape) for k, v in model.state_dict().items()}
+    """Name and shape of each state-dict entry: the architecture a checkpoint must match. Entries a module
+    lists in ``optional_state_keys`` (the switches and configuration of :mod:`hawqlib.quant.modules`, which
+    checkpoints written before they were saved lack) are left out, so that those checkpoints still match."""
+    optional = {f"{name}.{key}" if name else key for name, m in model.named_modules()
+                for key in getattr(m, "optional_state_keys", ())}
+    return {k: list(v.shape) for k, v in model.state_dict().items() if k not in optional}
 
 
 def load_checkpoint(path: str | Path, model: nn.Module | None = None) -> dict:

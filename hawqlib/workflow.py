@@ -38,12 +38,13 @@ from torch import nn
 
 from . import size as hsize
 from .allocate import DEFAULT_CHOICES, MEASURES, allocate_bits
+from .bitconfig import BitConfig
 from .blocks import quant_blocks
 from .export import save_packed
 from .finetune import stage_groups, staged_finetune
 from .hessian import top_eigenvalues
 from .order import finetune_order
-from .quant import QUANT_MODULES, BitConfig, calibrate_activations, quantize_model
+from .quant import QUANT_MODULES, calibrate_activations, quantize_model
 from .sensitivity import allocation_table
 from .train import evaluate
 

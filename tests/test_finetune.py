@@ -17,7 +17,7 @@ from hawqlib.data import TensorLoader
 import hawqlib.finetune as ft
 from hawqlib.finetune import direct_finetune, stage_groups, staged_finetune
 from hawqlib.quant import QUANT_MODULES, BitConfig, quant_modules
-from hawqlib.train import CheckpointError, NonFiniteLossError, evaluate, train
+from hawqlib.train import CheckpointError, NonFiniteLossError, content_digest, evaluate, train
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -126,6 +126,33 @@ def test_resume_after_crashes_is_bit_exact(task, tmp_path):
     # the same folder with another plan is refused
     with pytest.raises(CheckpointError, match="another"):
         staged_finetune(model, cfg, order, loader, te, checkpoint_dir=tmp_path / "b", **{**kw, "stages": 2})
+
+
+def test_resume_from_checkpoints_written_before_the_quantized_state_was_saved(task, tmp_path):
+    """Checkpoints without the quantizers' switches and config (as the committed resume state) still resume, exactly."""
+    model, (xtr, ytr), _, te = task
+    cfg = BitConfig.uniform(model, 3, act_bits=4)
+    order = [b.name for b in quant_blocks(model)]
+    kw = dict(stages=2, epochs_per_stage=2, lr=0.02, progress=False, seed=5)
+    ref, _ = staged_finetune(model, cfg, order, TensorLoader(xtr, ytr, 64, shuffle=True, seed=0), te,
+                             checkpoint_dir=tmp_path / "a", **kw)
+    loader = TensorLoader(xtr, ytr, 64, shuffle=True, seed=0)
+    staged_finetune(model, cfg, order, loader, te, checkpoint_dir=tmp_path / "b", **kw,
+                    callback=lambda r: r["global_epoch"] == 3)    # stage 1 complete, stage 2 mid-way
+    optional = {f"{n}.{k}" for n, m in ref.named_modules() for k in getattr(m, "optional_state_keys", ())}
+    aged = sorted((tmp_path / "b").glob("stage_*/*.pt"))
+    assert [p.relative_to(tmp_path / "b").as_posix() for p in aged] == [
+        "stage_1/checkpoint.pt", "stage_1/model.pt", "stage_2/checkpoint.pt"]
+    for path in aged:
+        ckpt = torch.load(path, weights_only=True)
+        assert optional & set(ckpt["model"]) and not optional & set(ckpt["fingerprint"])
+        ckpt["model"] = {k: v for k, v in ckpt["model"].items() if k not in optional}
+        del ckpt["sha256"]
+        torch.save({**ckpt, "sha256": content_digest(ckpt)}, path)
+    got, hist = staged_finetune(model, cfg, order, loader, te, checkpoint_dir=tmp_path / "b", **kw)
+    ref_sd, got_sd = ref.state_dict(), got.state_dict()
+    assert hist["complete"] and list(ref_sd) == list(got_sd)
+    assert all(torch.equal(ref_sd[k], got_sd[k]) for k in ref_sd)
 
 
 def test_history_plan_and_final_state(task, monkeypatch):

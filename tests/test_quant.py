@@ -1,4 +1,5 @@
 """hawqlib.quant: the quantizer, the fake-quant modules, BitConfig and quantize_model."""
+import io
 import json
 
 import pytest
@@ -404,7 +405,7 @@ def test_act_mse_range_signed_input_shrinks_both_ends():
 def test_act_mse_sample_visits_every_channel_of_a_channels_last_tensor():
     # value = channel index; the batch is larger than the sample, so it is strided
     x = torch.arange(16.0).view(1, 16, 1, 1).expand(64, 16, 32, 32).contiguous(memory_format=torch.channels_last)
-    from hawqlib.quant import _strided_sample
+    from hawqlib.quant.observer import _strided_sample
     sample = _strided_sample(x.permute(0, 2, 3, 1), 8192)
     assert 7000 < sample.numel() <= 8192 and set(sample.unique().tolist()) == set(range(16))
 
@@ -441,3 +442,102 @@ def test_act_rule_reaches_every_quant_act_and_bad_rules_are_named():
         quantize_model(model, bc, act_rule="max")
     with pytest.raises(ValueError, match="unknown activation range rule"):
         QuantAct(4, rule="p99")
+
+
+# ------------------------------------------------------------------------- quantized state in the state dict
+
+def _config(q):
+    """Everything a quantized model's modules are configured and switched to, by module name."""
+    out = {}
+    for n, m in quant_modules(q):
+        a = m.act_quant
+        out[n] = (m.weight_bits, m.weight_rule, m.quant_enabled,
+                  None if m.fixed_scale is None else m.fixed_scale.tolist(),
+                  None if a is None else (a.bits, a.rule, a.averaging_constant, a.enabled, a.observe,
+                                          a.quant_min, a.quant_max, a.grad_inplace, a.training))
+    return out
+
+
+def _roundtrip(sd):
+    """``sd`` through torch.save and a weights-only torch.load, as stored artifacts are read."""
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+def _step(q, x):
+    """Output and parameter gradients of one training-mode step (observing, BatchNorm in batch mode)."""
+    q.train()
+    q.zero_grad(set_to_none=True)
+    y = q(x)
+    y.square().mean().backward()
+    return y.detach(), {n: p.grad.clone() for n, p in q.named_parameters()}
+
+
+@pytest.mark.parametrize("saved_act_bits, fresh_act_bits", [(3, None), (None, 4)])
+def test_state_dict_restores_bits_rules_flags_and_scales(saved_act_bits, fresh_act_bits):
+    """A saved state dict restores the quantized model into one quantized with other defaults: same config, outputs."""
+    torch.manual_seed(0)
+    m = resnet20()
+    xs = [torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    saved = quantize_model(m, _mixed(m, saved_act_bits), weight_rule="max", act_rule="minmax")
+    calibrate_activations(saved, xs[:2])
+    names = list(saved.bit_config.weights)
+    set_quant_enabled(saved, names[1::3], False)                     # mid staged fine-tuning
+    conv = saved.layer2[0].conv2
+    conv.fixed_scale = conv.weight_qparams()[0] * 1.25                # as hawqlib.export.load_packed sets it
+    if saved_act_bits is not None:
+        saved.layer3[1].conv1.act_quant.observe = False               # forced off: frozen even in training
+        saved.layer1[2].conv2.act_quant.averaging_constant = 0.25
+    sd = _roundtrip(saved.state_dict())
+    assert all(isinstance(v, torch.Tensor) for v in sd.values())
+
+    fresh = quantize_model(m, BitConfig.uniform(m, 8, fresh_act_bits))   # other bits, rules, flags, structure
+    assert _config(fresh) != _config(saved)
+    fresh.load_state_dict(sd)                                         # strict
+    assert _config(fresh) == _config(saved)
+    assert fresh.bit_config == saved.bit_config
+    assert fresh.state_dict().keys() == saved.state_dict().keys()
+    saved.eval(), fresh.eval()
+    with torch.no_grad():
+        assert torch.equal(fresh(xs[2]), saved(xs[2]))
+    for (ya, ga), (yb, gb) in [(_step(saved, x), _step(fresh, x)) for x in xs]:
+        assert torch.equal(ya, yb) and ga.keys() == gb.keys() and all(torch.equal(ga[k], gb[k]) for k in ga)
+    assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in saved.state_dict().items())
+
+
+def test_state_dict_written_before_the_quantized_state_loads_as_before():
+    """An old state dict (no switches, no extra state) loads strictly and leaves the module's own flags and config."""
+    torch.manual_seed(0)
+    m = resnet20()
+    xs = [torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    saved = quantize_model(m, _mixed(m))
+    calibrate_activations(saved, xs[:1])
+    set_quant_enabled(saved, None, False)
+    optional = {f"{n}.{k}" for n, mod in saved.named_modules() for k in getattr(mod, "optional_state_keys", ())}
+    old = {k: v for k, v in saved.state_dict().items() if k not in optional}
+    assert len(old) < len(saved.state_dict()) and not any(k.endswith(("_extra_state", "enabled")) for k in old)
+
+    fresh = quantize_model(m, _mixed(m), weight_rule="max")
+    fresh.layer1[0].conv1.act_quant.observe = True
+    before = _config(fresh)
+    result = fresh.load_state_dict(_roundtrip(old))
+    assert not result.missing_keys and not result.unexpected_keys
+    assert _config(fresh) == before                                   # flags and rules as the module had them
+    assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in old.items())
+    with pytest.raises(RuntimeError, match="Missing key"):            # a weight is still required
+        fresh.load_state_dict({k: v for k, v in old.items() if k != "fc.weight"})
+
+
+def test_bad_extra_state_is_named():
+    conv = QuantConv2d(2, 3, 1, weight_bits=2)
+    sd = conv.state_dict()
+    with pytest.raises(ValueError, match="hawqlib.QuantWeight/1"):
+        conv.load_state_dict({**sd, "_extra_state": QuantAct(4).get_extra_state()})
+    with pytest.raises(ValueError, match="weight_bits must be an integer in 1..8"):
+        conv.set_extra_state({"format": "hawqlib.QuantWeight/1", "weight_bits": 9, "weight_rule": "mse"})
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['x'\]"):
+        QuantAct(4).set_extra_state({"format": "hawqlib.QuantAct/1", "bits": 4, "rule": "mse",
+                                     "averaging_constant": 0.01, "x": 1})
+    assert conv.weight_bits == 2

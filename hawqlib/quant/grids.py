@@ -1,0 +1,177 @@
+"""The uniform weight grid Q(W_i) and the quantizer of a tensor (paper section 3.2).
+
+HAWQ quantizes each block B_i to its own number of bits (section 3.2); the paper does not restate its
+quantizer. Everything below that is not in the paper is **our choice**, with its reason:
+
+Weights (our choice): uniform, **symmetric, per output channel** (dim 0 of a Conv2d/Linear weight),
+**mid-rise**: for ``b`` bits the ``2**b`` levels are the odd multiples of a half-step ``h_c``,
+``Q(W_c) = h_c * j``, ``j`` the odd integer nearest to ``W_c / h_c`` with ``|j| <= 2**b - 1``
+(:func:`weight_code_limit`); one FP32 ``h_c`` per channel. At 2 bits the grid is
+``{-3h, -h, h, 3h}``, at 4 bits 16 levels. Reason: a ``b``-bit code field holds ``2**b`` values, and
+HAWQ's budget is counted in those bits; the symmetric grid with an exact zero (torch.ao's
+"restricted range", ``[-(2**(b-1) - 1), 2**(b-1) - 1]``) uses only ``2**b - 1`` of them, which at 2 bits
+is the ternary ``{-s, 0, s}``: about 1.58 bits of information stored in 2. The mid-rise grid keeps
+the symmetry (no bias between positive and negative weights, which the full signed range
+``[-2**(b-1), 2**(b-1) - 1]`` would add) and uses every code; it has no zero level, which weights do
+not need. ``benchmarks/weight_grid.py`` measures the two on ResNet20 (squared error, top-1 before
+and after a short fine-tuning); its figures are in ``benchmarks/README.md``.
+
+The half-step (our choice, ``rule="mse"``, the default) is the one that minimizes ``||Q(W_c) - W_c||^2``:
+starting from ``max|W_c| / (2**b - 1)``, we alternate the nearest codes for the current ``h`` and the
+least-squares ``h`` for the current codes, ``h = <W_c, j> / <j, j>``, each step lowering the error,
+until ``h`` stops changing or for at most :data:`MSE_ITERATIONS` rounds (in float64). Reasons:
+``||Q(W_i) - W_i||^2`` is the very perturbation HAWQ's second-order estimate and its Omega order weigh
+by lambda_i (paper section 3.2), so the grid that minimizes it is the one the method's own model
+prefers; and at low bits the max |w| grid wastes its few levels on a handful of outliers.
+``benchmarks/weight_scale_rule.py`` measures both rules side by side on ResNet20 (squared error,
+a short quantization-aware fine-tuning at 2 bits); its figures are in ``benchmarks/README.md``.
+The price: weights beyond ``(2**b - 1) h_c`` are clipped (their error exceeds half a step, ``h_c``);
+the straight-through gradient (:mod:`hawqlib.quant.ste`) stays the identity for every weight.
+``rule="max"`` gives the grid whose top level is ``max|W_c|`` (no clipping, error at most ``h_c``) for
+comparison. The codes fit in ``b`` bits for :mod:`hawqlib.export` as ``(j + 2**b - 1) / 2``.
+
+One bit: the same grid, ``{-h_c, +h_c}`` (``sign(0) = +1``), with ``h_c = mean|W_c|`` under either rule,
+the binary-weight rule of XNOR-Net: the mean |w| is the half-step minimizing ``||Q(W_c) - W_c||^2``
+for a fixed sign pattern (it is where the alternation above stops after one round).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..bitconfig import check_bits, check_weight_rule
+from .ste import fake_quant
+
+__all__ = ["MSE_ITERATIONS", "weight_code_limit", "quant_params", "quant_scale", "quantize_tensor",
+           "quantize_to_int"]
+
+#: At most this many alternations of the least-squares scale rule (it stops earlier at its fixed point).
+MSE_ITERATIONS = 20
+# Floor on max|w| so that an all-zero channel gets a finite, nonzero scale (its codes are all 0).
+_MIN_RANGE = 1e-30
+
+
+def _reduce_dims(w: torch.Tensor, per_channel: bool):
+    return tuple(range(1, w.dim())) if per_channel and w.dim() > 1 else None
+
+
+def _check_tensor(w) -> None:
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"expected a torch.Tensor, got {type(w).__name__}")
+    if not w.is_floating_point():
+        raise TypeError(f"expected a floating-point tensor, got dtype {w.dtype}")
+    if w.numel() == 0:
+        raise ValueError("cannot quantize an empty tensor")
+
+
+def _amax(w: torch.Tensor, per_channel: bool) -> torch.Tensor:
+    dims = _reduce_dims(w, per_channel)
+    a = w.detach().abs()
+    return (a.amax(dim=dims) if dims else a.amax()).float()
+
+
+def _odd_codes(y: torch.Tensor, top: int) -> torch.Tensor:
+    """The odd integer nearest to ``y`` with magnitude at most ``top`` (``top = 2**b - 1``)."""
+    return torch.floor(y * 0.5).clamp_(-(top + 1) // 2, (top - 1) // 2).mul_(2).add_(1)
+
+
+def _mse_scale(w: torch.Tensor, per_channel: bool, top: int) -> torch.Tensor:
+    """The half-step ``h`` minimizing ||Q(w) - w||^2 (per channel or per tensor), by alternating the
+    nearest odd codes and the least-squares ``h`` from the max |w| start (see the module docstring)."""
+    x = w.detach().double().reshape(w.shape[0] if per_channel and w.dim() > 0 else 1, -1)
+    s = x.abs().amax(dim=1, keepdim=True).clamp_min(_MIN_RANGE) / top
+    for _ in range(MSE_ITERATIONS):
+        k = _odd_codes(x / s, top)
+        new = (x * k).sum(dim=1, keepdim=True) / (k * k).sum(dim=1, keepdim=True)
+        new = torch.where(new > 0, new, s)
+        if torch.equal(new, s):
+            break
+        s = new
+    s = s.float().clamp_min(_MIN_RANGE)
+    return s.reshape(-1) if per_channel and w.dim() > 0 else s.reshape(())
+
+
+def weight_code_limit(bits: int) -> int:
+    """The largest weight code, ``2**bits - 1``: weight codes are the odd integers in ``[-limit, limit]``."""
+    return 2 ** check_bits(bits) - 1
+
+
+@torch.no_grad()
+def quant_params(w: torch.Tensor, bits: int, *, per_channel: bool = True, symmetric: bool = True,
+                 rule: str = "mse"):
+    """The quantization grid of ``w``: ``(scale, zero_point, qmin, qmax)``.
+
+    ``scale`` is a float32 tensor of shape ``[w.shape[0]]`` (per channel) or ``[]`` (per tensor);
+    ``zero_point`` an int32 tensor of the same shape. Symmetric: zero point 0, ``scale`` the half-step
+    ``h`` of the grid and ``(qmin, qmax) = (-(2**b - 1), 2**b - 1)`` the range of its odd codes (the
+    weight is ``code * h``), ``h`` by ``rule``: ``"mse"`` the one with the least squared error, ``"max"``
+    ``max|w| / (2**b - 1)`` (see the module docstring); for 1 bit ``h = mean|w|`` under either rule.
+    Asymmetric: the range ``[min(w, 0), max(w, 0)]`` on codes ``[0, 2**b - 1]`` (``rule`` does not apply).
+    """
+    _check_tensor(w)
+    bits = check_bits(bits)
+    check_weight_rule(rule)
+    dims = _reduce_dims(w, per_channel)
+    if symmetric:
+        top = weight_code_limit(bits)
+        if bits == 1:
+            # mean in float64: exact for a tensor of +-h, which makes Q idempotent at 1 bit
+            a = w.detach().abs().double()
+            scale = (a.mean(dim=dims) if dims else a.mean()).float().clamp_min(_MIN_RANGE)
+        elif rule == "max":
+            scale = _amax(w, per_channel).clamp_min(_MIN_RANGE) / top
+        else:
+            scale = _mse_scale(w, per_channel, top)
+        zero_point = torch.zeros(scale.shape, dtype=torch.int32, device=w.device)
+        return scale, zero_point, -top, top
+    wd = w.detach()
+    lo = (wd.amin(dim=dims) if dims else wd.amin()).float().clamp_max(0.0)
+    hi = (wd.amax(dim=dims) if dims else wd.amax()).float().clamp_min(0.0)
+    qmin, qmax = 0, 2 ** bits - 1
+    scale = ((hi - lo) / qmax).clamp_min(_MIN_RANGE)
+    zero_point = torch.clamp(torch.round(-lo / scale), qmin, qmax).to(torch.int32)
+    return scale, zero_point, qmin, qmax
+
+
+def quant_scale(w: torch.Tensor, bits: int, *, per_channel: bool = True, symmetric: bool = True,
+                rule: str = "mse") -> torch.Tensor:
+    """The scale(s) of ``w`` quantized at ``bits`` (one per output channel when ``per_channel``)."""
+    return quant_params(w, bits, per_channel=per_channel, symmetric=symmetric, rule=rule)[0]
+
+
+def quantize_tensor(w: torch.Tensor, bits: int, *, per_channel: bool = True, symmetric: bool = True,
+                    rule: str = "mse") -> torch.Tensor:
+    """Q(w): ``w`` fake-quantized to ``bits`` (a float tensor of the same shape and dtype).
+
+    Differentiable with the straight-through estimator: the gradient with respect to ``w`` is the
+    identity, clipped weights included. See the module docstring for the grid (our choice: symmetric,
+    per output channel, the scale of least squared error; ``rule="max"`` for the max |w| scale).
+    """
+    scale, zp, qmin, qmax = quant_params(w, bits, per_channel=per_channel, symmetric=symmetric, rule=rule)
+    return fake_quant(w, scale, zp, qmin, qmax, per_channel, symmetric)
+
+
+@torch.no_grad()
+def quantize_to_int(w: torch.Tensor, bits: int, *, per_channel: bool = True, symmetric: bool = True,
+                    scale: torch.Tensor | None = None, rule: str = "mse"):
+    """The integer codes of Q(w): ``(k, scale)`` with ``k`` an integer tensor and ``Q(w) == k * scale`` exactly.
+
+    ``scale`` is broadcast along dim 0 when per channel. Symmetric codes are the odd integers in
+    ``[-(2**b - 1), 2**b - 1]`` (``{-1, +1}`` at 1 bit; int16 at 8 bits); asymmetric codes are returned
+    centred (``q - zero_point``), so the same identity holds. A given ``scale`` (symmetric only)
+    replaces the one ``rule`` computes from ``w``.
+    """
+    bits = check_bits(bits)
+    if scale is None:
+        scale, zp, qmin, qmax = quant_params(w, bits, per_channel=per_channel, symmetric=symmetric, rule=rule)
+    else:
+        if not symmetric:
+            raise ValueError("a given scale is only supported for symmetric quantization")
+        _check_tensor(w)
+        scale = scale.float()
+        zp = torch.zeros(scale.shape, dtype=torch.int32, device=w.device)
+        qmax = weight_code_limit(bits)
+        qmin = -qmax
+    q = fake_quant(w.detach().float(), scale, zp, qmin, qmax, per_channel, symmetric)
+    s = scale.view(-1, *([1] * (w.dim() - 1))) if scale.dim() == 1 and w.dim() > 1 else scale
+    k = torch.round(q / s)
+    return k.to(torch.int8 if max(abs(qmin), abs(qmax)) <= 127 else torch.int16), scale
