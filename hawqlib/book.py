@@ -38,6 +38,7 @@ from typing import Iterator, Sequence
 
 from . import pages, profiles
 from .bookbuild import BuildError, build, project_root
+from .paths import find_checkout
 from .storage import atomic_write_json
 
 # Defined in hawqlib.bookbuild and imported here too, where the tests and the command line use them
@@ -132,6 +133,13 @@ def artifacts_for(profile: str) -> str | None:
     return str(project_root() / "data" / "scratch" / profile)
 
 
+def _default_store(kernel_cwd: Path) -> str | None:
+    """The published results' store for a kernel whose working directory is ``kernel_cwd``: None (the kernel
+    finds the checkout's ``data/artifacts`` itself, :func:`hawqlib.paths.artifacts_root`) when that directory
+    is in a checkout, else this checkout's ``data/artifacts``, given explicitly (notebooks run from elsewhere)."""
+    return None if find_checkout(kernel_cwd) else str(project_root() / "data" / "artifacts")
+
+
 def _check_source(path: Path) -> None:
     import nbformat
 
@@ -169,7 +177,7 @@ def execute(name: str, profile: str, *, notebooks_dir: str | os.PathLike | None 
         kernel_spec_dir(kdir)
         jpath = os.pathsep.join([kdir] + ([os.environ["JUPYTER_PATH"]] if os.environ.get("JUPYTER_PATH") else []))
         env = {"JUPYTER_PATH": jpath, "HAWQ_PROFILE": profile, "FORCE": "1" if force else None,
-               "HAWQ_ARTIFACTS": artifacts_for(profile),
+               "HAWQ_ARTIFACTS": artifacts_for(profile) or _default_store(nb_dir),
                "PYTHONHASHSEED": os.environ.get("PYTHONHASHSEED", "0")}
         t0 = time.perf_counter()
         try:

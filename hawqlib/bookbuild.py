@@ -17,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .paths import project_root  # noqa: F401  (the checkout holding notebooks/ and book/)
 from .storage import atomic_write
 
 __all__ = ["BuildError", "project_root", "book_file", "toc_documents", "check_executed", "package_modules",
@@ -25,11 +26,6 @@ __all__ = ["BuildError", "project_root", "book_file", "toc_documents", "check_ex
 
 class BuildError(RuntimeError):
     """The book cannot be built (missing or stale executed notebook, or a failed Sphinx build)."""
-
-
-def project_root() -> Path:
-    """The repository root (the folder holding ``notebooks/`` and ``book/``)."""
-    return Path(__file__).resolve().parents[1]
 
 
 def book_file(book_dir: str | os.PathLike, name: str) -> Path:

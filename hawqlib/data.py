@@ -4,8 +4,8 @@ CIFAR-10 is found, in this order, at
 
 1. a ``root`` passed by argument, else the ``HAWQ_DATA`` environment variable (when either is
    given it must hold CIFAR-10: no silent fallback to another copy);
-2. ``data/`` inside the project;
-3. otherwise torchvision downloads it into ``data/`` (needs the network).
+2. ``data/`` inside the project checkout (:func:`hawqlib.paths.project_root`);
+3. otherwise torchvision downloads it into that ``data/`` (needs the network).
 
 Both on-disk layouts are read: torchvision's ``cifar-10-batches-py`` and an ImageFolder
 tree ``cifar10/{train,test}/<class>/*.png``. Batch files are pickles: each is checked against
@@ -14,9 +14,9 @@ types the format holds (no code runs from a data folder). In class folders, hidd
 (``.DS_Store``) and subfolders are skipped; any other file that is not a 32x32 image is an error
 naming it.
 
-The images are decoded once into a cache file (``data/cache/``, ignored by git). The cache is
-keyed by the source's content listing (every file's name, size and modification time), so
-editing, adding or removing an image rebuilds it, as does ``FORCE=1``; all of its fields are
+The images are decoded once into a cache file (:func:`hawqlib.paths.cache_dir`: ``data/cache/`` in a
+checkout, ignored by git). The cache is keyed by the source's content listing (every file's name, size
+and modification time), so editing, adding or removing an image rebuilds it, as does ``FORCE=1``; all of its fields are
 inside the SHA-256 it records, verified on every load; a corrupt or partial cache is rebuilt,
 never used. One process builds a given cache at a time (the others wait for it).
 
@@ -39,6 +39,7 @@ import torch
 
 from .batches import CIFAR10_CLASSES, DataIntegrityError
 from .batches import batch_files as _batch_files, decode_batches as _decode_batches
+from .paths import cache_dir, project_root  # noqa: F401  (hawqlib.paths: where files go, never site-packages)
 from .storage import atomic_write, atomic_write_json, folder_lock, remove_orphan_tmp
 
 __all__ = [
@@ -59,16 +60,6 @@ _CACHE_VERSION = 2  # the cache's own format and keying; the data digest does no
 
 class DataNotFoundError(FileNotFoundError):
     """No data set where we looked, and no way to download it."""
-
-
-def project_root() -> Path:
-    """The project checkout this package lives in (the folder holding ``hawqlib/``)."""
-    return Path(__file__).resolve().parents[1]
-
-
-def cache_dir() -> Path:
-    """Folder for decode caches: ``HAWQ_CACHE`` if set, else ``data/cache`` in the project."""
-    return Path(os.environ.get("HAWQ_CACHE") or project_root() / "data" / "cache")
 
 
 @dataclass(frozen=True)

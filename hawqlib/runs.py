@@ -1,8 +1,8 @@
 """Artifacts: expensive results stored under ``data/artifacts`` keyed by what determines them.
 
-An artifact is a folder ``data/artifacts/<kind>-<key>`` where ``key`` is a hash of its
-parameters: the run configuration, the code version of the module that computes it, and
-the digest of the data it read. Its ``manifest.json`` (parameters, versions, wall time,
+An artifact is a folder ``<root>/<kind>-<key>`` (the root: :func:`hawqlib.paths.artifacts_root`) where
+``key`` is a hash of its parameters: the run configuration, the code version of the module that computes
+it, and the digest of the data it read. Its ``manifest.json`` (parameters, versions, wall time,
 machine) is written last and atomically, so a folder without a manifest is an unfinished
 run, never mistaken for a result.
 
@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .paths import artifacts_root  # noqa: F401  (hawqlib.paths: HAWQ_ARTIFACTS, the checkout's, or ./hawq-artifacts)
 from .storage import atomic_write_json, file_sha256, folder_lock
 
 __all__ = ["config_hash", "artifacts_root", "artifact_dir", "write_manifest", "read_manifest", "is_complete",
@@ -46,13 +47,6 @@ def _canonical(obj: Any) -> str:
 def config_hash(params: Any, length: int = 12) -> str:
     """Short SHA-256 of the canonical JSON of ``params`` (sorted keys, tuples as lists)."""
     return hashlib.sha256(_canonical(params).encode()).hexdigest()[:length]
-
-
-def artifacts_root() -> Path:
-    """``HAWQ_ARTIFACTS`` if set, else ``data/artifacts`` in the project."""
-    from .data import project_root
-
-    return Path(os.environ.get("HAWQ_ARTIFACTS") or project_root() / "data" / "artifacts")
 
 
 def artifact_dir(kind: str, params: Any) -> Path:
