@@ -92,12 +92,16 @@ def baseline(cfg: dict, model: str = "resnet20", data_root=None, *, progress: bo
 
 #: Bumped when a change here or in :mod:`hawqlib.hessian` changes stored spectra, traces or landscapes.
 HESSIAN_STEP_VERSION = 2
+#: The ``"hessian"`` entry of those artifacts' keys: ``None`` since the first spectra were stored (read then
+#: as an absent ``hessian.CODE_VERSION``). Kept so that every stored key stays valid; :data:`HESSIAN_STEP_VERSION`
+#: versions :mod:`hawqlib.hessian` as well, so bump that one, never this.
+HESSIAN_CODE_VERSION = None
 #: Bumped when a change here, in :mod:`hawqlib.quant`, :mod:`hawqlib.finetune` or :mod:`hawqlib.export`
 #: changes stored fine-tuned models.
 FINETUNE_STEP_VERSION = 1
 
-__all__ += ["HESSIAN_STEP_VERSION", "FINETUNE_STEP_VERSION", "hessian_batch", "spectrum", "spectrum_stability",
-            "block_traces", "landscape", "finetuned", "FinetuneResult"]
+__all__ += ["HESSIAN_STEP_VERSION", "HESSIAN_CODE_VERSION", "FINETUNE_STEP_VERSION", "hessian_batch", "spectrum",
+            "spectrum_stability", "block_traces", "landscape", "finetuned", "FinetuneResult"]
 
 
 def hessian_batch(n_samples: int, data_seed: int = 0, data_root=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,9 +119,16 @@ _SPECTRUM_KEYS = ("method", "solver", "tol", "max_iter", "seed")
 
 
 def _hessian_code() -> dict:
-    from . import hessian
+    """The code versions in the key of a spectrum, traces or landscape artifact."""
+    return {"step": HESSIAN_STEP_VERSION, "hessian": HESSIAN_CODE_VERSION}
 
-    return {"step": HESSIAN_STEP_VERSION, "hessian": getattr(hessian, "CODE_VERSION", None)}
+
+def _finetune_code() -> dict:
+    """The code versions in the key of a fine-tuning artifact (read directly: a missing one is an error)."""
+    from . import export, finetune, quant
+
+    return {"step": FINETUNE_STEP_VERSION, "finetune": finetune.FINETUNE_FORMAT, "quant": quant.CODE_VERSION,
+            "export": export.CODE_VERSION}
 
 
 def spectrum(model: torch.nn.Module, base: str, cfg: dict, granularity="layer", *, data=None, data_key=None,
@@ -296,9 +307,7 @@ def finetuned(model: torch.nn.Module, base: str, bit_config, order, cfg: dict, *
     order = None if direct else [getattr(o, "name", o) for o in order]
     ft = {k: cfg[k] for k in _FT_KEYS}
     params = {"base": base, "bit_config": bit_config.to_dict(), "order": order, "direct": bool(direct),
-              "finetune": ft, "code": {"step": FINETUNE_STEP_VERSION, "finetune": finetune.FINETUNE_FORMAT,
-                                       "quant": getattr(quant, "CODE_VERSION", None),
-                                       "export": getattr(export, "CODE_VERSION", None)}}
+              "finetune": ft, "code": _finetune_code()}
     if load_only and not runs.is_complete(runs.artifact_dir("finetune", params), params):
         return None
     tr, te = hdata.cifar10_loaders(data_root, batch_size=ft["batch_size"], seed=ft["seed"],
