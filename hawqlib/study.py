@@ -1,0 +1,140 @@
+"""A study: the recipes the notebooks and the command line share, for one profile, model and data source.
+
+Every chapter starts the same way: a profile (:mod:`hawqlib.profiles`), the FP32 baseline it trains
+(:func:`hawqlib.pipeline.baseline`), the baseline's Hessian spectrum (paper section 3.1,
+:func:`hawqlib.pipeline.spectrum`), and from there the HAWQ allocation at the profile's target, the
+fine-tuning orders (section 3.2) and the named fine-tuning runs of the tables (:mod:`hawqlib.experiments`).
+:class:`Study` holds those recipes once, so that a notebook and ``python -m hawqlib finetune`` given the same
+profile, model and data load the very same artifacts. It delegates every step; nothing is computed here that
+the pipeline would not compute, and every result stays an artifact keyed as before.
+
+The data source is CIFAR-10 (``data``: its root, else :func:`hawqlib.data.find_cifar10`'s search).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from . import experiments, pipeline, profiles
+from .bitconfig import BitConfig
+
+__all__ = ["Study"]
+
+
+class Study:
+    """The recipes of one ``profile`` (a name, default ``"cpu"``, or a profile table), ``model`` and ``data``.
+
+    Each step runs (or loads) on first use and is kept: ``study.model`` trains or loads the baseline once,
+    ``study.spectrum()`` computes or loads one spectrum per set of settings. ``progress`` is passed to the
+    baseline, spectrum and fine-tuning steps.
+    """
+
+    def __init__(self, profile: str | dict | None = "cpu", data=None, model: str = "resnet20", *,
+                 progress: bool = False):
+        self.P = profiles.get(profile) if profile is None or isinstance(profile, str) else profile
+        self.data = data
+        self.model_name = model
+        self.progress = progress
+        self._baseline: tuple[torch.nn.Module, dict, Path] | None = None
+        self._spectra: dict = {}
+        self._specs: dict[str, experiments.RunSpec] = {}
+
+    def __repr__(self) -> str:
+        return f"Study(profile={self.P['name']!r}, data={self.data!r}, model={self.model_name!r})"
+
+    # ------------------------------------------------------------------ baseline
+
+    def baseline(self) -> tuple[torch.nn.Module, dict, Path]:
+        """The FP32 baseline at the profile's ``baseline`` settings: ``(model, log, folder)``, trained or loaded once."""
+        if self._baseline is None:
+            self._baseline = pipeline.baseline(self.P["baseline"], self.model_name, self.data,
+                                               progress=self.progress)
+        return self._baseline
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The baseline's model."""
+        return self.baseline()[0]
+
+    @property
+    def log(self) -> dict:
+        """The baseline's training log."""
+        return self.baseline()[1]
+
+    @property
+    def folder(self) -> Path:
+        """The baseline's artifact folder."""
+        return self.baseline()[2]
+
+    @property
+    def base(self) -> str:
+        """The key of the baseline's weights (its folder's name), which keys every later step."""
+        return self.folder.name
+
+    def preamble(self) -> tuple[dict, torch.nn.Module, str]:
+        """A notebook's first three names in one call: ``(P, model, base)`` (profile, baseline, its key)."""
+        return self.P, self.model, self.base
+
+    # ------------------------------------------------------------------ Hessian
+
+    def spectrum(self, granularity=None, *, vectors: bool = True, **overrides):
+        """The baseline's spectrum at the profile's ``hessian`` settings (section 3.1): ``(results, folder)``.
+
+        ``granularity`` defaults to the allocation's (``allocation.granularity``); ``vectors=True`` (the default,
+        as the notebooks and the command line store it) keeps each block's top eigenvector; ``overrides``
+        replace hessian settings (e.g. ``solver=``), see :func:`hawqlib.pipeline.spectrum`.
+        """
+        gran = self.P["allocation"]["granularity"] if granularity is None else granularity
+        key = (repr(gran), bool(vectors), repr(sorted(overrides.items())))
+        if key not in self._spectra:
+            self._spectra[key] = pipeline.spectrum(self.model, self.base, self.P["hessian"], gran, vectors=vectors,
+                                                   progress=self.progress, data_root=self.data, **overrides)
+        return self._spectra[key]
+
+    @property
+    def spectra(self) -> list:
+        """The spectrum the allocation reads (allocation granularity, with vectors)."""
+        return self.spectrum()[0]
+
+    # ------------------------------------------------------------------ allocation and orders
+
+    def allocation(self, policy: str = "hawq", measure: str | None = None) -> BitConfig:
+        """The bit allocation of ``policy`` at the profile's first target; see :func:`hawqlib.experiments.allocation`."""
+        return experiments.allocation(self.model, self.spectra, self.P, policy, measure)
+
+    def order(self, bit_config: BitConfig, kind: str = "omega") -> list[str]:
+        """The fine-tuning order ``kind`` of ``bit_config`` (section 3.2, :func:`hawqlib.order.order_blocks`),
+        random orders seeded by the profile's ``ablation.seed``."""
+        return pipeline.order_blocks(self.model, self.spectra, bit_config, kind, seed=self.P["ablation"]["seed"])
+
+    def orders(self, bit_config: BitConfig) -> dict[str, list[str]]:
+        """Every fine-tuning order of ``bit_config`` by kind (:data:`hawqlib.order.ORDERS`)."""
+        return {kind: self.order(bit_config, kind) for kind in pipeline.ORDERS}
+
+    # ------------------------------------------------------------------ fine-tuning runs
+
+    def run_names(self, group: str | None = None) -> list[str]:
+        """The names of the profile's runs (:func:`hawqlib.experiments.run_names`), computing nothing."""
+        return experiments.run_names(self.P, group)
+
+    def specs(self, names=None) -> dict[str, experiments.RunSpec]:
+        """The runs ``names`` (default: every one) by name (:func:`hawqlib.experiments.run_specs`), each built once."""
+        names = self.run_names() if names is None else list(names)
+        todo = [n for n in names if n not in self._specs]
+        if todo:
+            self._specs.update(experiments.run_specs(self.model, self.spectra, self.P, todo))
+        return {n: self._specs[n] for n in names}
+
+    def run(self, name: str, seed: int | None = None, *, force: bool | None = None,
+            load_only: bool = False) -> pipeline.FinetuneResult | None:
+        """Fine-tune (or load) run ``name`` with ``seed`` (default its first); see :func:`hawqlib.experiments.run`."""
+        return experiments.run(self.model, self.base, self.specs([name])[name], self.P, seed=seed,
+                               spectrum_key=self.spectrum()[1].name, progress=self.progress, force=force,
+                               data_root=self.data, load_only=load_only)
+
+    def run_seeds(self, name: str, compute: bool | None = None) -> dict[int, pipeline.FinetuneResult | None]:
+        """Every seed of run ``name`` by seed (:func:`hawqlib.experiments.run_seeds`): ``None`` where not stored
+        and not computed."""
+        return experiments.run_seeds(self.model, self.base, self.specs([name])[name], self.P,
+                                     spectrum_key=self.spectrum()[1].name, compute=compute, data_root=self.data)
