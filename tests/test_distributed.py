@@ -113,3 +113,12 @@ def test_one_process_helpers():
     assert y.tolist() == [2, 3, 4] and sh.global_n == 5
     with pytest.raises(ValueError, match="cannot be split"):
         list(hdist.Shard([(torch.zeros(1, 1), torch.zeros(1))], rank_=0, world=2, dev="cpu"))
+
+
+def test_cli_refuses_torchrun_with_one_line(monkeypatch, capsys):
+    from hawqlib.__main__ import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["train", "--profile", "smoke"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not wired for torchrun" in err
