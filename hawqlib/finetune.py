@@ -238,7 +238,9 @@ def staged_finetune(model: nn.Module, bit_config: BitConfig, order, train_data, 
             hook, stopped = None, []
             if callback is not None:
                 def hook(rec, _stage=stage, _offset=done_epochs):
-                    if callback(dict(rec, stage=_stage, global_epoch=_offset + rec["epoch"])):
+                    # rank 0's answer on every rank, so that all stop (or go on to the next stage) together
+                    if hdist.broadcast_object(bool(callback(dict(rec, stage=_stage,
+                                                                  global_epoch=_offset + rec["epoch"])))):
                         stopped.append(True)
                         return True
                     return False

@@ -280,7 +280,7 @@ def train(model: nn.Module, train_data, val_data=None, *, epochs: int | None = N
         for epoch in range(start_epoch, config.epochs):
             if hasattr(train_data, "set_epoch"):
                 train_data.set_epoch(epoch)
-            model.train()
+            net.train()
             t0 = time.perf_counter()
             acc_device = params[0].device if params else torch.device("cpu")
             loss_sum = torch.zeros((), device=acc_device)

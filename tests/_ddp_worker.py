@@ -2,7 +2,8 @@
 
 ``python tests/_ddp_worker.py OUT first``: (a) a few training steps, (b) a Hessian spectrum, (c) an
 uninterrupted 2-epoch run with checkpoints and one stopped after its first epoch's checkpoint, (d) a
-one-stage quantized fine-tuning; ``... OUT resume``: the stopped run restarted for its 2 epochs.
+two-stage quantized fine-tuning, uninterrupted and stopped after its first stage; ``... OUT resume``:
+the stopped runs restarted.
 Each rank saves what it got to ``OUT/<step>.rank<r>.pt``.
 """
 from __future__ import annotations
@@ -68,17 +69,18 @@ def run_hessian():
     return {"eig": [r.eigenvalue for r in res], "method": [r.method for r in res]}
 
 
-def run_finetune(root):
+def run_finetune(root, stop_after: int | None = None):
     from hawqlib.bitconfig import BitConfig
-    from hawqlib.finetune import direct_finetune
+    from hawqlib.finetune import staged_finetune
 
     net = model()
     tr, te = loaders()
     cfg = BitConfig(weights={"conv": 4, "fc": 4}, act_bits=8)
-    q, hist = direct_finetune(net, cfg, tr, te, epochs=1, lr=0.01, checkpoint_dir=root, progress=False,
-                              calibration_batches=2)
+    cb = (lambda rec: rec["global_epoch"] >= stop_after) if stop_after else None
+    q, hist = staged_finetune(net, cfg, ["fc", "conv"], tr, te, stages=2, epochs_per_stage=1, lr=0.01,
+                              checkpoint_dir=root, progress=False, calibration_batches=2, callback=cb)
     return {"state": {k: v.detach().cpu().clone() for k, v in q.state_dict().items()},
-            "val": [r["val_top1"] for r in hist["epochs"]]}
+            "val": [r["val_top1"] for r in hist["epochs"]], "complete": hist["complete"]}
 
 
 def main(out: Path, what: str) -> None:
@@ -91,9 +93,11 @@ def main(out: Path, what: str) -> None:
                      "b": run_hessian,
                      "c_full": lambda: run_train(2, out / "ck_full"),
                      "c_stop": lambda: run_train(2, out / "ck_resume", stop_after=1),
-                     "d": lambda: run_finetune(out / "ft")}
+                     "d": lambda: run_finetune(out / "ft"),
+                     "d_stop": lambda: run_finetune(out / "ft_resume", stop_after=1)}
         else:
-            steps = {"c_resume": lambda: run_train(2, out / "ck_resume")}
+            steps = {"c_resume": lambda: run_train(2, out / "ck_resume"),
+                     "d_resume": lambda: run_finetune(out / "ft_resume")}
         for name, fn in steps.items():
             torch.save(fn(), out / f"{name}.rank{r}.pt")
     finally:

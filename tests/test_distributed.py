@@ -47,7 +47,8 @@ def runs(tmp_path_factory):
     second = _torchrun(out, "resume")
     assert second.returncode == 0, second.stderr[-3000:]
     load = lambda name, r: torch.load(out / f"{name}.rank{r}.pt", weights_only=True)  # noqa: E731
-    return {name: (load(name, 0), load(name, 1)) for name in ("a", "b", "c_full", "c_stop", "c_resume", "d")}
+    return {name: (load(name, 0), load(name, 1)) for name in ("a", "b", "c_full", "c_stop", "c_resume", "d",
+                                                                "d_stop", "d_resume")}
 
 
 def _same(s0: dict, s1: dict) -> None:
@@ -95,10 +96,14 @@ def test_resume_after_first_epoch_matches_uninterrupted(runs):
     assert resumed["metrics"] == full["metrics"]
 
 
-def test_finetune_ranks_agree(runs):
+def test_finetune_ranks_agree_and_resume(runs):
     r0, r1 = runs["d"]
     _same(r0["state"], r1["state"])             # weights, quantizer ranges and switches
-    assert r0["val"] == r1["val"]
+    assert r0["val"] == r1["val"] and len(r0["val"]) == 2 and r0["complete"]
+    assert not runs["d_stop"][0]["complete"] and not runs["d_stop"][1]["complete"]
+    for r in runs["d_resume"]:                   # stage 1 from rank 0's files, stage 2 trained again
+        _same(r["state"], r0["state"])
+        assert r["val"] == r0["val"] and r["complete"]
 
 
 def test_one_process_helpers():

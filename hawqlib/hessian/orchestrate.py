@@ -168,7 +168,7 @@ def _solve(matvec, n, name, solver, tol, max_iter, seed):
 def _progress(total, progress, desc):
     from ..progress import bar
 
-    return bar(total=total, disable=not progress, desc=desc, unit="block")
+    return bar(total=total, disable=not (progress and hdist.is_main()), desc=desc, unit="block")
 
 
 def top_eigenvalues(model: nn.Module, loss_fn, data, blocks=None, *, method: str = "auto",
