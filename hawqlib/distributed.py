@@ -22,21 +22,26 @@ Training (:func:`hawqlib.train.train`, data-parallel with ``DistributedDataParal
   SyncBatchNorm runs on GPUs only, so on the CPU (gloo) each rank normalizes with the statistics of
   its own slice (as plain DDP does) and rank 0's running statistics are the ones kept: DDP's
   ``forward_sync_buffers=True`` (formerly ``broadcast_buffers``) sends rank 0's buffers to all ranks
-  before every forward, and
-  :func:`broadcast_buffers` again at the end of every epoch, before evaluation and checkpointing. A
-  model with BatchNorm therefore follows the one-process run exactly only on CUDA.
+  before every forward, and :func:`broadcast_buffers` again at the end of every epoch, before evaluation
+  and checkpointing. A model with BatchNorm therefore follows the one-process run exactly only on CUDA.
 - **Quantizers** (fine-tuning): activation ranges are buffers. Calibration (before the first stage) runs
   on the same global batches on every rank, and is followed by :func:`broadcast_buffers`. In training
-  mode each :class:`~hawqlib.quant.modules.QuantAct` observes its own rank's slice; DDP's buffer broadcast
-  before each forward and ours after each epoch keep rank 0's ranges on every rank (so, like BatchNorm
-  on the CPU, the ranges follow rank 0's slices, not the global batch of a one-process run).
+  mode each :class:`~hawqlib.quant.modules.QuantAct` observes its own rank's slice (its range moves with
+  that slice within the step); DDP's buffer broadcast before each forward and ours after each epoch
+  bring every rank back to rank 0's ranges. So, like BatchNorm on the CPU, the ranges follow rank 0's
+  slices, not the global batches of a one-process run (the ``"mse"`` range rule does not split over ranks).
+- **Random draws** in the forward (dropout) come from the same seeded generator on every rank, each
+  applying them to its own slice: a model with dropout does not follow the one-process run's draws.
 - **Metrics** (loss, accuracy, counts) are summed over ranks (``all_reduce``), so every rank logs the same
   numbers; the epoch record is rank 0's (its wall time). Only rank 0 writes checkpoints and logs; the
   others wait at a :func:`barrier`. On resume rank 0 reads the checkpoint and :func:`broadcast_object`
   sends it to the others, so the nodes need no shared file system.
 
-The Hessian (paper section 3.1): see :func:`hawqlib.hessian.orchestrate.top_eigenvalues`: the chunks of the
-Hessian sample are split between ranks and every Hessian-vector product is summed over them.
+Tested on the CPU with gloo and 2 ranks (``tests/test_distributed.py``); the CUDA path (NCCL,
+SyncBatchNorm) is the same code but has not been run.
+
+The Hessian (paper section 3.1; :mod:`hawqlib.hessian.orchestrate`, step 5): the chunks of the Hessian
+sample are split between ranks and every Hessian-vector product is summed over them; autograd route only.
 """
 from __future__ import annotations
 
