@@ -3,12 +3,15 @@
 ``python tests/_ddp_worker.py OUT first``: (a) a few training steps, (b) a Hessian spectrum, (c) an
 uninterrupted 2-epoch run with checkpoints and one stopped after its first epoch's checkpoint, (d) a
 two-stage quantized fine-tuning, uninterrupted and stopped after its first stage; ``... OUT resume``:
-the stopped runs restarted.
+the stopped runs restarted, and the run killed by the test (``... OUT hang`` waits to be killed
+after its first epoch's checkpoint) restarted.
 Each rank saves what it got to ``OUT/<step>.rank<r>.pt``.
 """
 from __future__ import annotations
 
+import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -48,10 +51,15 @@ def loaders():
     return tr, te
 
 
-def run_train(epochs: int, ckdir=None, stop_after: int | None = None):
+def run_train(epochs: int, ckdir=None, stop_after: int | None = None, hang_after: Path | None = None):
     net = model()
     tr, te = loaders()
     cb = (lambda rec: rec["epoch"] >= stop_after) if stop_after else None
+    if hang_after is not None:  # after the first epoch's checkpoint: say so, then wait to be killed
+        def cb(rec):
+            if rec["epoch"] == 1:
+                hang_after.write_text(str(os.getpid()))  # epoch 1 checkpointed: the test kills this pid
+                time.sleep(300)
     log = train(net, tr, te, epochs=epochs, lr=0.05, checkpoint_dir=ckdir, progress=False, callback=cb)
     return {"state": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()},
             "metrics": [{k: v for k, v in r.items() if k not in ("wall_s", "images_per_s", "eval_s")}
@@ -95,8 +103,11 @@ def main(out: Path, what: str) -> None:
                      "c_stop": lambda: run_train(2, out / "ck_resume", stop_after=1),
                      "d": lambda: run_finetune(out / "ft"),
                      "d_stop": lambda: run_finetune(out / "ft_resume", stop_after=1)}
+        elif what == "hang":
+            steps = {"c_hang": lambda: run_train(2, out / "ck_kill", hang_after=out / f"hang.rank{r}")}
         else:
-            steps = {"c_resume": lambda: run_train(2, out / "ck_resume"),
+            steps = {"c_killed_resume": lambda: run_train(2, out / "ck_kill"),
+                     "c_resume": lambda: run_train(2, out / "ck_resume"),
                      "d_resume": lambda: run_finetune(out / "ft_resume")}
         for name, fn in steps.items():
             torch.save(fn(), out / f"{name}.rank{r}.pt")

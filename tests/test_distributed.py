@@ -3,9 +3,12 @@ each) against one process. The worker (tests/_ddp_worker.py) runs on a tiny conv
 images; two launches in all, shared by the tests (module fixture)."""
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -25,15 +28,54 @@ ROOT = Path(__file__).resolve().parents[1]
 RTOL, ATOL = 1e-5, 1e-6
 
 
-def _torchrun(out: Path, what: str) -> subprocess.CompletedProcess:
+def _env() -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
         [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
     for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
+    return env
+
+
+def _cmd(out: Path, what: str) -> list[str]:
     # --standalone: a local rendezvous on a free port
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER),
-           str(out), what]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER),
+            str(out), what]
+
+
+def _torchrun(out: Path, what: str) -> subprocess.CompletedProcess:
+    return subprocess.run(_cmd(out, what), env=_env(), capture_output=True, text=True, timeout=600)
+
+
+def _kill_after_first_checkpoint(out: Path) -> None:
+    """Start a 2-epoch run; once both ranks are past epoch 1's checkpoint, SIGKILL the ranks (each in its own
+    session, as torchrun starts them; they wrote their pids) and torchrun's process group."""
+    proc = subprocess.Popen(_cmd(out, "hang"), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not all((out / f"hang.rank{r}").exists() for r in (0, 1)):
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, "the run did not reach its first checkpoint"
+            time.sleep(0.2)
+    finally:
+        pids = [int((out / f"hang.rank{r}").read_text()) for r in (0, 1) if (out / f"hang.rank{r}").exists()]
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)   # the group this test started: torchrun
+        proc.wait()
+        proc.stderr.close()
+        deadline = time.monotonic() + 30
+        while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 @pytest.fixture(scope="module")
@@ -44,11 +86,13 @@ def runs(tmp_path_factory):
             and not (out / "a.rank0.pt").exists():
         pytest.skip(f"torchrun cannot start 2 local ranks on this machine: {first.stderr[-500:]}")
     assert first.returncode == 0, first.stderr[-3000:]
+    _kill_after_first_checkpoint(out)
+    assert not (out / "ck_kill" / "model.pt").exists()  # killed before its end
     second = _torchrun(out, "resume")
     assert second.returncode == 0, second.stderr[-3000:]
     load = lambda name, r: torch.load(out / f"{name}.rank{r}.pt", weights_only=True)  # noqa: E731
     return {name: (load(name, 0), load(name, 1)) for name in ("a", "b", "c_full", "c_stop", "c_resume", "d",
-                                                                "d_stop", "d_resume")}
+                                                                "d_stop", "d_resume", "c_killed_resume")}
 
 
 def _same(s0: dict, s1: dict) -> None:
@@ -94,6 +138,9 @@ def test_resume_after_first_epoch_matches_uninterrupted(runs):
     _same(resumed["state"], full["state"])      # bit-identical on the CPU
     _same(runs["c_resume"][1]["state"], full["state"])
     assert resumed["metrics"] == full["metrics"]
+    for r in runs["c_killed_resume"]:            # killed (SIGKILL) after epoch 1's checkpoint, restarted
+        _same(r["state"], full["state"])
+        assert r["metrics"] == full["metrics"]
 
 
 def test_finetune_ranks_agree_and_resume(runs):
