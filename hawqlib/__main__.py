@@ -270,6 +270,14 @@ def main(argv: list[str] | None = None) -> int:
                                                 "data/artifacts)")
     s.set_defaults(func=_seal)
     args = p.parse_args(argv)
+    from . import distributed
+
+    if distributed.launched():
+        print(f"error: python -m hawqlib {args.command} is not wired for torchrun (WORLD_SIZE > 1): its artifact "
+              "folder is locked and written by one process (hawqlib.pipeline); run it as one process, or call "
+              "hawqlib.train.train / hawqlib.finetune.staged_finetune from a script that calls "
+              "hawqlib.distributed.setup() (README, 'Many GPUs or machines')", file=sys.stderr)
+        return 1
     try:
         return args.func(args)
     except _user_errors() as exc:

@@ -29,6 +29,10 @@ restated by the paper. Our choices, with their reasons:
   interrupted one continues from its last epoch, and the run ends with exactly the weights of an
   uninterrupted run (CPU, same seed). Each checkpoint records the stage plan, the bit config and a digest
   of the starting weights, so a checkpoint of another plan is refused rather than silently continued.
+- **Many processes** (``torchrun``, :mod:`hawqlib.distributed`): every stage is a data-parallel
+  :func:`hawqlib.train.train`; calibration runs on the same global batches on every rank and is followed
+  by a broadcast of rank 0's quantizer buffers; rank 0 alone reads and writes ``history.json`` and the
+  stage files, and sends what it read to the other ranks. Every rank must pass the same ``model``.
 """
 from __future__ import annotations
 
@@ -40,6 +44,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import distributed as hdist
 from .bitconfig import BitConfig
 from .blocks import quant_blocks
 from .progress import bar as progress_bar, write as progress_write
@@ -162,6 +167,7 @@ def staged_finetune(model: nn.Module, bit_config: BitConfig, order, train_data, 
         raise ValueError(f"lr must be a positive number, got {lr!r}")
     if len(train_data) == 0:
         raise ValueError("train_data yields no batches")
+    progress = progress and hdist.is_main()
 
     start_digest = _weights_digest(model)
     qmodel = quantize_model(model, bit_config, act_bits, weight_rule=weight_rule, act_rule=act_rule)
@@ -181,16 +187,11 @@ def staged_finetune(model: nn.Module, bit_config: BitConfig, order, train_data, 
     root = Path(checkpoint_dir) if checkpoint_dir is not None else None
     hist_path = root / "history.json" if root is not None else None
     history = {"plan": plan, "stages": [], "epochs": [], "complete": True}
-    cached = {}
-    if root is not None and resume and hist_path.exists():
-        try:
-            old = json.loads(hist_path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise CheckpointError(f"{hist_path} is unreadable ({exc}); delete it or use resume=False") from exc
-        if old.get("plan") != json.loads(json.dumps(plan)):
-            raise CheckpointError(f"{hist_path} belongs to another fine-tuning plan (groups, epochs, bit config, "
-                                  "settings or starting weights differ); use another checkpoint_dir or resume=False")
-        cached = {s["stage"]: s for s in old.get("stages", [])}
+    cached = _on_main(_read_cached, hist_path, plan) if root is not None and resume else {}
+    distributed = hdist.is_distributed()
+    if distributed:
+        qmodel.to(hdist.device())
+        val_data = hdist.shard(val_data)
 
     done_epochs = 0
     bar = None
@@ -203,9 +204,10 @@ def staged_finetune(model: nn.Module, bit_config: BitConfig, order, train_data, 
                           weight_decay=weight_decay, seed=seed,
                           extra={"hawqlib.finetune": {"stage": stage, "plan": plan}})
         sdir = root / f"stage_{stage}" if root is not None else None
-        finished = sdir is not None and resume and (sdir / "model.pt").exists()
+        ckpt = (_on_main(lambda: load_checkpoint(sdir / "model.pt", qmodel) if (sdir / "model.pt").exists()
+                         else None) if sdir is not None and resume else None)
+        finished = ckpt is not None
         if finished:
-            ckpt = load_checkpoint(sdir / "model.pt", qmodel)
             want = json.loads(json.dumps(cfg.to_dict()))
             if ckpt["config"] != want:
                 raise CheckpointError(f"{sdir / 'model.pt'} was written by another fine-tuning plan; "
@@ -217,7 +219,12 @@ def staged_finetune(model: nn.Module, bit_config: BitConfig, order, train_data, 
             if stage == 1 and calibration_batches:
                 if hasattr(train_data, "set_epoch"):
                     train_data.set_epoch(0)
-                calibrate_activations(qmodel, train_data, num_batches=calibration_batches)
+                batches = train_data
+                if distributed:  # the global batches on every rank, on its device
+                    dev = hdist.device()
+                    batches = ((x.to(dev), y) for x, y in train_data)
+                calibrate_activations(qmodel, batches, num_batches=calibration_batches)
+                hdist.broadcast_buffers(qmodel)
             if stage in cached:
                 before = cached[stage]["before"]
             else:
@@ -231,7 +238,9 @@ def staged_finetune(model: nn.Module, bit_config: BitConfig, order, train_data, 
             hook, stopped = None, []
             if callback is not None:
                 def hook(rec, _stage=stage, _offset=done_epochs):
-                    if callback(dict(rec, stage=_stage, global_epoch=_offset + rec["epoch"])):
+                    # rank 0's answer on every rank, so that all stop (or go on to the next stage) together
+                    if hdist.broadcast_object(bool(callback(dict(rec, stage=_stage,
+                                                                  global_epoch=_offset + rec["epoch"])))):
                         stopped.append(True)
                         return True
                     return False
@@ -266,7 +275,39 @@ def staged_finetune(model: nn.Module, bit_config: BitConfig, order, train_data, 
     return qmodel, history
 
 
+def _read_cached(hist_path: Path, plan: dict) -> dict:
+    """The stage records of ``history.json`` when it belongs to ``plan`` ({} when there is none)."""
+    if not hist_path.exists():
+        return {}
+    try:
+        old = json.loads(hist_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{hist_path} is unreadable ({exc}); delete it or use resume=False") from exc
+    if old.get("plan") != json.loads(json.dumps(plan)):
+        raise CheckpointError(f"{hist_path} belongs to another fine-tuning plan (groups, epochs, bit config, "
+                              "settings or starting weights differ); use another checkpoint_dir or resume=False")
+    return {s["stage"]: s for s in old.get("stages", [])}
+
+
+def _on_main(fn, *args):
+    """``fn(*args)``, run on rank 0 alone under a process group and sent to every rank (its CheckpointError too)."""
+    if not hdist.is_distributed():
+        return fn(*args)
+    got = None
+    if hdist.is_main():
+        try:
+            got = fn(*args)
+        except CheckpointError as exc:
+            got = exc
+    got = hdist.broadcast_object(got)
+    if isinstance(got, CheckpointError):
+        raise got
+    return got
+
+
 def _write_history(path: Path, plan: dict, stages: list) -> None:
+    if not hdist.is_main():
+        return
     atomic_write_json(path, {"plan": plan, "stages": stages,
                              "epochs": [r for s in stages for r in s.get("epochs", [])]})
 

@@ -18,9 +18,15 @@ the run with :class:`NonFiniteLossError` before the step is taken, so no NaN epo
 are a pure function of (seed, epoch), and the checkpoint also holds torch's global random state
 (which dropout draws from), an interrupted and resumed run ends with exactly the weights of an
 uninterrupted one on the CPU.
+
+Under ``torchrun`` (a process group of several ranks, :mod:`hawqlib.distributed`) the same call trains
+data-parallel with ``DistributedDataParallel``: each rank takes its slice of every global batch, metrics
+are summed over ranks, rank 0 alone writes the files and the others resume from what it read; that
+module's docstring states the choices (BatchNorm, quantizers, data order).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import time
@@ -31,6 +37,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from . import distributed as hdist
 from .storage import atomic_torch_save, atomic_write_json
 
 __all__ = ["TrainConfig", "CheckpointError", "NonFiniteLossError", "train", "evaluate", "lr_at", "load_checkpoint",
@@ -127,7 +134,10 @@ def lr_at(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Iterable, *, loss_fn=None) -> dict:
-    """Top-1 and top-5 accuracy (percent) and mean loss of ``model`` over ``(inputs, targets)`` batches."""
+    """Top-1 and top-5 accuracy (percent) and mean loss of ``model`` over ``(inputs, targets)`` batches.
+
+    ``data`` a :class:`hawqlib.distributed.Shard`: each rank evaluates its slices, the counts are summed
+    over ranks, and every rank returns the same numbers."""
     loss_fn = loss_fn or nn.CrossEntropyLoss(reduction="sum")
     was_training = model.training
     model.eval()
@@ -144,6 +154,9 @@ def evaluate(model: nn.Module, data: Iterable, *, loss_fn=None) -> dict:
             n += len(y)
     finally:
         model.train(was_training)
+    if isinstance(data, hdist.Shard):
+        tot = hdist.all_reduce_sum(torch.tensor([n, top1, top5, loss], dtype=torch.float64, device=data.device))
+        n, top1, top5, loss = int(tot[0]), int(tot[1]), int(tot[2]), float(tot[3])
     if n == 0:
         raise ValueError("evaluate() got no data: the iterable yielded no batches")
     return {"top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "loss": loss / n, "n": n}
@@ -221,6 +234,10 @@ def train(model: nn.Module, train_data, val_data=None, *, epochs: int | None = N
 
     if channels_last:
         model.to(memory_format=torch.channels_last)
+    distributed = hdist.is_distributed()
+    if distributed:
+        model.to(hdist.device())
+        train_data, val_data = hdist.shard(train_data), hdist.shard(val_data)
     torch.manual_seed(config.seed)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
@@ -230,11 +247,12 @@ def train(model: nn.Module, train_data, val_data=None, *, epochs: int | None = N
     log = {"config": config.to_dict(), "model_class": type(model).__name__,
            "steps_per_epoch": steps_per_epoch, "epochs": []}
     start_epoch = 0
+    main = hdist.is_main()
     if checkpoint_dir is not None:
         ckpt_dir = Path(checkpoint_dir)
         ckpt_path, log_path = ckpt_dir / "checkpoint.pt", ckpt_dir / "log.json"
-        if resume and ckpt_path.exists():
-            ckpt = load_checkpoint(ckpt_path, model)
+        ckpt = _read_resume(ckpt_path, model) if resume else None
+        if ckpt is not None:
             if ckpt["config"] != log["config"]:
                 diff = {k: (ckpt["config"].get(k), v) for k, v in log["config"].items()
                         if ckpt["config"].get(k) != v}
@@ -246,80 +264,121 @@ def train(model: nn.Module, train_data, val_data=None, *, epochs: int | None = N
             start_epoch, log["epochs"] = ckpt["epoch"], ckpt["history"]
             if "rng_state" in ckpt:  # absent in checkpoints written before it was saved
                 torch.set_rng_state(ckpt["rng_state"])
-            if progress:
+            if progress and main:
                 print(f"resuming from {ckpt_path} at epoch {start_epoch}/{config.epochs}")
 
     bar = None
-    if progress:
+    if progress and main:
         from .progress import bar as progress_bar
         bar = progress_bar(total=config.epochs, initial=start_epoch, desc="train", unit="epoch")
-    for epoch in range(start_epoch, config.epochs):
-        if hasattr(train_data, "set_epoch"):
-            train_data.set_epoch(epoch)
-        model.train()
-        t0 = time.perf_counter()
-        loss_sum = torch.zeros(())
-        correct = torch.zeros((), dtype=torch.long)
-        seen = 0
-        step = epoch * steps_per_epoch
-        for x, y in train_data:
-            for g in opt.param_groups:
-                g["lr"] = lr_at(config, step, steps_per_epoch)
-            out = model(x)
-            loss = loss_fn(out, y)
-            if not torch.isfinite(loss.detach()):
-                raise NonFiniteLossError(
-                    f"training loss is {float(loss.detach())} at epoch {epoch + 1}, step {step - epoch * steps_per_epoch + 1}"
-                    f"/{steps_per_epoch}: stopped before the step; nothing of this epoch is saved"
-                    + (f" ({ckpt_path} keeps epoch {epoch})" if ckpt_path is not None else "")
-                    + ". Causes: NaN/inf in the starting weights or the data, or a learning rate too large.")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            with torch.no_grad():
-                loss_sum += loss.detach() * len(y)
-                correct += (out.argmax(1) == y).sum()
-            seen += len(y)
-            step += 1
-        wall = time.perf_counter() - t0
-        rec = {"epoch": epoch + 1, "lr": lr_at(config, step - 1, steps_per_epoch),
-               "train_loss": float(loss_sum) / seen, "train_top1": 100.0 * int(correct) / seen,
-               "images_per_s": seen / wall, "wall_s": wall}
-        if val_data is not None and ((epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs):
-            t1 = time.perf_counter()
-            ev = evaluate(model, val_data)
-            rec.update(val_top1=ev["top1"], val_top5=ev["top5"], val_loss=ev["loss"],
-                       eval_s=time.perf_counter() - t1)
-        log["epochs"].append(rec)
-        if ckpt_path is not None:
-            _save_checkpoint(ckpt_path, {"format": CHECKPOINT_FORMAT, "model_class": type(model).__name__,
-                                          "fingerprint": _fingerprint(model), "config": log["config"],
-                                          "epoch": epoch + 1, "model": model.state_dict(),
-                                          "optimizer": opt.state_dict(), "history": log["epochs"],
-                                          "rng_state": torch.get_rng_state()})
-            atomic_write_json(log_path, log)
-        if bar is not None:
-            post = {"loss": f"{rec['train_loss']:.3f}", "acc": f"{rec['train_top1']:.1f}",
-                    "img/s": f"{rec['images_per_s']:.0f}"}
-            if "val_top1" in rec:
-                post["val"] = f"{rec['val_top1']:.2f}"
-            bar.set_postfix(post)
-            bar.update(1)
-        if callback is not None and callback(rec):
+    with hdist.sync_batchnorm(model) if distributed else contextlib.nullcontext():
+        net = model
+        if distributed:
+            dev = hdist.device()
+            net = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[dev.index] if dev.type == "cuda" else None, forward_sync_buffers=True)
+        for epoch in range(start_epoch, config.epochs):
+            if hasattr(train_data, "set_epoch"):
+                train_data.set_epoch(epoch)
+            net.train()
+            t0 = time.perf_counter()
+            acc_device = params[0].device if params else torch.device("cpu")
+            loss_sum = torch.zeros((), device=acc_device)
+            correct = torch.zeros((), dtype=torch.long, device=acc_device)
+            seen = 0
+            step = epoch * steps_per_epoch
+            for x, y in train_data:
+                for g in opt.param_groups:
+                    g["lr"] = lr_at(config, step, steps_per_epoch)
+                out = net(x)
+                loss = loss_fn(out, y)
+                bad = not torch.isfinite(loss.detach())
+                if distributed:  # every rank stops together, or none does
+                    bad = bool(hdist.all_reduce_max(torch.tensor(float(bad), device=loss.device)))
+                if bad:
+                    raise NonFiniteLossError(
+                        f"training loss is {float(loss.detach())} at epoch {epoch + 1}, step {step - epoch * steps_per_epoch + 1}"
+                        f"/{steps_per_epoch}: stopped before the step; nothing of this epoch is saved"
+                        + (f" ({ckpt_path} keeps epoch {epoch})" if ckpt_path is not None else "")
+                        + ". Causes: NaN/inf in the starting weights or the data, or a learning rate too large.")
+                opt.zero_grad(set_to_none=True)
+                share = len(y) * train_data.world / train_data.global_n if distributed else 1.0
+                # DDP averages the ranks' gradients: scaled by its share, each rank's mean loss makes that
+                # average the gradient of the global batch's mean loss (hawqlib.distributed)
+                (loss if share == 1.0 else loss * share).backward()
+                opt.step()
+                with torch.no_grad():
+                    loss_sum += loss.detach() * len(y)
+                    correct += (out.argmax(1) == y).sum()
+                seen += len(y)
+                step += 1
+            if distributed:
+                tot = hdist.all_reduce_sum(torch.stack([loss_sum.double(), correct.double(),
+                                                        torch.tensor(seen, dtype=torch.float64, device=acc_device)]))
+                loss_sum, correct, seen = tot[0], int(tot[1]), int(tot[2])
+                hdist.broadcast_buffers(model)  # rank 0's BatchNorm statistics and quantizer ranges everywhere
+            wall = time.perf_counter() - t0
+            rec = {"epoch": epoch + 1, "lr": lr_at(config, step - 1, steps_per_epoch),
+                   "train_loss": float(loss_sum) / seen, "train_top1": 100.0 * int(correct) / seen,
+                   "images_per_s": seen / wall, "wall_s": wall}
+            if val_data is not None and ((epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs):
+                t1 = time.perf_counter()
+                ev = evaluate(model, val_data)
+                rec.update(val_top1=ev["top1"], val_top5=ev["top5"], val_loss=ev["loss"],
+                           eval_s=time.perf_counter() - t1)
+            rec = hdist.broadcast_object(rec)  # rank 0's record (its times) on every rank
+            log["epochs"].append(rec)
+            if ckpt_path is not None:
+                if main:
+                    _save_checkpoint(ckpt_path, {"format": CHECKPOINT_FORMAT, "model_class": type(model).__name__,
+                                                  "fingerprint": _fingerprint(model), "config": log["config"],
+                                                  "epoch": epoch + 1, "model": model.state_dict(),
+                                                  "optimizer": opt.state_dict(), "history": log["epochs"],
+                                                  "rng_state": torch.get_rng_state()})
+                    atomic_write_json(log_path, log)
+                hdist.barrier()
             if bar is not None:
-                bar.close()
-            if progress and ckpt_path is not None:
-                print(f"stopped after epoch {epoch + 1}/{config.epochs}; resume from {ckpt_path}")
-            return log
+                post = {"loss": f"{rec['train_loss']:.3f}", "acc": f"{rec['train_top1']:.1f}",
+                        "img/s": f"{rec['images_per_s']:.0f}"}
+                if "val_top1" in rec:
+                    post["val"] = f"{rec['val_top1']:.2f}"
+                bar.set_postfix(post)
+                bar.update(1)
+            if callback is not None and hdist.broadcast_object(bool(callback(rec))):
+                if bar is not None:
+                    bar.close()
+                if progress and main and ckpt_path is not None:
+                    print(f"stopped after epoch {epoch + 1}/{config.epochs}; resume from {ckpt_path}")
+                return log
     if bar is not None:
         bar.close()
     if ckpt_path is not None:
-        _save_checkpoint(ckpt_path.parent / "model.pt",
-                         {"format": CHECKPOINT_FORMAT, "model_class": type(model).__name__,
-                          "fingerprint": _fingerprint(model), "config": log["config"],
-                          "epoch": config.epochs, "model": {k: v.contiguous() for k, v in model.state_dict().items()},
-                          "history": log["epochs"]})
+        if main:
+            _save_checkpoint(ckpt_path.parent / "model.pt",
+                             {"format": CHECKPOINT_FORMAT, "model_class": type(model).__name__,
+                              "fingerprint": _fingerprint(model), "config": log["config"],
+                              "epoch": config.epochs,
+                              "model": {k: v.contiguous() for k, v in model.state_dict().items()},
+                              "history": log["epochs"]})
+        hdist.barrier()
     return log
+
+
+def _read_resume(path: Path, model: nn.Module) -> dict | None:
+    """The checkpoint to resume from, or None when there is none. Under a process group rank 0 reads it and
+    sends it (or the error it raised) to every rank, so that all resume from the same file."""
+    if not hdist.is_distributed():
+        return load_checkpoint(path, model) if path.exists() else None
+    got = None
+    if hdist.is_main():
+        try:
+            got = load_checkpoint(path, model) if path.exists() else None
+        except CheckpointError as exc:
+            got = exc
+    got = hdist.broadcast_object(got)
+    if isinstance(got, CheckpointError):
+        raise got
+    return got
 
 
 def _check_resume(path: Path, ckpt: dict, epochs: int) -> None:

@@ -2,7 +2,8 @@
 block and loss (paper section 3.1 computes the top eigenvalue of each block's Hessian from such
 products): differentiate <grad_W L, v> once more. Per chunk: one forward, one gradient with
 ``create_graph`` and one double backward; chunks count with their share of the user's loss
-(:class:`~hawqlib.hessian.losses.LossSpec`). :func:`block_products` shares one graph between many
+(:class:`~hawqlib.hessian.losses.LossSpec`). Under a process group each rank takes its share of the chunks
+(:class:`~hawqlib.hessian.inputs.Data`'s ``shard``) and the products are summed over ranks (``all_reduce``). :func:`block_products` shares one graph between many
 blocks (one double backward each): the verification of every returned eigenpair and the proof of the
 Gauss-Newton identity use it.
 """
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 
 from ..blocks import Block
+from .. import distributed as hdist
 from .inputs import Data, check_finite, model_float, model_state, probe_layers, resolve_blocks, set_requires_grad
 from .losses import LossSpec
 from .results import HessianError
@@ -63,6 +65,9 @@ class AutogradOperator:
             for o, h in zip(out, hv):
                 if h is not None:
                     o.add_(h.detach(), alpha=w)
+        if self.data.shard is not None:  # this rank's chunks only: sum the ranks' partial products
+            for o in out:
+                hdist.all_reduce_sum(o)
         for o in out:
             check_finite(o, name, "Hessian-vector product")
         return out
@@ -96,6 +101,11 @@ def block_products(model, spec: LossSpec, data: Data, blocks: Sequence[Block],
                 if h is not None:
                     o.add_(h.detach(), alpha=w)
         del grads, loss
+    if data.shard is not None:  # this rank's chunks only: sum the ranks' partial products
+        for per in out:
+            for hv in per:
+                for o in hv:
+                    hdist.all_reduce_sum(o)
     for b, per in zip(blocks, out):
         for hv in per:
             for o in hv:

@@ -47,7 +47,11 @@ def _content(t, device) -> str | None:
 class Data:
     """Re-iterable chunks of at most ``chunk_size`` samples, checked to hold the same content on every
     pass. Iterating yields ``(x, y, weight)``: ``weight`` is the chunk's share of the user's loss over
-    all the data (see :class:`~hawqlib.hessian.losses.LossSpec`); chunks of weight 0 are skipped."""
+    all the data (see :class:`~hawqlib.hessian.losses.LossSpec`); chunks of weight 0 are skipped.
+
+    ``shard = (rank, world)`` (set by :func:`~hawqlib.hessian.orchestrate.top_eigenvalues` under a process
+    group) makes :meth:`chunks` yield only this rank's chunks, every ``world``-th from the ``rank``-th; the
+    weights stay those of all the data, so the ranks' sums of chunk products add up to the one-process sum."""
 
     def __init__(self, data, chunk_size: int, device, dtype, spec: LossSpec, need_loss: bool = True):
         if not isinstance(chunk_size, int) or chunk_size < 1:
@@ -69,6 +73,7 @@ class Data:
                 data = list(it)
         self.data, self.chunk_size, self.device, self.dtype, self.spec = data, chunk_size, device, dtype, spec
         self.fingerprint: list | None = None
+        self.shard: tuple[int, int] | None = None
         self.norms: list[float] = []
         for _, y in self._chunks():
             self.norms.append(spec.chunk_norm(y))
@@ -107,7 +112,9 @@ class Data:
 
     def chunks(self, skip_zero: bool = True):
         """``(x, y, weight)`` per chunk, in order; ``skip_zero=False`` keeps chunks of weight 0."""
-        for (x, y), w in zip(self._chunks(), self.weights):
+        for i, ((x, y), w) in enumerate(zip(self._chunks(), self.weights)):
+            if self.shard is not None and i % self.shard[1] != self.shard[0]:
+                continue
             if w != 0.0 or not skip_zero:
                 yield x, y, w
 

@@ -19,7 +19,15 @@ Order of work, shared by both entry points (:func:`_prepare`):
    vector on all the data gives the reported residual; ``converged`` means that residual <= ``tol``.
    A Gauss-Newton result that fails it is recomputed on the autograd route (``"auto"``, unless the
    residual is at the rounding level of the dtype, ``VERIFY_FLOOR``) or reported as not converged
-   (forced); either way with a warning naming the block.
+   (forced); either way with a warning naming the block;
+5. under a process group of several ranks (``torchrun``, :mod:`hawqlib.distributed`): the autograd route
+   alone (``"auto"`` picks it, a forced ``"gauss-newton"`` is refused: its per-layer storage is built from
+   all the data and is not sharded). Every rank reads all the data (for the checks and the chunk
+   weights) but computes the products of its share of the chunks, every ``world_size``-th; each
+   Hessian-vector product is the ``all_reduce`` sum of the ranks' weighted chunk products, the sum one
+   process forms in another order. Every rank runs the same solver from the same seeded start vector on
+   the same products, so all return the same eigenpairs, those of one process up to the rounding of that
+   order of summation. Without a process group nothing of this runs.
 """
 from __future__ import annotations
 
@@ -30,6 +38,7 @@ import warnings
 import torch
 from torch import nn
 
+from .. import distributed as hdist
 from .autograd import AutogradOperator, block_products, flat_operator
 from .gauss_newton import gauss_newton_exact, gn_capture, gn_pass, jac_rows, patches, plan_groups
 from .inputs import (Data, check_finite, check_operator, model_float, model_state, probe_layers,
@@ -69,6 +78,12 @@ def _prepare(model, loss_fn, data, blocks, method, chunk_size, check_samples, se
     device, dtype = model_float(model)
     spec = LossSpec(loss_fn)
     data = Data(data, chunk_size, device, dtype, spec)
+    if hdist.is_distributed():  # step 5 of the module docstring
+        if method == "gauss-newton":
+            raise HessianError("method='gauss-newton' is not distributed: under a process group of several ranks "
+                               "use method='autograd' or 'auto' (which then picks autograd)")
+        method = "autograd"
+        data.shard = (hdist.rank(), hdist.world_size())
     idx = spread_indices(data.n, check_samples, seed)
     xs, ys = data.take(idx)
     calls, shapes, order, out = probe_layers(model, xs, blocks)
@@ -153,7 +168,7 @@ def _solve(matvec, n, name, solver, tol, max_iter, seed):
 def _progress(total, progress, desc):
     from ..progress import bar
 
-    return bar(total=total, disable=not progress, desc=desc, unit="block")
+    return bar(total=total, disable=not (progress and hdist.is_main()), desc=desc, unit="block")
 
 
 def top_eigenvalues(model: nn.Module, loss_fn, data, blocks=None, *, method: str = "auto",
