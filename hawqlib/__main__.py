@@ -41,8 +41,9 @@ def _seed(text: str) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from . import pipeline
+    from . import paths, pipeline
 
+    paths.use_profile(args.profile)  # a non-published profile stores under data/scratch/<name>
     cfg = profiles.get(args.profile)["baseline"]
     for key in ("epochs", "batch_size", "lr", "weight_decay", "seed", "eval_every"):
         val = getattr(args, key)
@@ -63,8 +64,9 @@ def _train(args: argparse.Namespace) -> int:
 def _finetune(args: argparse.Namespace) -> int:
     import time
 
-    from . import experiments, pipeline
+    from . import experiments, paths, pipeline
 
+    paths.use_profile(args.profile)  # a non-published profile stores under data/scratch/<name>
     P = profiles.get(args.profile)
     try:  # checked before the (possibly hours-long) baseline and spectrum are loaded or computed
         experiments.check_names(P, args.rows)

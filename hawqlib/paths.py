@@ -9,6 +9,9 @@ permission). The rules:
   ``Path.cwd()``, that holds both ``hawqlib/`` and ``pyproject.toml``; the notebooks run with their working
   directory in ``notebooks/`` or ``book/executed/``), that checkout's ``data/artifacts``; else
   ``./hawq-artifacts`` in the working directory;
+  a process computing at a profile other than the published one (:func:`use_profile`, or
+  ``HAWQ_PROFILE``) uses ``data/scratch/<profile>`` there instead (``./hawq-artifacts/scratch/<profile>``
+  outside a checkout), which git ignores: smoke and paper runs never land beside the committed results;
 - the **decode cache** (:func:`cache_dir`): the same with ``HAWQ_CACHE``, ``data/cache`` and ``./hawq-cache``;
 - the **checkout** (:func:`project_root`: notebooks, the book, ``data/`` for CIFAR-10): the one the package
   is imported from when it is imported from a checkout (a development install), else the one around the
@@ -21,7 +24,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["is_checkout", "find_checkout", "project_root", "artifacts_root", "cache_dir"]
+__all__ = ["is_checkout", "find_checkout", "project_root", "use_profile", "artifacts_root", "cache_dir"]
+
+#: The profile whose results are published (committed under ``data/artifacts``); :mod:`hawqlib.profiles`'s default.
+PUBLISHED_PROFILE = "cpu"
+#: The profile this process computes at, declared by :func:`use_profile` (None: ``HAWQ_PROFILE``, else the default).
+_PROFILE_IN_USE: str | None = None
 
 
 def is_checkout(folder: str | os.PathLike) -> bool:
@@ -57,9 +65,26 @@ def _store(env: str, in_checkout: str, elsewhere: str) -> Path:
     return checkout / "data" / in_checkout if checkout is not None else Path.cwd() / elsewhere
 
 
+def use_profile(name: str | None) -> None:
+    """Declare the profile this process computes at (:class:`hawqlib.study.Study` and the command line do).
+
+    It only decides the default artifact store (:func:`artifacts_root`); ``None`` falls back to
+    ``HAWQ_PROFILE``.
+    """
+    global _PROFILE_IN_USE
+    _PROFILE_IN_USE = name
+
+
 def artifacts_root() -> Path:
-    """``HAWQ_ARTIFACTS``, else the working directory's checkout's ``data/artifacts``, else ``./hawq-artifacts``."""
-    return _store("HAWQ_ARTIFACTS", "artifacts", "hawq-artifacts")
+    """``HAWQ_ARTIFACTS``, else the working directory's checkout's ``data/artifacts``, else ``./hawq-artifacts``;
+    for a profile other than the published one, ``scratch/<profile>`` beside (see the module docstring)."""
+    root = _store("HAWQ_ARTIFACTS", "artifacts", "hawq-artifacts")
+    if os.environ.get("HAWQ_ARTIFACTS"):
+        return root
+    profile = _PROFILE_IN_USE or os.environ.get("HAWQ_PROFILE")
+    if not profile or profile == PUBLISHED_PROFILE:
+        return root
+    return (root.parent / "scratch" if root.name == "artifacts" else root / "scratch") / profile
 
 
 def cache_dir() -> Path:

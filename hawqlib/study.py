@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from . import experiments, pipeline, profiles
+from . import experiments, paths, pipeline, profiles
 from .bitconfig import BitConfig
 
 __all__ = ["Study"]
@@ -33,6 +33,7 @@ class Study:
     def __init__(self, profile: str | dict | None = "cpu", data=None, model: str = "resnet20", *,
                  progress: bool = False):
         self.P = profiles.get(profile) if profile is None or isinstance(profile, str) else profile
+        paths.use_profile(self.P.get("name"))  # a non-published profile stores under data/scratch/<name>
         self.data = data
         self.model_name = model
         self.progress = progress

@@ -29,6 +29,25 @@ def test_in_a_checkout_subfolder_the_store_is_the_checkouts(monkeypatch):
     assert data.cache_dir() == ROOT / "data" / "cache"
 
 
+def test_a_profile_other_than_the_published_one_stores_in_scratch(tmp_path, monkeypatch):
+    """A smoke run from a checkout (Study, the command line, or HAWQ_PROFILE) lands where git ignores it."""
+    monkeypatch.delenv("HAWQ_ARTIFACTS", raising=False)
+    monkeypatch.chdir(ROOT / "notebooks")
+    paths.use_profile("smoke")
+    assert runs.artifacts_root() == ROOT / "data" / "scratch" / "smoke"
+    assert subprocess.run(["git", "check-ignore", "-q", str(ROOT / "data" / "scratch" / "smoke" / "x")],
+                          cwd=ROOT).returncode == 0
+    paths.use_profile("cpu")
+    assert runs.artifacts_root() == ROOT / "data" / "artifacts"
+    paths.use_profile(None)
+    monkeypatch.setenv("HAWQ_PROFILE", "paper")
+    assert runs.artifacts_root() == ROOT / "data" / "scratch" / "paper"
+    monkeypatch.chdir(tmp_path)  # outside a checkout
+    assert runs.artifacts_root() == tmp_path.resolve() / "hawq-artifacts" / "scratch" / "paper"
+    monkeypatch.setenv("HAWQ_ARTIFACTS", str(tmp_path / "mine"))  # the environment wins over the profile
+    assert runs.artifacts_root() == tmp_path / "mine"
+
+
 def test_the_environment_wins(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     monkeypatch.setenv("HAWQ_ARTIFACTS", str(tmp_path / "a"))
