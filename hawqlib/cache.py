@@ -14,38 +14,62 @@ from __future__ import annotations
 import json
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 from . import runs
 from .storage import folder_lock, remove_orphan_tmp
 
-__all__ = ["cached", "compute_recording", "replay", "read_json", "artifact_wall_s", "artifact_threads"]
+__all__ = ["cached", "recording", "compute_recording", "replay", "read_json", "artifact_wall_s", "artifact_threads"]
 
 #: Warning categories an artifact may record and replay (anything else replays as UserWarning).
 _REPLAYED = {c.__name__: c for c in (UserWarning, RuntimeWarning)}
-_PACKAGE_DIR = str(Path(__file__).resolve().parent)
+_PACKAGE_DIR = Path(__file__).resolve().parent
 
 
-def compute_recording(compute, folder) -> tuple:
-    """``compute(folder)`` with the warnings raised inside :mod:`hawqlib` recorded as ``{category, message}``.
+def _ours(filename: str) -> bool:
+    try:
+        return Path(filename).resolve().is_relative_to(_PACKAGE_DIR)
+    except (OSError, ValueError):
+        return False
+
+
+@contextmanager
+def recording():
+    """Record the warnings raised inside :mod:`hawqlib` in this block as ``{category, message}`` (a list).
 
     Those warnings describe the result (a block that did not converge, a route that fell back), so the
     artifact stores them and every later load replays them: a stored result warns as its computation
-    did. Warnings from other packages pass through unchanged and are not stored.
+    did. Warnings from other packages go through the usual filters and display, untouched and unstored.
+    If the block raises, what was recorded is shown before the exception propagates.
     """
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    recorded: list[dict] = []
+    with warnings.catch_warnings():  # restores the filters and showwarning on exit
+        warnings.filterwarnings("always", module=r"hawqlib(\.|$)")  # each of ours, not once per process
+        shown = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if not _ours(filename):
+                return shown(message, category, filename, lineno, file, line)
+            rec = {"category": category.__name__ if category.__name__ in _REPLAYED else "UserWarning",
+                   "message": str(message)}
+            if rec not in recorded:
+                recorded.append(rec)
+
+        warnings.showwarning = show
+        try:
+            yield recorded
+        except BaseException:
+            warnings.showwarning = shown
+            replay(recorded)
+            raise
+
+
+def compute_recording(compute, folder) -> tuple:
+    """``compute(folder)`` and the warnings it raised inside :mod:`hawqlib` (:func:`recording`)."""
+    with recording() as recorded:
         value = compute(folder)
-    ours = []
-    for w in caught:
-        if str(Path(w.filename).resolve()).startswith(_PACKAGE_DIR):
-            rec = {"category": w.category.__name__ if w.category.__name__ in _REPLAYED else "UserWarning",
-                   "message": str(w.message)}
-            if rec not in ours:
-                ours.append(rec)
-        else:
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    return value, ours
+    return value, recorded
 
 
 def replay(records) -> None:
@@ -57,21 +81,34 @@ def replay(records) -> None:
         warnings.warn(rec["message"], _REPLAYED.get(rec.get("category"), UserWarning), stacklevel=1)
 
 
-def cached(kind: str, params: dict, compute, save, load, force: bool | None):
+def cached(kind: str, params: dict, compute, save, load, force: bool | None, *, legacy_warnings=None):
     """Load the artifact ``kind``/``params`` when complete, else compute, save and mark it complete.
 
     ``compute(folder)`` returns the value; ``save(folder, value)`` writes its files and may return extra
     manifest facts (a ``wall_s`` there replaces the measured one); ``load(folder)`` reads the value back.
     ``force=None`` reads ``FORCE`` from the environment. Returns ``(value, folder)``. Warnings raised
     inside hawqlib while computing are stored in the manifest and replayed on every load, so a result
-    warns the same whether it was just computed or read back.
+    warns the same whether it was just computed or read back; for an artifact sealed before warnings
+    were recorded, ``legacy_warnings(value)`` (when given) rebuilds them from the stored value.
+    Artifact steps run in one process: under a process group of several ranks they refuse (each rank
+    would take the folder's lock).
     """
+    from . import distributed
+
+    if distributed.world_size() > 1:
+        raise RuntimeError(f"the cached {kind!r} step runs in one process, not under a process group of "
+                           f"{distributed.world_size()} ranks: call the library functions directly there "
+                           "(README, 'Many GPUs or machines')")
     folder = runs.artifact_dir(kind, params)
     force = runs.force_recompute() if force is None else force
 
     def stored():
         value = load(folder)
-        replay((runs.read_manifest(folder) or {}).get("warnings"))
+        manifest = runs.read_manifest(folder) or {}
+        if "warnings" in manifest:
+            replay(manifest["warnings"])
+        elif legacy_warnings is not None:
+            replay(legacy_warnings(value))
         return value, folder
 
     if not force and runs.complete(folder, params):  # verified: every file's SHA-256 (hawqlib.runs)
@@ -82,12 +119,12 @@ def cached(kind: str, params: dict, compute, save, load, force: bool | None):
         runs.invalidate(folder)
         remove_orphan_tmp(folder)
         t0 = time.perf_counter()
-        value, recorded = compute_recording(compute, folder)
-        wall = time.perf_counter() - t0
-        facts = save(folder, value) or {}
-        if recorded:
-            facts["warnings"] = recorded
-        runs.write_manifest(folder, params, wall_s=facts.pop("wall_s", wall), **facts)
+        with recording() as recorded:
+            value = compute(folder)
+            wall = time.perf_counter() - t0
+            facts = save(folder, value) or {}
+            facts["warnings"] = list(recorded)  # an empty list too: the artifact says it warned of nothing
+            runs.write_manifest(folder, params, wall_s=facts.pop("wall_s", wall), **facts)
     replay(recorded)
     return value, folder
 

@@ -53,7 +53,7 @@ import torch.distributed as dist
 from torch import nn
 
 __all__ = ["is_distributed", "rank", "world_size", "local_rank", "is_main", "barrier", "device", "setup",
-           "teardown", "all_reduce_sum", "all_reduce_max", "broadcast_object", "broadcast_buffers",
+           "teardown", "all_reduce_sum", "all_reduce_max", "broadcast_object", "on_main", "RankError", "broadcast_buffers",
            "sync_batchnorm", "Shard", "shard", "launched"]
 
 
@@ -140,6 +140,32 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src, device=device() if dist.get_backend() == "nccl" else None)
     return box[0]
+
+
+class RankError(RuntimeError):
+    """Raised on the other ranks when rank 0 failed in :func:`on_main` (rank 0 raises its own error)."""
+
+
+def on_main(fn, *args):
+    """``fn(*args)`` run on rank 0 alone and its result sent to every rank (``fn(*args)`` without a group).
+
+    Whatever rank 0 raises is re-raised there, and every other rank raises :class:`RankError` naming it,
+    so no rank is left waiting in a collective for a result that will not come.
+    """
+    if not is_distributed():
+        return fn(*args)
+    got, err = None, None
+    if is_main():
+        try:
+            got = fn(*args)
+        except Exception as exc:  # every kind: the other ranks must hear of it
+            err = exc
+    failed = broadcast_object(None if err is None else f"{type(err).__name__}: {err}")
+    if err is not None:
+        raise err
+    if failed is not None:
+        raise RankError(f"rank 0 failed: {failed}")
+    return broadcast_object(got)
 
 
 @torch.no_grad()

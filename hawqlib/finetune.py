@@ -290,19 +290,9 @@ def _read_cached(hist_path: Path, plan: dict) -> dict:
 
 
 def _on_main(fn, *args):
-    """``fn(*args)``, run on rank 0 alone under a process group and sent to every rank (its CheckpointError too)."""
-    if not hdist.is_distributed():
-        return fn(*args)
-    got = None
-    if hdist.is_main():
-        try:
-            got = fn(*args)
-        except CheckpointError as exc:
-            got = exc
-    got = hdist.broadcast_object(got)
-    if isinstance(got, CheckpointError):
-        raise got
-    return got
+    """``fn(*args)``, run on rank 0 alone under a process group and sent to every rank (its errors too:
+    :func:`hawqlib.distributed.on_main`)."""
+    return hdist.on_main(fn, *args)
 
 
 def _write_history(path: Path, plan: dict, stages: list) -> None:

@@ -176,7 +176,15 @@ def spectrum(model: torch.nn.Module, base: str, cfg: dict, granularity="layer", 
                 r.vector = vecs[r.name]
         return results
 
-    return _cached("spectrum", params, compute, save, load, force)
+    return _cached("spectrum", params, compute, save, load, force, legacy_warnings=_unconverged_warnings)
+
+
+def _unconverged_warnings(results) -> list[dict]:
+    """What a spectrum stored before artifacts recorded their warnings says on load: one warning per block
+    that did not converge, as its computation warned (:mod:`hawqlib.hessian.orchestrate`)."""
+    return [{"category": "RuntimeWarning",
+             "message": f"block {r.name!r}: residual {r.residual:.2e} exceeds tol {r.tol:g}; reported as not "
+                        "converged (stored result)"} for r in results if not r.converged]
 
 
 def spectrum_stability(model: torch.nn.Module, base: str, cfg: dict, granularity="layer", *,

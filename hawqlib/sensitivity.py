@@ -11,8 +11,8 @@ Notation (paper section 3.1): block B_i holds the weights W_i (``n_i`` of them, 
   quadratic model ``1/2 dW^T H_i dW`` bounded by its top eigenvalue, without the constant 1/2); it
   orders the blocks for fine-tuning (:mod:`hawqlib.order`).
 
-The quantizer behind ``Q_b`` is :func:`hawqlib.quant.quantize_tensor` with the same settings that
-:func:`hawqlib.quant.quantize_model` uses, so the predicted perturbation is of the weights the
+The quantizer behind ``Q_b`` is :func:`hawqlib.quant.grids.quantize_tensor` with the same settings that
+:func:`hawqlib.quant.swap.quantize_model` uses, so the predicted perturbation is of the weights the
 fine-tuned model starts from. A spectrum is any object with ``.name``, ``.numel`` and ``.eigenvalue``
 (:class:`hawqlib.hessian.BlockSpectrum`, or a record of your own).
 """

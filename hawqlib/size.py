@@ -17,7 +17,8 @@ stored in, and :mod:`hawqlib.export` writes exactly these numbers to its packed 
   (ResNet20: 4 x 269,722 = 1,078,888 bytes);
 - each activation quantizer (:class:`hawqlib.quant.modules.QuantAct`): its scale (FP32) and zero point
   (int32), 8 bytes;
-- other buffers are not counted (the project's models have none besides BatchNorm's).
+- other buffers are not counted: the quantized modules' on/off flags and stored config (state for
+  fine-tuning, not part of the deployed model; the project's float models have none besides BatchNorm's).
 
 ``weight_compression`` is the ratio of weight bits alone (32 / mean weight bits, no scales,
 BatchNorm or biases); ``compression_ratio`` is the whole-model ratio under the accounting above.

@@ -23,14 +23,16 @@ __all__ = ["Study"]
 
 
 class Study:
-    """The recipes of one ``profile`` (a name, default ``"cpu"``, or a profile table), ``model`` and ``data``.
+    """The recipes of one ``profile`` (a name, default ``HAWQ_PROFILE`` else ``"cpu"``, or a profile table),
+    ``model`` and ``data``. The profile is declared process-wide (:func:`hawqlib.paths.use_profile`): a
+    non-published one stores under ``data/scratch/<name>``, and the latest Study decides for later steps.
 
     Each step runs (or loads) on first use and is kept: ``study.model`` trains or loads the baseline once,
     ``study.spectrum()`` computes or loads one spectrum per set of settings. ``progress`` is passed to the
     baseline, spectrum and fine-tuning steps.
     """
 
-    def __init__(self, profile: str | dict | None = "cpu", data=None, model: str = "resnet20", *,
+    def __init__(self, profile: str | dict | None = None, data=None, model: str = "resnet20", *,
                  progress: bool = False):
         self.P = profiles.get(profile) if profile is None or isinstance(profile, str) else profile
         paths.use_profile(self.P.get("name"))  # a non-published profile stores under data/scratch/<name>

@@ -366,19 +366,8 @@ def train(model: nn.Module, train_data, val_data=None, *, epochs: int | None = N
 
 def _read_resume(path: Path, model: nn.Module) -> dict | None:
     """The checkpoint to resume from, or None when there is none. Under a process group rank 0 reads it and
-    sends it (or the error it raised) to every rank, so that all resume from the same file."""
-    if not hdist.is_distributed():
-        return load_checkpoint(path, model) if path.exists() else None
-    got = None
-    if hdist.is_main():
-        try:
-            got = load_checkpoint(path, model) if path.exists() else None
-        except CheckpointError as exc:
-            got = exc
-    got = hdist.broadcast_object(got)
-    if isinstance(got, CheckpointError):
-        raise got
-    return got
+    sends it (or news of the error it raised) to every rank, so that all resume from the same file."""
+    return hdist.on_main(lambda: load_checkpoint(path, model) if path.exists() else None)
 
 
 def _check_resume(path: Path, ckpt: dict, epochs: int) -> None:

@@ -31,7 +31,7 @@ VERSIONS: dict[str, list[str]] = {
         "hawqlib/train.py", "hawqlib/data.py", "hawqlib/batches.py", "hawqlib/models/*.py",
         f"{_PIPE}:baseline_params", f"{_PIPE}:initial_model", f"{_PIPE}:baseline"],
     "hawqlib.pipeline.HESSIAN_STEP_VERSION": [
-        "hawqlib/hessian/*.py", "hawqlib/surface.py", "hawqlib/blocks.py", "hawqlib/data.py:sample_batch",
+        "hawqlib/hessian/*.py", "hawqlib/surface.py", "hawqlib/blocks.py", "hawqlib/models/*.py", "hawqlib/imagenet.py", "hawqlib/data.py:sample_batch",
         f"{_PIPE}:hessian_batch", f"{_PIPE}:_SPECTRUM_KEYS", f"{_PIPE}:spectrum", f"{_PIPE}:block_traces",
         f"{_PIPE}:landscape"],
     "hawqlib.pipeline.FINETUNE_STEP_VERSION": [

@@ -101,11 +101,10 @@ def _same(s0: dict, s1: dict) -> None:
         assert torch.equal(s0[k], s1[k]), k
 
 
-def test_training_matches_one_process(runs):
+def test_training_matches_one_process(runs, one_thread):
     r0, r1 = runs["a"]
     _same(r0["state"], r1["state"])             # every rank holds the same weights
     assert r0["metrics"] == r1["metrics"]        # and logs the same (all-reduced) numbers
-    torch.set_num_threads(1)
     one = worker.run_train(1)
     for k, v in one["state"].items():
         torch.testing.assert_close(r0["state"][k], v, rtol=RTOL, atol=ATOL)
@@ -115,11 +114,10 @@ def test_training_matches_one_process(runs):
             assert a[k] == pytest.approx(b[k], rel=1e-5), k
 
 
-def test_spectrum_matches_one_process(runs):
+def test_spectrum_matches_one_process(runs, one_thread):
     r0, r1 = runs["b"]
     assert r0 == r1
     assert r0["method"] == ["autograd", "autograd"]  # "auto" picks autograd under a process group
-    torch.set_num_threads(1)
     one = worker.run_hessian()                         # one process, "auto": Gauss-Newton here
     from hawqlib.hessian import top_eigenvalues
     net = worker.model()

@@ -1,6 +1,8 @@
 """The notebook steps of hawqlib.pipeline: artifacts load what was computed, inputs are checked."""
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -67,7 +69,39 @@ def test_a_stored_spectrum_warns_as_its_computation_did(artifacts, monkeypatch):
     assert [str(w.message) for w in loaded if "not converged" in str(w.message)] == said
     # a converged spectrum records nothing
     quiet, qfolder = pipeline.spectrum(net, "tiny", CFG, "layer", data=data, data_key="tiny-data")
-    assert all(r.converged for r in quiet) and "warnings" not in runs.read_manifest(qfolder)
+    assert all(r.converged for r in quiet) and runs.read_manifest(qfolder)["warnings"] == []
+
+
+def test_a_spectrum_stored_before_warnings_were_recorded_still_warns(artifacts, monkeypatch):
+    """A legacy manifest (no "warnings" entry) rebuilds the non-convergence warnings from the stored results."""
+    net, data = _tiny()
+    cfg = {**CFG, "solver": "power", "max_iter": 2, "tol": 1e-9}
+    with pytest.warns(RuntimeWarning):
+        res, folder = pipeline.spectrum(net, "tiny", cfg, "layer", data=data, data_key="tiny-data")
+    m = runs.read_manifest(folder)
+    del m["warnings"], m["manifest_sha256"]
+    runs._write_sealed(folder, m)  # as sealed by the code before this change
+    with pytest.warns(RuntimeWarning) as loaded:
+        pipeline.spectrum(net, "tiny", cfg, "layer", data=data, data_key="tiny-data")
+    said = [str(w.message) for w in loaded]
+    assert len(said) == sum(not r.converged for r in res)
+    assert all("reported as not converged (stored result)" in m for m in said)
+
+
+def test_warnings_of_other_packages_pass_through_once_and_ours_are_kept_if_compute_fails(artifacts):
+    from hawqlib import cache
+
+    def compute(folder):
+        for _ in range(3):
+            warnings.warn("from elsewhere", DeprecationWarning)  # attributed to this test file
+            cache.replay([{"category": "RuntimeWarning", "message": "ours"}])  # raised inside hawqlib
+        raise ValueError("boom")
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("default")
+        with pytest.raises(ValueError, match="boom"):
+            cache.compute_recording(compute, None)
+    assert [str(w.message) for w in seen] == ["from elsewhere", "ours"]
 
 
 def test_spectrum_checks_its_inputs(artifacts):
