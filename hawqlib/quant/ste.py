@@ -59,6 +59,7 @@ class FakeQuantSTE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, scale, inv, lo, hi, clip_grad, grad_inplace=False, clamp=True):
+        """``x`` on the affine grid (:func:`affine_grid`); saves what the masked backward needs."""
         ctx.clip, ctx.inplace = clip_grad, grad_inplace
         if clip_grad:
             ctx.save_for_backward(x)
@@ -67,6 +68,7 @@ class FakeQuantSTE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
+        """The straight-through gradient for ``x`` (masked where rounding saturates, with ``clip_grad``)."""
         if not ctx.clip:
             return g, None, None, None, None, None, None, None
         x, = ctx.saved_tensors
@@ -101,6 +103,7 @@ class OddGridSTE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, h, top, clip_grad):
+        """``x`` on the symmetric odd grid (:func:`odd_grid`); saves what the masked backward needs."""
         ctx.clip = clip_grad
         if clip_grad:
             ctx.save_for_backward(x)
@@ -109,6 +112,7 @@ class OddGridSTE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
+        """The straight-through gradient for ``x`` (zero where the code saturates, with ``clip_grad``)."""
         if not ctx.clip:
             return g, None, None, None
         x, = ctx.saved_tensors
