@@ -1,7 +1,10 @@
 """Command line for long runs in the background and for the book.
 
 ``python -m hawqlib train``: the FP32 baseline; ``python -m hawqlib finetune``: the fine-tuning runs of
-the ResNet20 table and the ablation (:mod:`hawqlib.experiments`); ``python -m hawqlib book``: execute
+the ResNet20 table and the ablation (:mod:`hawqlib.experiments`), through :class:`hawqlib.study.Study`. Both
+take ``--model`` and ``--data``: ResNet20 on CIFAR-10, or one of the paper's ImageNet models on an
+ImageFolder tree (with ``--weights`` for published FP32 weights), and both run data-parallel under
+``torchrun`` (:mod:`hawqlib.distributed`; rank 0 writes the artifacts). ``python -m hawqlib book``: execute
 the notebooks and build the book (:mod:`hawqlib.book`); ``python -m hawqlib seal``: record the file
 digests of artifacts written before they were recorded (:func:`hawqlib.runs.seal`). Every long run
 checkpoints and resumes. A user error (bad option, missing or corrupt data or artifact, a run
@@ -40,61 +43,81 @@ def _seed(text: str) -> int:
     return n
 
 
+def _source_options(args: argparse.Namespace) -> dict:
+    """The ImageFolder options given on the command line (``--image-size``, ``--workers``)."""
+    return {k: v for k, v in (("image_size", args.image_size), ("workers", args.workers)) if v is not None}
+
+
+def _study(args: argparse.Namespace):
+    """The :class:`hawqlib.study.Study` of the command's profile, model, data and weights."""
+    from .study import Study
+
+    return Study(args.profile, args.data, args.model, progress=True, weights=args.weights, **_source_options(args))
+
+
 def _train(args: argparse.Namespace) -> int:
-    from . import paths, pipeline
+    from . import distributed, paths, pipeline, sources
 
     paths.use_profile(args.profile)  # a non-published profile stores under data/scratch/<name>
-    cfg = profiles.get(args.profile)["baseline"]
+    cfg = profiles.for_model(profiles.get(args.profile), args.model)["baseline"]
     for key in ("epochs", "batch_size", "lr", "weight_decay", "seed", "eval_every"):
         val = getattr(args, key)
         if val is not None:
             cfg[key] = val
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    _, log, folder = pipeline.baseline(cfg, args.model, args.data, progress=True)
+    source = sources.for_model(args.model, args.data, **_source_options(args))
+    _, log, folder = pipeline.baseline(cfg, args.model, source, progress=True, weights=args.weights)
     last = log["epochs"][-1]
-    print(f"done: {folder} (test top-1 {last.get('val_top1', float('nan')):.2f}%)\n"
-          f"  weights {folder / 'model.pt'}\n  epoch log {folder / 'log.json'}\n"
-          f"  checkpoint {folder / 'checkpoint.pt'}")
+    if distributed.is_main():
+        print(f"done: {folder} (test top-1 {last.get('val_top1', float('nan')):.2f}%)\n"
+              f"  weights {folder / 'model.pt'}\n  epoch log {folder / 'log.json'}")
     return 0
 
 
 def _finetune(args: argparse.Namespace) -> int:
     import time
 
-    from . import experiments, paths, pipeline
+    from . import distributed, experiments, paths
 
     paths.use_profile(args.profile)  # a non-published profile stores under data/scratch/<name>
-    P = profiles.get(args.profile)
+    say = print if distributed.is_main() else (lambda *a, **k: None)
     try:  # checked before the (possibly hours-long) baseline and spectrum are loaded or computed
-        experiments.check_names(P, args.rows)
+        experiments.check_names(profiles.get(args.profile), args.rows)
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    print(f"profile {P['name']!r}: loading (or training) the FP32 baseline", flush=True)
-    model, _, folder = pipeline.baseline(P["baseline"], data_root=args.data, progress=True)
-    print(f"baseline {folder}; loading (or computing) its spectrum", flush=True)
-    spectra, sfolder = pipeline.spectrum(model, folder.name, P["hessian"], P["allocation"]["granularity"],
-                                         vectors=True, data_root=args.data, progress=True)
-    specs = experiments.run_specs(model, spectra, P, args.rows or None)  # builds only the runs asked for
+    study = _study(args)
+    say(f"{study!r}: loading (or training) the FP32 baseline", flush=True)
+    folder = study.folder
+    say(f"baseline {folder}; loading (or computing) its spectrum", flush=True)
+    specs = study.specs(args.rows or None)  # builds only the runs asked for
     # Every run's first seed before any second one, so that each row has a value early.
     jobs = sorted(((i, k, name, seed) for k, name in enumerate(specs)
-                   for i, seed in enumerate(args.seeds or experiments.seeds(P, name))))
+                   for i, seed in enumerate(args.seeds or experiments.seeds(study.P, name))))
     for _, _, name, seed in jobs:
-        spec = specs[name]
-        print(f"{name} (seed {seed}): {spec.description}", flush=True)
+        say(f"{name} (seed {seed}): {specs[name].description}", flush=True)
         t0 = time.perf_counter()
-        r = experiments.run(model, folder.name, spec, P, seed=seed, spectrum_key=sfolder.name, progress=True,
-                            data_root=args.data)
-        print(f"{name} (seed {seed}): test top-1 {r.top1:.2f}% (from the packed file {r.packed_top1:.2f}%), "
-              f"packed {r.packed_bytes:,} bytes, fine-tuning {r.wall_s / 60:.1f} min in all "
-              f"({time.perf_counter() - t0:.0f} s this call)\n  {r.folder}", flush=True)
+        r = study.run(name, seed)
+        say(f"{name} (seed {seed}): test top-1 {r.top1:.2f}% (from the packed file {r.packed_top1:.2f}%), "
+            f"packed {r.packed_bytes:,} bytes, fine-tuning {r.wall_s / 60:.1f} min in all "
+            f"({time.perf_counter() - t0:.0f} s this call)\n  {r.folder}", flush=True)
     return 0
+
+
+def _add_model_and_data(p: argparse.ArgumentParser) -> None:
+    """The options ``train`` and ``finetune`` share: the model, its data and its FP32 weights."""
+    from .models import names
+
+    p.add_argument("--profile", default=profiles.current(), choices=sorted(profiles.PROFILES))
+    p.add_argument("--model", default="resnet20", choices=names(),
+                   help="resnet20 (CIFAR-10) or one of the paper's ImageNet models (an ImageFolder tree as --data)")
+    p.add_argument("--data", default=None, help="CIFAR-10's root (default: HAWQ_DATA, then data/) for resnet20; "
+                                                "for an ImageNet model an ImageFolder root with train/ and val/")
+    p.add_argument("--weights", default=None, help="an FP32 weights file taken as the baseline instead of training, "
+                                                   "or 'pretrained': the published ImageNet weights, found and "
+                                                   "checked by hash (README, 'Data')")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="ImageFolder data: crop side in pixels (default: the model's, 224 or 299)")
+    p.add_argument("--workers", type=int, default=None, help="ImageFolder data: decoding processes per loader")
+    p.add_argument("--threads", type=_threads, default=0, help="torch threads (default: torch's choice)")
 
 
 # --- python -m hawqlib quantize: the front door (hawqlib.quantize) on a user's model ---------------------------
@@ -137,10 +160,6 @@ def _quantize(args: argparse.Namespace) -> int:
 
     build = _load_callable(args.model, "model")
     data = _load_callable(args.data, "--data")
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
     model = build()
     if args.weights:
         load_weights_file(model, args.weights)
@@ -233,29 +252,24 @@ def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` and run the chosen command."""
     p = argparse.ArgumentParser(prog="python -m hawqlib", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="train (or resume) the FP32 baseline of a profile; prints where "
-                                     "checkpoints and the epoch log go")
-    t.add_argument("--profile", default=profiles.current(), choices=sorted(profiles.PROFILES))
-    t.add_argument("--model", default="resnet20", choices=["resnet20"])
-    t.add_argument("--data", default=None, help="CIFAR-10 root (default: HAWQ_DATA, then data/)")
+    t = sub.add_parser("train", help="train (or resume, or take from --weights) the FP32 baseline of a profile; "
+                                     "prints where its weights and epoch log are")
+    _add_model_and_data(t)
     t.add_argument("--epochs", type=int)
     t.add_argument("--batch-size", type=int)
     t.add_argument("--lr", type=float)
     t.add_argument("--weight-decay", type=float)
     t.add_argument("--seed", type=int)
     t.add_argument("--eval-every", type=int)
-    t.add_argument("--threads", type=_threads, default=0, help="torch threads (default: torch's choice)")
     t.set_defaults(func=_train)
     f = sub.add_parser("finetune", help="fine-tune (or resume, or load) the runs of the ResNet20 table and "
                                         "the ablation; prints each run's accuracy, size and folder")
     f.add_argument("rows", nargs="*", metavar="RUN",
                    help="runs to compute (default: all; e.g. hawq hawq-strict W2A4 alloc-reverse); every run's "
                         "first seed comes before any second one")
-    f.add_argument("--profile", default=profiles.current(), choices=sorted(profiles.PROFILES))
-    f.add_argument("--data", default=None, help="CIFAR-10 root (default: HAWQ_DATA, then data/)")
+    _add_model_and_data(f)
     f.add_argument("--seeds", type=_seed, nargs="+", default=None, metavar="SEED",
                    help="fine-tuning seeds of every run named (default: each run's seeds in the profile)")
-    f.add_argument("--threads", type=_threads, default=0, help="torch threads (default: torch's choice)")
     f.set_defaults(func=_finetune)
     _add_quantize(sub)
     from . import book
@@ -274,12 +288,15 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     from . import distributed
 
-    if distributed.launched():
-        print(f"error: python -m hawqlib {args.command} is not wired for torchrun (WORLD_SIZE > 1): its artifact "
-              "folder is locked and written by one process (hawqlib.pipeline); run it as one process, or call "
-              "hawqlib.train.train / hawqlib.finetune.staged_finetune from a script that calls "
-              "hawqlib.distributed.setup() (README, 'Many GPUs or machines')", file=sys.stderr)
+    if distributed.launched() and args.command not in ("train", "finetune"):
+        print(f"error: python -m hawqlib {args.command} runs as one process; under torchrun (WORLD_SIZE > 1) only "
+              "train and finetune run, data-parallel (README, 'Many GPUs or machines')", file=sys.stderr)
         return 1
+    if getattr(args, "threads", 0):
+        import torch
+
+        torch.set_num_threads(args.threads)
+    distributed.setup()  # joins torchrun's process group; nothing without torchrun
     try:
         return args.func(args)
     except _user_errors() as exc:
@@ -288,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: run the same command again to resume", file=sys.stderr)
         return 130
+    finally:
+        distributed.teardown()
 
 
 if __name__ == "__main__":

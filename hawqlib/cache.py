@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import time
 import warnings
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from . import runs
@@ -90,25 +90,22 @@ def cached(kind: str, params: dict, compute, save, load, force: bool | None, *, 
     inside hawqlib while computing are stored in the manifest and replayed on every load, so a result
     warns the same whether it was just computed or read back; for an artifact sealed before warnings
     were recorded, ``legacy_warnings(value)`` (when given) rebuilds them from the stored value.
-    Artifact steps run in one process: under a process group of several ranks they refuse (each rank
-    would take the folder's lock).
+
+    Under a process group of several ranks (``torchrun``, :mod:`hawqlib.distributed`) rank 0 alone checks
+    the artifact, holds its lock, loads it (the value is sent to every rank, so the nodes need no shared
+    file system), runs ``save`` and writes the manifest; ``compute`` runs on every rank, as the
+    distributed training and Hessian need (it writes files on rank 0 only).
     """
     from . import distributed
 
-    if distributed.world_size() > 1:
-        raise RuntimeError(f"the cached {kind!r} step runs in one process, not under a process group of "
-                           f"{distributed.world_size()} ranks: call the library functions directly there "
-                           "(README, 'Many GPUs or machines')")
+    if distributed.is_distributed():
+        return _cached_group(kind, params, compute, save, load, force, legacy_warnings)
     folder = runs.artifact_dir(kind, params)
     force = runs.force_recompute() if force is None else force
 
     def stored():
         value = load(folder)
-        manifest = runs.read_manifest(folder) or {}
-        if "warnings" in manifest:
-            replay(manifest["warnings"])
-        elif legacy_warnings is not None:
-            replay(legacy_warnings(value))
+        _replay_stored(folder, value, legacy_warnings)
         return value, folder
 
     if not force and runs.complete(folder, params):  # verified: every file's SHA-256 (hawqlib.runs)
@@ -126,6 +123,59 @@ def cached(kind: str, params: dict, compute, save, load, force: bool | None, *, 
             facts["warnings"] = list(recorded)  # an empty list too: the artifact says it warned of nothing
             runs.write_manifest(folder, params, wall_s=facts.pop("wall_s", wall), **facts)
     replay(recorded)
+    return value, folder
+
+
+def _replay_stored(folder, value, legacy_warnings) -> None:
+    manifest = runs.read_manifest(folder) or {}
+    if "warnings" in manifest:
+        replay(manifest["warnings"])
+    elif legacy_warnings is not None:
+        replay(legacy_warnings(value))
+
+
+def _cached_group(kind, params, compute, save, load, force, legacy_warnings):
+    """:func:`cached` under a process group: rank 0 decides, locks, loads, saves; every rank computes."""
+    from . import distributed as hdist
+
+    folder = runs.artifact_dir(kind, params)
+    force = hdist.broadcast_object(runs.force_recompute() if force is None else force)
+    lock = ExitStack()
+
+    def stored_on_main():
+        if not force and runs.complete(folder, params):
+            return True
+        lock.enter_context(folder_lock(folder))  # held by rank 0 until the manifest is written
+        if not force and runs.complete(folder, params):
+            lock.close()
+            return True
+        runs.invalidate(folder)
+        remove_orphan_tmp(folder)
+        return False
+
+    def load_on_main():
+        value = load(folder)
+        _replay_stored(folder, value, legacy_warnings)
+        return value
+
+    if hdist.on_main(stored_on_main):
+        return hdist.on_main(load_on_main), folder
+    try:
+        t0 = time.perf_counter()
+        with recording() as recorded:
+            value = compute(folder)
+            wall = time.perf_counter() - t0
+
+            def seal():
+                facts = save(folder, value) or {}
+                facts["warnings"] = list(recorded)
+                runs.write_manifest(folder, params, wall_s=facts.pop("wall_s", wall), **facts)
+
+            hdist.on_main(seal)
+    finally:
+        lock.close()
+    if hdist.is_main():
+        replay(recorded)
     return value, folder
 
 

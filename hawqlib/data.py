@@ -395,11 +395,17 @@ __all__ += ["cifar10_loaders", "sample_batch"]
 _IMAGENET_SIZES = {"inception_v3": (342, 299)}
 
 
-def imagenet_transforms(model_name: str = "resnet50", train: bool = False):
-    """torchvision transforms for ImageNet: 256/224 crops, or 342/299 for Inception-V3."""
+def imagenet_transforms(model_name: str = "resnet50", train: bool = False, image_size: int | None = None):
+    """torchvision transforms for ImageNet: 256/224 crops, or 342/299 for Inception-V3.
+
+    ``image_size`` replaces the crop's side (the evaluation resize keeps the 256/224 ratio); the training
+    transform is a random resized crop and a horizontal flip.
+    """
     from torchvision import transforms as T
 
     resize, crop = _IMAGENET_SIZES.get(model_name, (256, 224))
+    if image_size is not None:
+        resize, crop = round(image_size * 256 / 224), image_size
     norm = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     if train:
         return T.Compose([T.RandomResizedCrop(crop), T.RandomHorizontalFlip(), *norm])

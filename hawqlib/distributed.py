@@ -205,7 +205,9 @@ class Shard:
     """This rank's contiguous slice of every global batch of ``data``, moved to ``device``.
 
     ``data``: a re-iterable of ``(x, y)`` batches with ``len`` and, optionally, ``set_epoch``
-    (:class:`hawqlib.data.TensorLoader`). ``global_n`` is the size of the global batch last yielded.
+    (:class:`hawqlib.data.TensorLoader`), whose global batches are read and sliced; a loader with
+    ``iter_shard(rank, world)`` (:class:`hawqlib.sources.ImageFolderLoader`) reads this rank's slice alone.
+    ``global_n`` is the size of the global batch last yielded.
     """
 
     def __init__(self, data, rank_: int | None = None, world: int | None = None, dev=None):
@@ -223,6 +225,12 @@ class Shard:
             self.data.set_epoch(epoch)
 
     def __iter__(self):
+        nb = self.device.type == "cuda"
+        if hasattr(self.data, "iter_shard"):  # the loader reads this rank's slice alone (hawqlib.sources)
+            for x, y, n in self.data.iter_shard(self.rank, self.world):
+                self.global_n = n
+                yield x.to(self.device, non_blocking=nb), y.to(self.device, non_blocking=nb)
+            return
         for x, y in self.data:
             n = len(y)
             if n < self.world:
@@ -230,7 +238,6 @@ class Shard:
                                  "larger batch size, or drop_last=True")
             lo, hi = self.rank * n // self.world, (self.rank + 1) * n // self.world
             self.global_n = n
-            nb = self.device.type == "cuda"
             yield x[lo:hi].to(self.device, non_blocking=nb), y[lo:hi].to(self.device, non_blocking=nb)
 
 

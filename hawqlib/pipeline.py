@@ -8,6 +8,7 @@ landscape behind it, and the staged fine-tuning of section 3.2.
 """
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -15,14 +16,15 @@ from pathlib import Path
 
 import torch
 
-from . import data as hdata
+from . import data as hdata  # noqa: F401  (kept for callers of pipeline.hdata)
+from . import distributed as hdist
 from . import models as hmodels
-from . import runs
+from . import runs, sources
 from .blocks import quant_blocks
 from .cache import cached as _cached, read_json as _read_json
-from .storage import atomic_torch_save, atomic_write_json, folder_lock, remove_orphan_tmp
+from .storage import atomic_torch_save, atomic_write_json, file_sha256
 from .surface import loss_surface
-from .train import TrainConfig, load_weights, train
+from .train import TrainConfig, load_weights, save_model_file, train
 
 # Defined in the modules of their own concept and imported here too, where the notebooks, the command
 # line and the tests call them (pipeline.<name>); each is documented in its own module.
@@ -36,51 +38,105 @@ __all__ = ["TRAIN_CODE_VERSION", "baseline_params", "initial_model", "baseline"]
 TRAIN_CODE_VERSION = 1
 
 
-def baseline_params(cfg: dict, model: str = "resnet20", data_root=None) -> dict:
-    """Parameters that determine a baseline run (profile's ``baseline`` table, model, data digest)."""
-    train_split = hdata.cifar10("train", data_root)
-    test_split = hdata.cifar10("test", data_root)
-    return {"model": model, "train": dict(cfg), "code": TRAIN_CODE_VERSION,
-            "data": {"train": train_split.digest, "test": test_split.digest}}
+def baseline_params(cfg: dict | None, model: str = "resnet20", data_root=None, weights=None) -> dict:
+    """Parameters that determine a baseline (profile's ``baseline`` table, model, data digest).
+
+    ``data_root``: a :class:`hawqlib.sources.DataSource`, or the root of the data ``model`` trains on
+    (:func:`hawqlib.sources.for_model`). ``weights``: a weights file supplied instead of training (its
+    SHA-256 replaces the training settings in the key).
+    """
+    source = sources.for_model(model, data_root)
+    if weights is not None:
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"no weights file at {path}")
+        return {"model": model, "weights": {"sha256": file_sha256(path)}, "code": TRAIN_CODE_VERSION,
+                "data": source.key()}
+    return {"model": model, "train": dict(cfg), "code": TRAIN_CODE_VERSION, "data": source.key()}
 
 
-def initial_model(model: str, seed: int) -> torch.nn.Module:
+def initial_model(model: str, seed: int, num_classes: int | None = None) -> torch.nn.Module:
     """The untrained ``model`` (a name in :mod:`hawqlib.models`) built under ``torch.manual_seed(seed)``.
 
     The baseline's initial weights are then a function of its artifact key (the seed is in it), the same in
-    every process.
+    every process. ``num_classes`` defaults to the model's (10 for CIFAR-10, 1000 for ImageNet).
     """
     torch.manual_seed(seed)
-    return getattr(hmodels, model)()
+    if num_classes is None or num_classes == hmodels.default_classes(model):
+        return getattr(hmodels, model)()
+    return hmodels.get(model, num_classes=num_classes)
 
 
-def baseline(cfg: dict, model: str = "resnet20", data_root=None, *, progress: bool = True,
-             force: bool | None = None) -> tuple[torch.nn.Module, dict, Path]:
-    """Train (or load) the FP32 baseline described by ``cfg``; return (model, log, artifact folder)."""
-    params = baseline_params(cfg, model, data_root)
-    folder = runs.artifact_dir(f"baseline_{model}", params)
-    net = initial_model(model, cfg["seed"])
-    force = runs.force_recompute() if force is None else force
-    if not force and runs.complete(folder, params):  # verified: every file's SHA-256 (hawqlib.runs)
-        return load_weights(net, folder / "model.pt"), _read_json(folder / "log.json"), folder
-    with folder_lock(folder):  # one writer per artifact; a second process gets the holder's PID
-        if not force and runs.complete(folder, params):  # another process finished it meanwhile
-            return load_weights(net, folder / "model.pt"), _read_json(folder / "log.json"), folder
-        runs.invalidate(folder)
-        remove_orphan_tmp(folder)
-        tr, te = hdata.cifar10_loaders(data_root, batch_size=cfg["batch_size"], seed=cfg["seed"],
-                                       train_subset=cfg.get("train_subset"), test_subset=cfg.get("test_subset"))
+def _on_device(data, dev: torch.device):
+    """``data``'s batches on ``dev``: a one-rank :class:`~hawqlib.distributed.Shard` on CUDA (a process group's
+    training and evaluation shard by themselves)."""
+    if data is None or hdist.is_distributed() or dev.type == "cpu":
+        return data
+    return hdist.Shard(data, 0, 1, dev)
+
+
+def baseline(cfg: dict | None, model: str = "resnet20", data_root=None, *, progress: bool = True,
+             force: bool | None = None, weights=None) -> tuple[torch.nn.Module, dict, Path]:
+    """Train (or load) the FP32 baseline described by ``cfg``; return (model, log, artifact folder).
+
+    ``data_root``: a :class:`hawqlib.sources.DataSource` or the root of ``model``'s data (CIFAR-10 for the
+    CIFAR models, an ImageFolder tree for the ImageNet ones). ``weights``: a weights file
+    (:func:`hawqlib.models.load_weights_file`), or ``"pretrained"`` for the published ImageNet weights found
+    and checked by hash (:func:`hawqlib.models.find_pretrained`), taken as the baseline instead of
+    training; it is evaluated on the test split and stored like a trained one. Training runs on
+    :func:`hawqlib.distributed.device` (the GPU when there is one), data-parallel under ``torchrun``; the
+    model returned is on the CPU.
+    """
+    source = sources.for_model(model, data_root)
+    published = weights == "pretrained"  # the published file, found and checked by hash (hawqlib.models)
+    if published:
+        weights = hmodels.find_pretrained(model)
+    params = baseline_params(cfg, model, source, weights)
+    dev = hdist.device()
+    seed = 0 if weights is not None else cfg["seed"]
+
+    def compute(folder):
+        net = initial_model(model, seed, source.num_classes)
+        batch = cfg["batch_size"] if cfg else 1
+        tr, te = source.loaders(batch_size=batch, seed=seed, train_subset=cfg.get("train_subset") if cfg else None,
+                                test_subset=cfg.get("test_subset") if cfg else None)
+        if weights is not None:
+            from .models import load_weights_file
+            from .train import evaluate
+
+            if published:
+                net = hmodels.get(model, weights="pretrained")
+            else:
+                load_weights_file(net, weights)
+            t0 = time.perf_counter()
+            ev = evaluate(net.to(dev), _on_device(hdist.shard(te), dev))
+            log = {"weights": str(weights), "epochs": [{"epoch": 0, "val_top1": ev["top1"], "val_top5": ev["top5"],
+                                                        "val_loss": ev["loss"], "eval_s": time.perf_counter() - t0}]}
+            return net.cpu(), log, 0.0
         tcfg = TrainConfig(epochs=cfg["epochs"], lr=cfg["lr"], schedule=cfg["schedule"],
                            momentum=cfg["momentum"], nesterov=cfg["nesterov"], weight_decay=cfg["weight_decay"],
                            seed=cfg["seed"], eval_every=cfg["eval_every"])
-        if progress:
+        if progress and hdist.is_main():
             print(f"baseline {model}: checkpoints and log in {folder}")
         t0 = time.perf_counter()
-        log = train(net, tr, te, config=tcfg, checkpoint_dir=folder, resume=not force, progress=progress)
-        wall = time.perf_counter() - t0
-        total_wall = sum(r["wall_s"] + r.get("eval_s", 0.0) for r in log["epochs"])
-        runs.write_manifest(folder, params, wall_s=total_wall, final=log["epochs"][-1], this_session_s=wall,
-                            init_seed=cfg["seed"])
+        log = train(net.to(dev), _on_device(tr, dev), _on_device(te, dev), config=tcfg, checkpoint_dir=folder,
+                    resume=not (runs.force_recompute() if force is None else force), progress=progress)
+        return net.cpu(), log, time.perf_counter() - t0
+
+    def save(folder, value):
+        net, log, session = value
+        if weights is not None:  # a trained baseline's model.pt and log.json are written by train()
+            save_model_file(net, folder / "model.pt", {"weights": str(weights)}, log["epochs"])
+            atomic_write_json(folder / "log.json", log)
+        total_wall = sum(r.get("wall_s", 0.0) + r.get("eval_s", 0.0) for r in log["epochs"])
+        return {"wall_s": total_wall, "final": log["epochs"][-1], "this_session_s": session,
+                **({"weights": str(weights)} if weights is not None else {"init_seed": cfg["seed"]})}
+
+    def load(folder):
+        net = initial_model(model, seed, source.num_classes)
+        return load_weights(net, folder / "model.pt"), _read_json(folder / "log.json"), 0.0
+
+    (net, log, _), folder = _cached(f"baseline_{model}", params, compute, save, load, force)
     return net, log, folder
 
 
@@ -105,14 +161,24 @@ __all__ += ["HESSIAN_STEP_VERSION", "HESSIAN_CODE_VERSION", "FINETUNE_STEP_VERSI
 
 
 def hessian_batch(n_samples: int, data_seed: int = 0, data_root=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The seeded sample of ``n_samples`` CIFAR-10 training images (normalized, no augmentation) for the Hessian.
+    """The seeded sample of ``n_samples`` training images (normalized, no augmentation) for the Hessian.
 
     Our choice: the Hessian of the *training* loss (paper section 3.1), on a sample drawn without
     augmentation, so that the spectrum is a pure function of the weights and ``(n_samples, data_seed)``.
+    ``data_root``: a :class:`hawqlib.sources.DataSource`, or CIFAR-10's root.
     """
     if not isinstance(n_samples, int) or isinstance(n_samples, bool) or n_samples < 1:
         raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
-    return hdata.sample_batch(hdata.cifar10("train", data_root), n_samples, data_seed)
+    return sources.resolve(data_root).sample(n_samples, data_seed)
+
+
+def _sample_key(n_samples: int, data_seed: int, data_root) -> dict:
+    """The key of :func:`hessian_batch`'s sample: CIFAR-10's as it always was (the baseline's key already names
+    the data), any other source's with its own digest."""
+    source = sources.resolve(data_root)
+    if isinstance(source, sources.CIFAR10Source):
+        return {"cifar10_train": n_samples, "seed": data_seed}
+    return {f"{source.name}_train": n_samples, "seed": data_seed, "source": source.key()}
 
 
 _SPECTRUM_KEYS = ("method", "solver", "tol", "max_iter", "seed")
@@ -153,15 +219,24 @@ def spectrum(model: torch.nn.Module, base: str, cfg: dict, granularity="layer", 
         raise ValueError("spectrum(data=...) needs data_key= (a JSON-able name of that data) for the artifact key")
     gran = granularity if isinstance(granularity, str) else list(granularity)
     params = {"base": base, "granularity": gran, "vectors": bool(vectors), "code": _hessian_code(),
-              "data": data_key if data is not None else {"cifar10_train": cfg["n_samples"], "seed": cfg["data_seed"]},
+              "data": data_key if data is not None else _sample_key(cfg["n_samples"], cfg["data_seed"], data_root),
               **{k: cfg[k] for k in _SPECTRUM_KEYS}}
 
     def compute(folder):
         batch = data if data is not None else hessian_batch(cfg["n_samples"], cfg["data_seed"], data_root)
         blocks = quant_blocks(model, gran)
-        return hessian.top_eigenvalues(model, torch.nn.CrossEntropyLoss(), batch, blocks, method=cfg["method"],
-                                       solver=cfg["solver"], tol=cfg["tol"], max_iter=cfg["max_iter"],
-                                       seed=cfg["seed"], return_vectors=vectors, progress=progress)
+        with _computing_on(model):
+            results = hessian.top_eigenvalues(model, torch.nn.CrossEntropyLoss(), batch, blocks,
+                                              method=cfg["method"], solver=cfg["solver"], tol=cfg["tol"],
+                                              max_iter=cfg["max_iter"], seed=cfg["seed"], return_vectors=vectors,
+                                              progress=progress)
+        for r in results:  # stored and returned on the CPU
+            v = getattr(r, "vector", None)
+            if isinstance(v, (list, tuple)):
+                r.vector = type(v)(t.cpu() for t in v)
+            elif v is not None:
+                r.vector = v.cpu()
+        return results
 
     def save(folder, results):
         hessian.save_spectra(folder / "spectrum.json", results)
@@ -177,6 +252,23 @@ def spectrum(model: torch.nn.Module, base: str, cfg: dict, granularity="layer", 
         return results
 
     return _cached("spectrum", params, compute, save, load, force, legacy_warnings=_unconverged_warnings)
+
+
+@contextlib.contextmanager
+def _computing_on(model: torch.nn.Module):
+    """``model`` on :func:`hawqlib.distributed.device` (the GPU when there is one) for a step's computation,
+    then back where it was."""
+    dev = hdist.device()
+    first = next(iter(model.parameters()), None)
+    home = first.device if first is not None else torch.device("cpu")
+    if dev == home:
+        yield model
+        return
+    model.to(dev)
+    try:
+        yield model
+    finally:
+        model.to(home)
 
 
 def _unconverged_warnings(results) -> list[dict]:
@@ -218,7 +310,7 @@ def block_traces(model: torch.nn.Module, base: str, cfg: dict, granularity="laye
 
     gran = granularity if isinstance(granularity, str) else list(granularity)
     params = {"base": base, "granularity": gran, "code": _hessian_code(), "kind": "trace",
-              "data": {"cifar10_train": cfg["n_samples"], "seed": cfg["data_seed"]}, "seed": cfg["seed"],
+              "data": _sample_key(cfg["n_samples"], cfg["data_seed"], data_root), "seed": cfg["seed"],
               "kwargs": trace_kwargs}
 
     def compute(folder):
@@ -246,7 +338,7 @@ def landscape(model: torch.nn.Module, base: str, cfg: dict, block_name: str, dir
         raise ValueError(f"no block {block_name!r} at granularity {gran!r}; blocks: {list(blocks)}")
     params = {"base": base, "block": block_name, "granularity": gran, "directions": directions_key,
               "coords": coords.tolist(), "code": _hessian_code(),
-              "data": {"cifar10_train": cfg["n_samples"], "seed": cfg["data_seed"]}}
+              "data": _sample_key(cfg["n_samples"], cfg["data_seed"], data_root)}
 
     def compute(folder):
         batch = hessian_batch(cfg["n_samples"], cfg["data_seed"], data_root)
@@ -316,10 +408,10 @@ def finetuned(model: torch.nn.Module, base: str, bit_config, order, cfg: dict, *
     ft = {k: cfg[k] for k in _FT_KEYS}
     params = {"base": base, "bit_config": bit_config.to_dict(), "order": order, "direct": bool(direct),
               "finetune": ft, "code": _finetune_code()}
-    if load_only and not runs.is_complete(runs.artifact_dir("finetune", params), params):
+    if load_only and not hdist.on_main(runs.is_complete, runs.artifact_dir("finetune", params), params):
         return None
-    tr, te = hdata.cifar10_loaders(data_root, batch_size=ft["batch_size"], seed=ft["seed"],
-                                   train_subset=ft["train_subset"], test_subset=ft["test_subset"])
+    tr, te = sources.resolve(data_root).loaders(batch_size=ft["batch_size"], seed=ft["seed"],
+                                                train_subset=ft["train_subset"], test_subset=ft["test_subset"])
     common = dict(lr=ft["lr"], checkpoint_dir=None, resume=True, progress=progress, seed=ft["seed"],
                   weight_decay=ft["weight_decay"], momentum=ft["momentum"], nesterov=ft["nesterov"],
                   calibration_batches=ft["calibration_batches"])
@@ -327,27 +419,36 @@ def finetuned(model: torch.nn.Module, base: str, bit_config, order, cfg: dict, *
     def compute(folder):
         kw = dict(common, checkpoint_dir=folder / "run", resume=not runs.force_recompute() if force is None
                   else not force)
-        if direct:
-            epochs = ft["stages"] * ft["epochs_per_stage"] + ft["final_epochs"]
-            qmodel, history = finetune.direct_finetune(model, bit_config, tr, te, epochs=epochs, **kw)
-        else:
-            qmodel, history = finetune.staged_finetune(model, bit_config, order, tr, te, stages=ft["stages"],
-                                                       epochs_per_stage=ft["epochs_per_stage"],
-                                                       final_epochs=ft["final_epochs"], **kw)
-        ev = evaluate(qmodel, te)
+        dev = hdist.device()
+        tr_d, te_d = _on_device(tr, dev), _on_device(te, dev)
+        with _computing_on(model):
+            if direct:
+                epochs = ft["stages"] * ft["epochs_per_stage"] + ft["final_epochs"]
+                qmodel, history = finetune.direct_finetune(model, bit_config, tr_d, te_d, epochs=epochs, **kw)
+            else:
+                qmodel, history = finetune.staged_finetune(model, bit_config, order, tr_d, te_d,
+                                                           stages=ft["stages"], epochs_per_stage=ft["epochs_per_stage"],
+                                                           final_epochs=ft["final_epochs"], **kw)
+        te_eval = hdist.shard(te_d)  # under a process group each rank evaluates its slices
+        ev = evaluate(qmodel.to(dev), te_eval)
+        qmodel.cpu()
         packed = folder / "model.hawq"
-        export.save_packed(qmodel, packed, arch=export.arch_of(model))
-        restored = export.load_packed(packed, model)
-        pev = evaluate(restored, te)
-        atomic_torch_save(folder / "qmodel.pt", qmodel.state_dict())
-        atomic_write_json(folder / "history.json", history)
-        bit_config.save(folder / "bit_config.json")
-        wall = sum(r.get("wall_s", 0.0) + r.get("eval_s", 0.0) for r in history["epochs"])
-        return {"qmodel": qmodel, "history": history, "top1": ev["top1"], "top5": ev["top5"],
-                "packed_top1": pev["top1"], "size_bytes": int(size.model_size_bytes(model, bit_config)),
-                "packed_bytes": packed.stat().st_size, "wall_s": wall}
 
-    def save(folder, r):
+        def write_packed():  # rank 0 writes; every rank evaluates the model read back from the file
+            export.save_packed(qmodel, packed, arch=export.arch_of(model))
+            return packed.stat().st_size, export.load_packed(packed, model)
+
+        packed_bytes, restored = hdist.on_main(write_packed)
+        pev = evaluate(restored.to(dev), te_eval)
+        wall = sum(r.get("wall_s", 0.0) + r.get("eval_s", 0.0) for r in history["epochs"])
+        return {"qmodel": qmodel.eval(), "history": history, "top1": ev["top1"], "top5": ev["top5"],
+                "packed_top1": pev["top1"], "size_bytes": int(size.model_size_bytes(model, bit_config)),
+                "packed_bytes": packed_bytes, "wall_s": wall}
+
+    def save(folder, r):  # rank 0 alone under a process group (hawqlib.cache.cached)
+        atomic_torch_save(folder / "qmodel.pt", r["qmodel"].state_dict())
+        atomic_write_json(folder / "history.json", r["history"])
+        bit_config.save(folder / "bit_config.json")
         return {"wall_s": r["wall_s"], "provenance": provenance,
                 **{k: r[k] for k in ("top1", "top5", "packed_top1", "size_bytes", "packed_bytes")}}
 
@@ -361,7 +462,7 @@ def finetuned(model: torch.nn.Module, base: str, bit_config, order, cfg: dict, *
                                                               "packed_bytes")}}
 
     r, folder = _cached("finetune", params, compute, save, load, force)
-    if runs.is_complete(folder, params) and (folder / "run").exists():
+    if hdist.is_main() and runs.is_complete(folder, params) and (folder / "run").exists():
         # The resume state (per-epoch checkpoints with optimizer state, one model per stage: several times
         # the model's size) is dead weight once the artifact is complete; what the notebooks read stays.
         shutil.rmtree(folder / "run")

@@ -12,7 +12,7 @@ import os
 
 from .paths import PUBLISHED_PROFILE
 
-__all__ = ["PROFILES", "DEFAULT_PROFILE", "get", "current"]
+__all__ = ["PROFILES", "DEFAULT_PROFILE", "get", "current", "for_model"]
 
 #: The profile whose results the book publishes.
 DEFAULT_PROFILE = PUBLISHED_PROFILE
@@ -169,6 +169,24 @@ def get(name: str | None = None) -> dict:
     if name not in PROFILES:
         raise ValueError(f"unknown profile {name!r}; valid profiles: {', '.join(PROFILES)}")
     return {"name": name, **copy.deepcopy(PROFILES[name])}
+
+
+def for_model(profile: dict, model: str) -> dict:
+    """``profile`` as the pipeline applies it to ``model``: unchanged for ResNet20 and the other CIFAR-10 models;
+    for the paper's ImageNet models (section 4), the allocation at the paper's target for that model
+    (``imagenet.targets``: compression and activation bits) at the ``imagenet`` granularity, and the Hessian
+    settings of the ``imagenet`` section (autograd products, its tolerance and sample size).
+    """
+    I = profile.get("imagenet", {})
+    target = I.get("targets", {}).get(model)
+    if target is None:
+        return profile
+    out = copy.deepcopy(profile)
+    out["allocation"].update(granularity=I["granularity"], choices=list(I["choices"]), act_bits=target["act_bits"],
+                             targets={f"{model} (paper)": target["compression"]})
+    out["hessian"].update(n_samples=I["n_samples"], data_seed=I["data_seed"], method=I["method"],
+                          solver=I["solver"], tol=I["tol"], max_iter=I["max_iter"], seed=I["seed"])
+    return out
 
 
 def current() -> str:

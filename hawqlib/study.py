@@ -8,7 +8,11 @@ fine-tuning orders (section 3.2) and the named fine-tuning runs of the tables (:
 profile, model and data load the very same artifacts. It delegates every step; nothing is computed here that
 the pipeline would not compute, and every result stays an artifact keyed as before.
 
-The data source is CIFAR-10 (``data``: its root, else :func:`hawqlib.data.find_cifar10`'s search).
+The data source is the model's (:func:`hawqlib.sources.for_model`): CIFAR-10 for ResNet20 (``data``: its
+root, else :func:`hawqlib.data.find_cifar10`'s search), an ImageFolder tree for the ImageNet models
+(``data``: its root, with ``train/`` and ``val/``), or any :class:`hawqlib.sources.DataSource`. For an
+ImageNet model the profile is applied at that model's paper target (:func:`hawqlib.profiles.for_model`), and
+``weights`` (a weights file, e.g. torchvision's published ones) may stand for the FP32 baseline.
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from . import experiments, paths, pipeline, profiles
+from . import experiments, paths, pipeline, profiles, sources
 from .bitconfig import BitConfig
 
 __all__ = ["Study"]
@@ -33,10 +37,13 @@ class Study:
     """
 
     def __init__(self, profile: str | dict | None = None, data=None, model: str = "resnet20", *,
-                 progress: bool = False):
-        self.P = profiles.get(profile) if profile is None or isinstance(profile, str) else profile
-        paths.use_profile(self.P.get("name"))  # a non-published profile stores under data/scratch/<name>
+                 progress: bool = False, weights=None, **source_options):
+        P = profiles.get(profile) if profile is None or isinstance(profile, str) else profile
+        paths.use_profile(P.get("name"))  # a non-published profile stores under data/scratch/<name>
+        self.P = profiles.for_model(P, model)
         self.data = data
+        self.source = sources.for_model(model, data, **source_options)
+        self.weights = weights
         self.model_name = model
         self.progress = progress
         self._baseline: tuple[torch.nn.Module, dict, Path] | None = None
@@ -51,8 +58,8 @@ class Study:
     def baseline(self) -> tuple[torch.nn.Module, dict, Path]:
         """The FP32 baseline at the profile's ``baseline`` settings: ``(model, log, folder)``, trained or loaded once."""
         if self._baseline is None:
-            self._baseline = pipeline.baseline(self.P["baseline"], self.model_name, self.data,
-                                               progress=self.progress)
+            self._baseline = pipeline.baseline(self.P["baseline"], self.model_name, self.source,
+                                               progress=self.progress, weights=self.weights)
         return self._baseline
 
     @property
@@ -92,7 +99,7 @@ class Study:
         key = (repr(gran), bool(vectors), repr(sorted(overrides.items())))
         if key not in self._spectra:
             self._spectra[key] = pipeline.spectrum(self.model, self.base, self.P["hessian"], gran, vectors=vectors,
-                                                   progress=self.progress, data_root=self.data, **overrides)
+                                                   progress=self.progress, data_root=self.source, **overrides)
         return self._spectra[key]
 
     @property
@@ -134,10 +141,10 @@ class Study:
         """Fine-tune (or load) run ``name`` with ``seed`` (default its first); see :func:`hawqlib.experiments.run`."""
         return experiments.run(self.model, self.base, self.specs([name])[name], self.P, seed=seed,
                                spectrum_key=self.spectrum()[1].name, progress=self.progress, force=force,
-                               data_root=self.data, load_only=load_only)
+                               data_root=self.source, load_only=load_only)
 
     def run_seeds(self, name: str, compute: bool | None = None) -> dict[int, pipeline.FinetuneResult | None]:
         """Every seed of run ``name`` by seed (:func:`hawqlib.experiments.run_seeds`): ``None`` where not stored
         and not computed."""
         return experiments.run_seeds(self.model, self.base, self.specs([name])[name], self.P,
-                                     spectrum_key=self.spectrum()[1].name, compute=compute, data_root=self.data)
+                                     spectrum_key=self.spectrum()[1].name, compute=compute, data_root=self.source)

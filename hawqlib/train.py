@@ -40,7 +40,7 @@ from torch import nn
 from . import distributed as hdist
 from .storage import atomic_torch_save, atomic_write_json
 
-__all__ = ["TrainConfig", "CheckpointError", "NonFiniteLossError", "train", "evaluate", "lr_at", "load_checkpoint",
+__all__ = ["TrainConfig", "CheckpointError", "NonFiniteLossError", "train", "evaluate", "save_model_file", "lr_at", "load_checkpoint",
            "load_weights", "content_digest", "CHECKPOINT_FORMAT"]
 
 CHECKPOINT_FORMAT = "hawqlib.train/1"
@@ -205,6 +205,15 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     ckpt = load_checkpoint(path, model)
     model.load_state_dict(ckpt["model"])
     return model
+
+
+def save_model_file(model: nn.Module, path: str | Path, config: dict, history: list) -> Path:
+    """Write ``model``'s weights as a complete run's ``model.pt`` (what :func:`load_weights` reads), e.g. for
+    weights that were supplied rather than trained (``config`` and ``history`` say where they came from)."""
+    return _save_checkpoint(Path(path), {"format": CHECKPOINT_FORMAT, "model_class": type(model).__name__,
+                                         "fingerprint": _fingerprint(model), "config": config, "epoch": 0,
+                                         "model": {k: v.contiguous() for k, v in model.state_dict().items()},
+                                         "history": history}) or Path(path)
 
 
 def train(model: nn.Module, train_data, val_data=None, *, epochs: int | None = None,

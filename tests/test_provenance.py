@@ -34,14 +34,15 @@ def test_two_processes_build_bit_identical_initial_baseline_weights():
     assert _digest_in_a_new_process(1) != a
 
 
-def test_baseline_builds_its_model_under_the_profile_seed(monkeypatch):
+def test_baseline_builds_its_model_under_the_profile_seed(monkeypatch, tmp_path):
     seen = []
 
-    def fake(model, seed):
+    def fake(model, seed, num_classes=None):
         seen.append((model, seed))
         raise RuntimeError("stop here")
 
-    monkeypatch.setattr(pipeline, "baseline_params", lambda cfg, model, root: {"k": 1})
+    monkeypatch.setenv("HAWQ_ARTIFACTS", str(tmp_path))
+    monkeypatch.setattr(pipeline, "baseline_params", lambda cfg, model, root, weights=None: {"k": 1})
     monkeypatch.setattr(pipeline, "initial_model", fake)
     cfg = dict(profiles.get("smoke")["baseline"], seed=5)
     with pytest.raises(RuntimeError, match="stop here"):

@@ -6,15 +6,16 @@ torchvision's (:mod:`hawqlib.models.imagenet`, imported on first use: torchvisio
 to import); ``resnet20`` (:mod:`~hawqlib.models.resnet_cifar`) and ``squeezenext``
 (:mod:`~hawqlib.models.squeezenext`) are written here.
 """
-from .registry import (WeightsError, WeightsNotFoundError, find_pretrained, get, load_state_dict_checked,
-                       load_weights_file, names, pretrained_dirs)
+from .registry import (WeightsError, WeightsNotFoundError, default_classes, find_pretrained, get,
+                       load_state_dict_checked, load_weights_file, names, pretrained_dirs)
 from .resnet_cifar import BasicBlock, ResNetCifar, resnet20
 from .squeezenext import (SQUEEZENEXT_DEPTHS, SQUEEZENEXT_VARIANTS, SqueezeNext, SqueezeNextBlock,
                           load_pytorchcv_state_dict, squeezenext)
 
 __all__ = ["BasicBlock", "ResNetCifar", "resnet20", "SqueezeNext", "SqueezeNextBlock", "squeezenext",
            "SQUEEZENEXT_DEPTHS", "SQUEEZENEXT_VARIANTS", "load_pytorchcv_state_dict", "resnet50", "inception_v3",
-           "get", "names", "WeightsError", "WeightsNotFoundError", "find_pretrained", "pretrained_dirs",
+           "get", "names", "default_classes", "WeightsError", "WeightsNotFoundError", "find_pretrained",
+           "pretrained_dirs",
            "load_weights_file", "load_state_dict_checked"]
 
 _LAZY = ("resnet50", "inception_v3", "TORCHVISION_WEIGHTS")

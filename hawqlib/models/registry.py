@@ -40,7 +40,7 @@ from torch import nn
 from .resnet_cifar import resnet20
 from .squeezenext import SQUEEZENEXT_VARIANTS, SqueezeNext, load_pytorchcv_state_dict, squeezenext
 
-__all__ = ["get", "names", "WeightsError", "WeightsNotFoundError", "find_pretrained", "pretrained_dirs",
+__all__ = ["get", "names", "default_classes", "WeightsError", "WeightsNotFoundError", "find_pretrained", "pretrained_dirs",
            "load_weights_file", "load_state_dict_checked"]
 
 PRETRAINED = "pretrained"
@@ -98,6 +98,11 @@ _ALIASES = {f"{w:.1f}-sqnxt-{d}": n for n, (w, d) in SQUEEZENEXT_VARIANTS.items(
 def names() -> list[str]:
     """The model names :func:`get` accepts (besides the ``<w>-SqNxt-<depth>`` spellings)."""
     return list(_MODELS)
+
+
+def default_classes(name: str) -> int:
+    """The number of classes model ``name`` has by default: 10 for the CIFAR-10 models, 1000 for ImageNet's."""
+    return _MODELS[_resolve(name)].num_classes
 
 
 def _resolve(name: str) -> str:
