@@ -2,9 +2,9 @@
 
 This is the layer the notebooks and the command line call. Every step keys its artifact
 by its parameters, the code version of the modules it runs and the digest of its data
-(:mod:`hawqlib.runs`); ``FORCE=1`` recomputes. The load-or-compute protocol is :func:`hawqlib.cache.cached`;
-the steps are the paper's: the FP32 baseline, the Hessian spectrum and traces of section 3.1, the loss
-landscape behind it, and the staged fine-tuning of section 3.2.
+(:mod:`hawqlib.artifacts`); ``FORCE=1`` recomputes. The load-or-compute protocol is
+:func:`hawqlib.artifacts.step.cached`; the steps are the paper's: the FP32 baseline, the Hessian spectrum
+and traces of section 3.1, the loss landscape behind it, and the staged fine-tuning of section 3.2.
 """
 from __future__ import annotations
 
@@ -15,18 +15,18 @@ from pathlib import Path
 
 import torch
 
+from . import artifacts
 from . import data as hdata
 from . import models as hmodels
-from . import runs
+from .artifacts import atomic_torch_save, atomic_write_json, folder_lock, remove_orphan_tmp
+from .artifacts import cached as _cached, read_json as _read_json
 from .blocks import quant_blocks
-from .cache import cached as _cached, read_json as _read_json
-from .storage import atomic_torch_save, atomic_write_json, folder_lock, remove_orphan_tmp
 from .surface import loss_surface
 from .train import TrainConfig, load_weights, train
 
 # Defined in the modules of their own concept and imported here too, where the notebooks, the command
 # line and the tests call them (pipeline.<name>); each is documented in its own module.
-from .cache import artifact_threads, artifact_wall_s  # noqa: F401  (hawqlib.cache)
+from .artifacts import artifact_threads, artifact_wall_s  # noqa: F401  (hawqlib.artifacts.step)
 from .imagenet import imagenet_batch, imagenet_model  # noqa: F401  (hawqlib.imagenet)
 from .order import ORDERS, order_blocks  # noqa: F401  (hawqlib.order)
 
@@ -58,15 +58,15 @@ def baseline(cfg: dict, model: str = "resnet20", data_root=None, *, progress: bo
              force: bool | None = None) -> tuple[torch.nn.Module, dict, Path]:
     """Train (or load) the FP32 baseline described by ``cfg``; return (model, log, artifact folder)."""
     params = baseline_params(cfg, model, data_root)
-    folder = runs.artifact_dir(f"baseline_{model}", params)
+    folder = artifacts.artifact_dir(f"baseline_{model}", params)
     net = initial_model(model, cfg["seed"])
-    force = runs.force_recompute() if force is None else force
-    if not force and runs.complete(folder, params):  # verified: every file's SHA-256 (hawqlib.runs)
+    force = artifacts.force_recompute() if force is None else force
+    if not force and artifacts.complete(folder, params):  # verified: every file's SHA-256 (hawqlib.artifacts)
         return load_weights(net, folder / "model.pt"), _read_json(folder / "log.json"), folder
     with folder_lock(folder):  # one writer per artifact; a second process gets the holder's PID
-        if not force and runs.complete(folder, params):  # another process finished it meanwhile
+        if not force and artifacts.complete(folder, params):  # another process finished it meanwhile
             return load_weights(net, folder / "model.pt"), _read_json(folder / "log.json"), folder
-        runs.invalidate(folder)
+        artifacts.invalidate(folder)
         remove_orphan_tmp(folder)
         tr, te = hdata.cifar10_loaders(data_root, batch_size=cfg["batch_size"], seed=cfg["seed"],
                                        train_subset=cfg.get("train_subset"), test_subset=cfg.get("test_subset"))
@@ -79,8 +79,8 @@ def baseline(cfg: dict, model: str = "resnet20", data_root=None, *, progress: bo
         log = train(net, tr, te, config=tcfg, checkpoint_dir=folder, resume=not force, progress=progress)
         wall = time.perf_counter() - t0
         total_wall = sum(r["wall_s"] + r.get("eval_s", 0.0) for r in log["epochs"])
-        runs.write_manifest(folder, params, wall_s=total_wall, final=log["epochs"][-1], this_session_s=wall,
-                            init_seed=cfg["seed"])
+        artifacts.write_manifest(folder, params, wall_s=total_wall, final=log["epochs"][-1], this_session_s=wall,
+                                 init_seed=cfg["seed"])
     return net, log, folder
 
 
@@ -316,7 +316,7 @@ def finetuned(model: torch.nn.Module, base: str, bit_config, order, cfg: dict, *
     ft = {k: cfg[k] for k in _FT_KEYS}
     params = {"base": base, "bit_config": bit_config.to_dict(), "order": order, "direct": bool(direct),
               "finetune": ft, "code": _finetune_code()}
-    if load_only and not runs.is_complete(runs.artifact_dir("finetune", params), params):
+    if load_only and not artifacts.is_complete(artifacts.artifact_dir("finetune", params), params):
         return None
     tr, te = hdata.cifar10_loaders(data_root, batch_size=ft["batch_size"], seed=ft["seed"],
                                    train_subset=ft["train_subset"], test_subset=ft["test_subset"])
@@ -325,7 +325,7 @@ def finetuned(model: torch.nn.Module, base: str, bit_config, order, cfg: dict, *
                   calibration_batches=ft["calibration_batches"])
 
     def compute(folder):
-        kw = dict(common, checkpoint_dir=folder / "run", resume=not runs.force_recompute() if force is None
+        kw = dict(common, checkpoint_dir=folder / "run", resume=not artifacts.force_recompute() if force is None
                   else not force)
         if direct:
             epochs = ft["stages"] * ft["epochs_per_stage"] + ft["final_epochs"]
@@ -352,7 +352,7 @@ def finetuned(model: torch.nn.Module, base: str, bit_config, order, cfg: dict, *
                 **{k: r[k] for k in ("top1", "top5", "packed_top1", "size_bytes", "packed_bytes")}}
 
     def load(folder):
-        m = runs.read_manifest(folder)
+        m = artifacts.read_manifest(folder)
         qmodel = quant.quantize_model(model, bit_config)
         qmodel.load_state_dict(torch.load(folder / "qmodel.pt", map_location="cpu", weights_only=True))
         qmodel.eval()
@@ -361,7 +361,7 @@ def finetuned(model: torch.nn.Module, base: str, bit_config, order, cfg: dict, *
                                                               "packed_bytes")}}
 
     r, folder = _cached("finetune", params, compute, save, load, force)
-    if runs.is_complete(folder, params) and (folder / "run").exists():
+    if artifacts.is_complete(folder, params) and (folder / "run").exists():
         # The resume state (per-epoch checkpoints with optimizer state, one model per stage: several times
         # the model's size) is dead weight once the artifact is complete; what the notebooks read stays.
         shutil.rmtree(folder / "run")
