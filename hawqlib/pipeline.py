@@ -30,7 +30,9 @@ from .artifacts import artifact_threads, artifact_wall_s  # noqa: F401  (hawqlib
 from .imagenet import imagenet_batch, imagenet_model  # noqa: F401  (hawqlib.imagenet)
 from .order import ORDERS, order_blocks  # noqa: F401  (hawqlib.order)
 
-__all__ = ["TRAIN_CODE_VERSION", "baseline_params", "initial_model", "baseline"]
+__all__ = ["TRAIN_CODE_VERSION", "baseline_params", "initial_model", "baseline",
+           # re-exported from hawqlib.artifacts, hawqlib.imagenet and hawqlib.order (above)
+           "artifact_threads", "artifact_wall_s", "imagenet_batch", "imagenet_model", "ORDERS", "order_blocks"]
 
 #: Bumped when a change to :mod:`hawqlib.train` or :mod:`hawqlib.data` changes trained weights.
 TRAIN_CODE_VERSION = 1
