@@ -198,7 +198,7 @@ def main(argv=None) -> dict:
               "reps": args.reps, "images_per_s": ips, "ratios": ratio, "times_s": times,
               "torch": torch.__version__, "numpy": np.__version__}
     if args.out:
-        from hawqlib.storage import atomic_write_json
+        from hawqlib.artifacts import atomic_write_json
 
         atomic_write_json(args.out, result)
     return result

@@ -6,7 +6,7 @@ take ``--model`` and ``--data``: ResNet20 on CIFAR-10, or one of the paper's Ima
 ImageFolder tree (with ``--weights`` for published FP32 weights), and both run data-parallel under
 ``torchrun`` (:mod:`hawqlib.distributed`; rank 0 writes the artifacts). ``python -m hawqlib book``: execute
 the notebooks and build the book (:mod:`hawqlib.book`); ``python -m hawqlib seal``: record the file
-digests of artifacts written before they were recorded (:func:`hawqlib.runs.seal`). Every long run
+digests of artifacts written before they were recorded (:func:`hawqlib.artifacts.manifest.seal`). Every long run
 checkpoints and resumes. A user error (bad option, missing or corrupt data or artifact, a run
 already in progress) prints one line and exits with status 1.
 """
@@ -222,14 +222,14 @@ def _add_quantize(sub) -> None:
 def _seal(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from . import runs
+    from . import artifacts
 
     if bool(args.folders) == bool(args.all):
         raise ValueError("name the artifact folders to seal, or pass --all (every folder under "
-                         f"{runs.artifacts_root()} whose manifest records no digests), not both")
-    folders = runs.seal_all(args.root) if args.all else [Path(f) for f in args.folders]
+                         f"{artifacts.artifacts_root()} whose manifest records no digests), not both")
+    folders = artifacts.seal_all(args.root) if args.all else [Path(f) for f in args.folders]
     for f in ([] if args.all else folders):
-        runs.seal(f)
+        artifacts.seal(f)
     for f in folders:
         print(f"sealed: {f}")
     if not folders:
@@ -240,8 +240,7 @@ def _seal(args: argparse.Namespace) -> int:
 def _user_errors() -> tuple:
     """Exceptions that report a user's or a file's problem: one line at the command line, no traceback."""
     from .data import DataNotFoundError
-    from .runs import ArtifactError
-    from .storage import FolderBusyError
+    from .artifacts import ArtifactError, FolderBusyError
     from .train import CheckpointError, NonFiniteLossError
 
     return (ValueError, DataNotFoundError, FileNotFoundError, ArtifactError, FolderBusyError, CheckpointError,

@@ -18,7 +18,7 @@
    profile, else the build is refused with a message saying what to run (:mod:`hawqlib.bookbuild`,
    which also writes the API pages).
 
-The heavy results the notebooks show are artifacts (:mod:`hawqlib.runs`): a notebook loads a
+The heavy results the notebooks show are artifacts (:mod:`hawqlib.artifacts`): a notebook loads a
 matching artifact or computes it, and ``--force`` (or ``FORCE=1`` in the environment) recomputes.
 
 Nothing here is from the paper; it is the machinery that turns the notebooks into the book.
@@ -39,7 +39,7 @@ from typing import Iterator, Sequence
 from . import pages, profiles
 from .bookbuild import BuildError, build, project_root
 from .paths import find_checkout
-from .storage import atomic_write_json
+from .artifacts import atomic_write_json
 
 # Defined in hawqlib.bookbuild and imported here too, where the tests and the command line use them
 # (book.<name>); each is documented in its own module.
@@ -286,11 +286,11 @@ def run(profile: str | None = None, only: Sequence[str] | None = None, *, build_
         quiet_build: bool = False) -> Path | None:
     """Execute the notebooks at ``profile`` into ``<book_dir>/executed`` and build the book; return index.html.
 
-    ``force=None`` reads ``FORCE`` from the environment (:func:`hawqlib.runs.force_recompute`).
+    ``force=None`` reads ``FORCE`` from the environment (:func:`hawqlib.artifacts.manifest.force_recompute`).
     With ``build_book=False`` only the notebooks run and None is returned; with
     ``execute_notebooks=False`` the book is built from the executed copies already there.
     """
-    from .runs import force_recompute
+    from .artifacts import force_recompute
 
     profile = profile or profiles.current()
     profiles.get(profile)

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from .paths import project_root  # noqa: F401  (the checkout holding notebooks/ and book/)
-from .storage import atomic_write
+from .artifacts import atomic_write
 
 __all__ = ["BuildError", "project_root", "book_file", "toc_documents", "check_executed", "package_modules",
            "api_page_text", "api_pages", "build"]

@@ -40,7 +40,7 @@ import torch
 from .batches import CIFAR10_CLASSES, DataIntegrityError
 from .batches import batch_files as _batch_files, decode_batches as _decode_batches
 from .paths import cache_dir, project_root  # noqa: F401  (hawqlib.paths: where files go, never site-packages)
-from .storage import atomic_write, atomic_write_json, folder_lock, remove_orphan_tmp
+from .artifacts import atomic_write, atomic_write_json, folder_lock, remove_orphan_tmp
 
 __all__ = [
     "CIFAR10_CLASSES", "CIFAR10_MEAN", "CIFAR10_STD", "IMAGENET_MEAN", "IMAGENET_STD",
@@ -237,7 +237,7 @@ def cifar10(split: str = "train", root: str | os.PathLike | None = None, *, down
 
     ``rebuild=True`` (or ``FORCE=1``, once per process) decodes the source again.
     """
-    from .runs import force_recompute
+    from .artifacts import force_recompute
 
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")

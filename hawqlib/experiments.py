@@ -163,9 +163,9 @@ def run_seeds(model: torch.nn.Module, base: str, spec: RunSpec, profile: dict, *
     that is not stored is computed here; otherwise the notebooks show what is stored and name what is not,
     and ``python -m hawqlib finetune`` computes the rest in the background.
     """
-    from . import runs
+    from .artifacts import force_recompute
 
     if compute is None:
-        compute = bool(profile["finetune"].get("notebooks_compute", True)) or runs.force_recompute()
+        compute = bool(profile["finetune"].get("notebooks_compute", True)) or force_recompute()
     return {s: run(model, base, spec, profile, seed=s, spectrum_key=spectrum_key, data_root=data_root,
                    load_only=not compute) for s in seeds(profile, spec.name)}

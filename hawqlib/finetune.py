@@ -49,7 +49,7 @@ from .bitconfig import BitConfig
 from .blocks import quant_blocks
 from .progress import bar as progress_bar, write as progress_write
 from .quant import calibrate_activations, quantize_model, set_quant_enabled
-from .storage import atomic_write_json
+from .artifacts import atomic_write_json
 from .train import CheckpointError, TrainConfig, evaluate, load_checkpoint, train
 
 __all__ = ["stage_groups", "staged_finetune", "direct_finetune", "FINETUNE_FORMAT"]

@@ -2,9 +2,9 @@
 
 This is the layer the notebooks and the command line call. Every step keys its artifact
 by its parameters, the code version of the modules it runs and the digest of its data
-(:mod:`hawqlib.runs`); ``FORCE=1`` recomputes. The load-or-compute protocol is :func:`hawqlib.cache.cached`;
-the steps are the paper's: the FP32 baseline, the Hessian spectrum and traces of section 3.1, the loss
-landscape behind it, and the staged fine-tuning of section 3.2.
+(:mod:`hawqlib.artifacts`); ``FORCE=1`` recomputes. The load-or-compute protocol is
+:func:`hawqlib.artifacts.step.cached`; the steps are the paper's: the FP32 baseline, the Hessian spectrum
+and traces of section 3.1, the loss landscape behind it, and the staged fine-tuning of section 3.2.
 """
 from __future__ import annotations
 
@@ -16,23 +16,26 @@ from pathlib import Path
 
 import torch
 
+from . import artifacts
 from . import data as hdata  # noqa: F401  (kept for callers of pipeline.hdata)
 from . import distributed as hdist
 from . import models as hmodels
-from . import runs, sources
+from . import sources
+from .artifacts import atomic_torch_save, atomic_write_json, file_sha256
+from .artifacts import cached as _cached, read_json as _read_json
 from .blocks import quant_blocks
-from .cache import cached as _cached, read_json as _read_json
-from .storage import atomic_torch_save, atomic_write_json, file_sha256
 from .surface import loss_surface
 from .train import TrainConfig, load_weights, save_model_file, train
 
 # Defined in the modules of their own concept and imported here too, where the notebooks, the command
 # line and the tests call them (pipeline.<name>); each is documented in its own module.
-from .cache import artifact_threads, artifact_wall_s  # noqa: F401  (hawqlib.cache)
+from .artifacts import artifact_threads, artifact_wall_s  # noqa: F401  (hawqlib.artifacts.step)
 from .imagenet import imagenet_batch, imagenet_model  # noqa: F401  (hawqlib.imagenet)
 from .order import ORDERS, order_blocks  # noqa: F401  (hawqlib.order)
 
-__all__ = ["TRAIN_CODE_VERSION", "baseline_params", "initial_model", "baseline"]
+__all__ = ["TRAIN_CODE_VERSION", "baseline_params", "initial_model", "baseline",
+           # re-exported from hawqlib.artifacts, hawqlib.imagenet and hawqlib.order (above)
+           "artifact_threads", "artifact_wall_s", "imagenet_batch", "imagenet_model", "ORDERS", "order_blocks"]
 
 #: Bumped when a change to :mod:`hawqlib.train` or :mod:`hawqlib.data` changes trained weights.
 TRAIN_CODE_VERSION = 1
@@ -120,7 +123,7 @@ def baseline(cfg: dict | None, model: str = "resnet20", data_root=None, *, progr
             print(f"baseline {model}: checkpoints and log in {folder}")
         t0 = time.perf_counter()
         log = train(net.to(dev), _on_device(tr, dev), _on_device(te, dev), config=tcfg, checkpoint_dir=folder,
-                    resume=not (runs.force_recompute() if force is None else force), progress=progress)
+                    resume=not (artifacts.force_recompute() if force is None else force), progress=progress)
         return net.cpu(), log, time.perf_counter() - t0
 
     def save(folder, value):
@@ -408,7 +411,7 @@ def finetuned(model: torch.nn.Module, base: str, bit_config, order, cfg: dict, *
     ft = {k: cfg[k] for k in _FT_KEYS}
     params = {"base": base, "bit_config": bit_config.to_dict(), "order": order, "direct": bool(direct),
               "finetune": ft, "code": _finetune_code()}
-    if load_only and not hdist.on_main(runs.is_complete, runs.artifact_dir("finetune", params), params):
+    if load_only and not hdist.on_main(artifacts.is_complete, artifacts.artifact_dir("finetune", params), params):
         return None
     tr, te = sources.resolve(data_root).loaders(batch_size=ft["batch_size"], seed=ft["seed"],
                                                 train_subset=ft["train_subset"], test_subset=ft["test_subset"])
@@ -417,7 +420,7 @@ def finetuned(model: torch.nn.Module, base: str, bit_config, order, cfg: dict, *
                   calibration_batches=ft["calibration_batches"])
 
     def compute(folder):
-        kw = dict(common, checkpoint_dir=folder / "run", resume=not runs.force_recompute() if force is None
+        kw = dict(common, checkpoint_dir=folder / "run", resume=not artifacts.force_recompute() if force is None
                   else not force)
         dev = hdist.device()
         tr_d, te_d = _on_device(tr, dev), _on_device(te, dev)
@@ -445,7 +448,7 @@ def finetuned(model: torch.nn.Module, base: str, bit_config, order, cfg: dict, *
                 "packed_top1": pev["top1"], "size_bytes": int(size.model_size_bytes(model, bit_config)),
                 "packed_bytes": packed_bytes, "wall_s": wall}
 
-    def save(folder, r):  # rank 0 alone under a process group (hawqlib.cache.cached)
+    def save(folder, r):  # rank 0 alone under a process group (hawqlib.artifacts.cached)
         atomic_torch_save(folder / "qmodel.pt", r["qmodel"].state_dict())
         atomic_write_json(folder / "history.json", r["history"])
         bit_config.save(folder / "bit_config.json")
@@ -453,7 +456,7 @@ def finetuned(model: torch.nn.Module, base: str, bit_config, order, cfg: dict, *
                 **{k: r[k] for k in ("top1", "top5", "packed_top1", "size_bytes", "packed_bytes")}}
 
     def load(folder):
-        m = runs.read_manifest(folder)
+        m = artifacts.read_manifest(folder)
         qmodel = quant.quantize_model(model, bit_config)
         qmodel.load_state_dict(torch.load(folder / "qmodel.pt", map_location="cpu", weights_only=True))
         qmodel.eval()
@@ -462,7 +465,7 @@ def finetuned(model: torch.nn.Module, base: str, bit_config, order, cfg: dict, *
                                                               "packed_bytes")}}
 
     r, folder = _cached("finetune", params, compute, save, load, force)
-    if hdist.is_main() and runs.is_complete(folder, params) and (folder / "run").exists():
+    if hdist.is_main() and artifacts.is_complete(folder, params) and (folder / "run").exists():
         # The resume state (per-epoch checkpoints with optimizer state, one model per stage: several times
         # the model's size) is dead weight once the artifact is complete; what the notebooks read stays.
         shutil.rmtree(folder / "run")

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from . import distributed as hdist
-from .storage import atomic_torch_save, atomic_write_json
+from .artifacts import atomic_torch_save, atomic_write_json
 
 __all__ = ["TrainConfig", "CheckpointError", "NonFiniteLossError", "train", "evaluate", "save_model_file", "lr_at", "load_checkpoint",
            "load_weights", "content_digest", "CHECKPOINT_FORMAT"]
@@ -183,7 +183,7 @@ def load_checkpoint(path: str | Path, model: nn.Module | None = None) -> dict:
         raise CheckpointError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint "
                               f"(format: {ckpt.get('format') if isinstance(ckpt, dict) else type(ckpt).__name__}).")
     # Checkpoints written before digests were recorded have none; an artifact's model.pt is also
-    # covered by its manifest (hawqlib.runs).
+    # covered by its manifest (hawqlib.artifacts).
     if "sha256" in ckpt and ckpt["sha256"] != content_digest({k: v for k, v in ckpt.items() if k != "sha256"}):
         raise CheckpointError(f"{path} does not match the SHA-256 it records: corrupted on disk (a flipped bit, "
                               "a partial copy). Delete it to start that run (or stage) over, or restore it.")

@@ -9,7 +9,7 @@ from pathlib import Path
 import fingerprints
 import pytest
 
-from hawqlib import pipeline, runs
+from hawqlib import artifacts, pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,11 +68,11 @@ def _code_of(kind: str):
 
 
 def test_every_committed_artifact_key_is_what_the_code_computes():
-    manifests = sorted((ROOT / "data" / "artifacts").glob(f"*/{runs.MANIFEST}"))
+    manifests = sorted((ROOT / "data" / "artifacts").glob(f"*/{artifacts.MANIFEST}"))
     if not manifests:
         pytest.skip("no committed artifacts in this checkout")
     for m in manifests:
         kind, _, key = m.parent.name.rpartition("-")
         params = json.loads(m.read_text())["params"]
         assert params["code"] == _code_of(kind), f"{m.parent.name}: its key was made by other code versions"
-        assert runs.config_hash({**params, "code": _code_of(kind)}) == key, m.parent.name
+        assert artifacts.config_hash({**params, "code": _code_of(kind)}) == key, m.parent.name

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from hawqlib import data, paths, runs
+from hawqlib import artifacts, data, paths
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -16,16 +16,16 @@ def test_outside_a_checkout_the_store_is_under_the_working_directory(tmp_path, m
     monkeypatch.delenv("HAWQ_CACHE", raising=False)
     monkeypatch.chdir(tmp_path)
     assert paths.is_checkout(Path(paths.__file__).resolve().parents[1])  # the package is imported from a checkout
-    assert runs.artifacts_root() == tmp_path.resolve() / "hawq-artifacts"
+    assert artifacts.artifacts_root() == tmp_path.resolve() / "hawq-artifacts"
     assert data.cache_dir() == tmp_path.resolve() / "hawq-cache"
-    assert runs.artifact_dir("spectrum", {"a": 1}).parent == tmp_path.resolve() / "hawq-artifacts"
+    assert artifacts.artifact_dir("spectrum", {"a": 1}).parent == tmp_path.resolve() / "hawq-artifacts"
 
 
 def test_in_a_checkout_subfolder_the_store_is_the_checkouts(monkeypatch):
     monkeypatch.delenv("HAWQ_ARTIFACTS", raising=False)
     monkeypatch.delenv("HAWQ_CACHE", raising=False)
     monkeypatch.chdir(ROOT / "notebooks")  # where a notebook's kernel runs
-    assert runs.artifacts_root() == ROOT / "data" / "artifacts"
+    assert artifacts.artifacts_root() == ROOT / "data" / "artifacts"
     assert data.cache_dir() == ROOT / "data" / "cache"
 
 
@@ -34,25 +34,25 @@ def test_a_profile_other_than_the_published_one_stores_in_scratch(tmp_path, monk
     monkeypatch.delenv("HAWQ_ARTIFACTS", raising=False)
     monkeypatch.chdir(ROOT / "notebooks")
     paths.use_profile("smoke")
-    assert runs.artifacts_root() == ROOT / "data" / "scratch" / "smoke"
+    assert artifacts.artifacts_root() == ROOT / "data" / "scratch" / "smoke"
     assert subprocess.run(["git", "check-ignore", "-q", str(ROOT / "data" / "scratch" / "smoke" / "x")],
                           cwd=ROOT).returncode == 0
     paths.use_profile("cpu")
-    assert runs.artifacts_root() == ROOT / "data" / "artifacts"
+    assert artifacts.artifacts_root() == ROOT / "data" / "artifacts"
     paths.use_profile(None)
     monkeypatch.setenv("HAWQ_PROFILE", "paper")
-    assert runs.artifacts_root() == ROOT / "data" / "scratch" / "paper"
+    assert artifacts.artifacts_root() == ROOT / "data" / "scratch" / "paper"
     monkeypatch.chdir(tmp_path)  # outside a checkout
-    assert runs.artifacts_root() == tmp_path.resolve() / "hawq-artifacts" / "scratch" / "paper"
+    assert artifacts.artifacts_root() == tmp_path.resolve() / "hawq-artifacts" / "scratch" / "paper"
     monkeypatch.setenv("HAWQ_ARTIFACTS", str(tmp_path / "mine"))  # the environment wins over the profile
-    assert runs.artifacts_root() == tmp_path / "mine"
+    assert artifacts.artifacts_root() == tmp_path / "mine"
 
 
 def test_the_environment_wins(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     monkeypatch.setenv("HAWQ_ARTIFACTS", str(tmp_path / "a"))
     monkeypatch.setenv("HAWQ_CACHE", str(tmp_path / "c"))
-    assert runs.artifacts_root() == tmp_path / "a" and data.cache_dir() == tmp_path / "c"
+    assert artifacts.artifacts_root() == tmp_path / "a" and data.cache_dir() == tmp_path / "c"
 
 
 def test_the_first_checkout_up_from_the_working_directory(tmp_path, monkeypatch):
@@ -64,7 +64,7 @@ def test_the_first_checkout_up_from_the_working_directory(tmp_path, monkeypatch)
     assert paths.find_checkout(tmp_path / "book" / "executed") == tmp_path.resolve()
     assert paths.find_checkout(tmp_path / "other") == tmp_path.resolve()
     monkeypatch.chdir(tmp_path / "book" / "executed")
-    assert runs.artifacts_root() == tmp_path.resolve() / "data" / "artifacts"
+    assert artifacts.artifacts_root() == tmp_path.resolve() / "data" / "artifacts"
 
 
 def test_an_installed_package_finds_the_checkout_from_the_working_directory(tmp_path):

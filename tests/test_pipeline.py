@@ -7,7 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from hawqlib import allocate, hessian, pipeline, quant, runs
+from hawqlib import allocate, hessian, pipeline, quant
+from hawqlib.artifacts import compute_recording, read_manifest, replay, verify
+from hawqlib.artifacts.manifest import _write_sealed
 from hawqlib.blocks import quant_blocks
 from hawqlib.models import resnet20
 
@@ -34,7 +36,7 @@ CFG = {"method": "autograd", "solver": "lanczos", "tol": 1e-6, "max_iter": 50, "
 def test_spectrum_is_stored_then_loaded_without_recomputing(artifacts, monkeypatch):
     net, data = _tiny()
     res, folder = pipeline.spectrum(net, "tiny", CFG, "layer", data=data, data_key="tiny-data", vectors=True)
-    assert runs.read_manifest(folder) is not None and folder.parent == artifacts
+    assert read_manifest(folder) is not None and folder.parent == artifacts
     ref = hessian.top_eigenvalues(net, nn.CrossEntropyLoss(), data, "layer", **CFG, progress=False)
     assert [r.eigenvalue for r in res] == [r.eigenvalue for r in ref]
 
@@ -61,7 +63,7 @@ def test_a_stored_spectrum_warns_as_its_computation_did(artifacts, monkeypatch):
         res, folder = pipeline.spectrum(net, "tiny", cfg, "layer", data=data, data_key="tiny-data")
     assert not all(r.converged for r in res)
     said = [str(w.message) for w in computed if "not converged" in str(w.message)]
-    assert said and runs.read_manifest(folder)["warnings"]
+    assert said and read_manifest(folder)["warnings"]
     with monkeypatch.context() as m:  # not monkeypatch.undo(): that would drop the fixture's HAWQ_ARTIFACTS too
         m.setattr(hessian, "top_eigenvalues", lambda *a, **k: pytest.fail("recomputed a stored spectrum"))
         with pytest.warns(RuntimeWarning) as loaded:
@@ -69,7 +71,7 @@ def test_a_stored_spectrum_warns_as_its_computation_did(artifacts, monkeypatch):
     assert [str(w.message) for w in loaded if "not converged" in str(w.message)] == said
     # a converged spectrum records nothing
     quiet, qfolder = pipeline.spectrum(net, "tiny", CFG, "layer", data=data, data_key="tiny-data")
-    assert all(r.converged for r in quiet) and runs.read_manifest(qfolder)["warnings"] == []
+    assert all(r.converged for r in quiet) and read_manifest(qfolder)["warnings"] == []
 
 
 def test_a_spectrum_stored_before_warnings_were_recorded_still_warns(artifacts, monkeypatch):
@@ -78,9 +80,9 @@ def test_a_spectrum_stored_before_warnings_were_recorded_still_warns(artifacts, 
     cfg = {**CFG, "solver": "power", "max_iter": 2, "tol": 1e-9}
     with pytest.warns(RuntimeWarning):
         res, folder = pipeline.spectrum(net, "tiny", cfg, "layer", data=data, data_key="tiny-data")
-    m = runs.read_manifest(folder)
+    m = read_manifest(folder)
     del m["warnings"], m["manifest_sha256"]
-    runs._write_sealed(folder, m)  # as sealed by the code before this change
+    _write_sealed(folder, m)  # as sealed by the code before this change
     with pytest.warns(RuntimeWarning) as loaded:
         pipeline.spectrum(net, "tiny", cfg, "layer", data=data, data_key="tiny-data")
     said = [str(w.message) for w in loaded]
@@ -89,18 +91,16 @@ def test_a_spectrum_stored_before_warnings_were_recorded_still_warns(artifacts, 
 
 
 def test_warnings_of_other_packages_pass_through_once_and_ours_are_kept_if_compute_fails(artifacts):
-    from hawqlib import cache
-
     def compute(folder):
         for _ in range(3):
             warnings.warn("from elsewhere", DeprecationWarning)  # attributed to this test file
-            cache.replay([{"category": "RuntimeWarning", "message": "ours"}])  # raised inside hawqlib
+            replay([{"category": "RuntimeWarning", "message": "ours"}])  # raised inside hawqlib
         raise ValueError("boom")
 
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("default")
         with pytest.raises(ValueError, match="boom"):
-            cache.compute_recording(compute, None)
+            compute_recording(compute, None)
     assert [str(w.message) for w in seen] == ["from elsewhere", "ours"]
 
 
@@ -196,7 +196,7 @@ def test_finetuned_stores_model_history_and_packed_file(artifacts, cifar_root, m
     assert {p.name for p in r.folder.iterdir()} >= {"manifest.json", "qmodel.pt", "history.json", "model.hawq",
                                                      "bit_config.json"}
     # every result file's digest is in the manifest; the packed file records its architecture
-    assert set(runs.verify(r.folder)["files"]) == {"qmodel.pt", "history.json", "model.hawq", "bit_config.json"}
+    assert set(verify(r.folder)["files"]) == {"qmodel.pt", "history.json", "model.hawq", "bit_config.json"}
     from hawqlib import export, finetune
 
     assert export.read_header(r.folder / "model.hawq")["arch"] == "resnet20"

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hawqlib import experiments, pipeline, profiles, quant, runs
+from hawqlib import artifacts, experiments, pipeline, profiles, quant
 from hawqlib.blocks import quant_blocks
 from hawqlib.models import resnet20
 
@@ -66,8 +66,8 @@ def test_manifest_records_provenance_and_load_only_never_computes(tmp_path, monk
     assert pipeline.finetuned(net, "r20", bc, order, FT, data_root=cifar_root, load_only=True) is None
     assert not any(tmp_path.iterdir())  # nothing was started
     r = pipeline.finetuned(net, "r20", bc, order, FT, data_root=cifar_root, provenance=prov)
-    assert runs.read_manifest(r.folder)["provenance"] == prov
-    assert "provenance" not in json.dumps(runs.read_manifest(r.folder)["params"])  # outside the key
+    assert artifacts.read_manifest(r.folder)["provenance"] == prov
+    assert "provenance" not in json.dumps(artifacts.read_manifest(r.folder)["params"])  # outside the key
     again = pipeline.finetuned(net, "r20", bc, order, FT, data_root=cifar_root, load_only=True)
     assert again is not None and again.folder == r.folder and again.top1 == r.top1
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from hawqlib import experiments, pipeline, profiles, runs
+from hawqlib import experiments, pipeline, profiles
+from hawqlib.artifacts import is_complete, read_manifest
 from hawqlib.blocks import quant_blocks
 from hawqlib.models import resnet20
 from hawqlib.study import Study
@@ -49,14 +50,14 @@ def test_preamble_and_spectrum_are_the_pipelines(artifacts, monkeypatch):
     assert calls == [(P["baseline"], "tiny", "/data/root", False)]  # trained or loaded once
 
     spectra, folder = study.spectrum()
-    assert folder.parent == artifacts and runs.is_complete(folder, runs.read_manifest(folder)["params"])
+    assert folder.parent == artifacts and is_complete(folder, read_manifest(folder)["params"])
     assert seen == [(P["hessian"]["n_samples"], P["hessian"]["data_seed"], "/data/root")]
     assert study.spectrum() == (spectra, folder) and study.spectra is spectra  # kept, not reloaded
     # the same artifact as the notebooks' and the command line's call
     again, folder2 = pipeline.spectrum(net, base, P["hessian"], P["allocation"]["granularity"], vectors=True)
     assert folder2 == folder and [r.eigenvalue for r in again] == [r.eigenvalue for r in spectra]
     _, other = study.spectrum("layer", vectors=False, solver="power")
-    assert other != folder and runs.read_manifest(other)["params"]["solver"] == "power"
+    assert other != folder and read_manifest(other)["params"]["solver"] == "power"
 
 
 @pytest.fixture

@@ -17,7 +17,8 @@ import torch
 from _trust_helpers import ENV, ROOT, cli, tiny
 from torch import nn
 
-from hawqlib import hessian, pipeline, runs, storage
+from hawqlib import hessian, pipeline
+from hawqlib.artifacts import MANIFEST, ArtifactError, FolderBusyError, read_manifest, seal, verify
 from hawqlib.train import CheckpointError, NonFiniteLossError, content_digest, train
 
 
@@ -57,19 +58,19 @@ def test_flipped_bit_in_an_artifact_is_named_never_recomputed(artifacts, monkeyp
     _no_recompute(monkeypatch)
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
     _flip_bit(folder / "vectors.pt", len(before["vectors.pt"]) // 2)
-    with pytest.raises(runs.ArtifactError, match=r"vectors\.pt does not match the SHA-256.*FORCE=1"):
+    with pytest.raises(ArtifactError, match=r"vectors\.pt does not match the SHA-256.*FORCE=1"):
         _spectrum(net, batch)
     assert (folder / "spectrum.json").read_bytes() == before["spectrum.json"]
     (folder / "vectors.pt").write_bytes(before["vectors.pt"])
     _spectrum(net, batch)  # restored: loads, without computing
     # a missing file: the message says it is missing and how to recompute (not "delete it")
     (folder / "vectors.pt").unlink()
-    with pytest.raises(runs.ArtifactError, match=r"vectors\.pt is listed in the manifest but missing.*manifest"):
+    with pytest.raises(ArtifactError, match=r"vectors\.pt is listed in the manifest but missing.*manifest"):
         _spectrum(net, batch)
     (folder / "vectors.pt").write_bytes(before["vectors.pt"])
     # a truncated spectrum.json is caught by its digest, not a raw JSONDecodeError
     (folder / "spectrum.json").write_bytes(before["spectrum.json"][:40])
-    with pytest.raises(runs.ArtifactError, match=r"spectrum\.json does not match"):
+    with pytest.raises(ArtifactError, match=r"spectrum\.json does not match"):
         _spectrum(net, batch)
     (folder / "spectrum.json").write_bytes(before["spectrum.json"])
     _spectrum(net, batch)
@@ -84,17 +85,17 @@ def test_edited_truncated_or_legacy_manifest_is_an_error_not_a_restart(artifacts
     m = json.loads(good)
     m["wall_s"] = 1.0  # a value edited by hand
     path.write_text(json.dumps(m, indent=2))
-    with pytest.raises(runs.ArtifactError, match="changed after it was written"):
+    with pytest.raises(ArtifactError, match="changed after it was written"):
         _spectrum(net, batch)
-    with pytest.raises(runs.ArtifactError):
+    with pytest.raises(ArtifactError):
         pipeline.artifact_wall_s(folder)
     path.write_text(good[: len(good) // 2])  # truncated: an error, never a silent recompute
-    with pytest.raises(runs.ArtifactError, match="manifest.json is unreadable"):
+    with pytest.raises(ArtifactError, match="manifest.json is unreadable"):
         _spectrum(net, batch)
     # a manifest from before digests were recorded: refused, naming the seal command
     legacy = {k: v for k, v in json.loads(good).items() if k not in ("files", "manifest_sha256")}
     path.write_text(json.dumps(legacy, indent=2))
-    with pytest.raises(runs.ArtifactError, match=f"python -m hawqlib seal {folder}"):
+    with pytest.raises(ArtifactError, match=f"python -m hawqlib seal {folder}"):
         _spectrum(net, batch)
     r = cli("seal", str(folder), env={**ENV, "HAWQ_ARTIFACTS": str(artifacts)})
     assert r.returncode == 0 and f"sealed: {folder}" in r.stdout
@@ -102,7 +103,7 @@ def test_edited_truncated_or_legacy_manifest_is_an_error_not_a_restart(artifacts
     assert sealed["key"] == legacy["key"] and sealed["params"] == legacy["params"]
     assert sealed["files"] == json.loads(good)["files"] and "sealed" in sealed
     _spectrum(net, batch)
-    runs.seal(folder)  # sealing again verifies and changes nothing
+    seal(folder)  # sealing again verifies and changes nothing
     assert json.loads(path.read_text()) == sealed
 
 
@@ -113,11 +114,11 @@ def test_seal_refuses_a_damaged_legacy_artifact(artifacts):
     legacy = {k: v for k, v in m.items() if k not in ("files", "manifest_sha256")}
     (folder / "manifest.json").write_text(json.dumps(legacy))
     (folder / "spectrum.json").write_text('{"truncated": ')
-    with pytest.raises(runs.ArtifactError, match=r"spectrum\.json is unreadable.*not sealing"):
-        runs.seal(folder)
+    with pytest.raises(ArtifactError, match=r"spectrum\.json is unreadable.*not sealing"):
+        seal(folder)
     assert json.loads((folder / "manifest.json").read_text()) == legacy
-    with pytest.raises(runs.ArtifactError, match="no manifest.json"):
-        runs.seal(artifacts)
+    with pytest.raises(ArtifactError, match="no manifest.json"):
+        seal(artifacts)
 
 
 class _Tiny(nn.Module):
@@ -209,7 +210,7 @@ def test_second_writer_of_a_run_is_told_the_holders_pid(artifacts, tmp_path):
         def never(folder):
             raise AssertionError("a second writer computed the same run")
 
-        with pytest.raises(storage.FolderBusyError, match=f"being written by process {holder.pid}"):
+        with pytest.raises(FolderBusyError, match=f"being written by process {holder.pid}"):
             pipeline._cached("race", {"run": 1}, never, None, None, None)
         release.touch()
         assert holder.wait(timeout=60) == 0
@@ -218,7 +219,7 @@ def test_second_writer_of_a_run_is_told_the_holders_pid(artifacts, tmp_path):
             holder.kill()
     value, folder = pipeline._cached("race", {"run": 1}, never, None, lambda f: int((f / "value.json").read_text()),
                                      None)
-    assert value == 41 and runs.verify(folder)["files"].keys() == {"value.json"}
+    assert value == 41 and verify(folder)["files"].keys() == {"value.json"}
 
 
 def test_orphan_temp_files_are_removed_by_the_next_writer(artifacts):
@@ -228,7 +229,7 @@ def test_orphan_temp_files_are_removed_by_the_next_writer(artifacts):
     stray.write_bytes(b"half")
     (folder / "manifest.json").unlink()  # the run was interrupted: it is recomputed, and the stray goes
     _spectrum(net, batch)
-    assert not stray.exists() and runs.verify(folder)
+    assert not stray.exists() and verify(folder)
 
 
 # ---------------------------------------------------------------------- 6. clear errors at the command line
@@ -250,11 +251,11 @@ def test_every_committed_artifact_verifies():
         pytest.skip("no committed artifacts in this checkout")
     finished = []
     for f in folders:
-        if not (f / runs.MANIFEST).exists() and {p.name for p in f.iterdir()} <= {"run"}:
+        if not (f / MANIFEST).exists() and {p.name for p in f.iterdir()} <= {"run"}:
             continue  # a fine-tuning run in progress (only its resume state): not an artifact yet
-        m = runs.verify(f)
+        m = verify(f)
         assert f.name.endswith(m["key"]) and m["files"]
         finished.append(f)
     for f in (f for f in finished if f.name.startswith("finetune-")):
         packed_file = f / "model.hawq"
-        assert runs.read_manifest(f)["packed_bytes"] == packed_file.stat().st_size
+        assert read_manifest(f)["packed_bytes"] == packed_file.stat().st_size

@@ -1,10 +1,11 @@
-"""Safe file state: atomic writes, one writer per folder, orphan temp files cleaned.
+"""Files of the artifact cache: atomic writes, one writer per folder, orphan temp files, file digests.
 
-Every artifact the project writes (checkpoints, logs, caches, spectra) goes through
+Every file the project writes (artifacts, checkpoints, logs, the decode cache, spectra) goes through
 these helpers: the bytes go to a temporary file in the same folder, are flushed to
 disk, and only then renamed over the destination. An interrupted run therefore never
 leaves a half-written file that looks whole; the temp files a kill leaves behind are removed
 (:func:`remove_orphan_tmp`) by the next writer, which holds the folder's lock (:func:`folder_lock`).
+:func:`file_sha256` is the digest :mod:`hawqlib.artifacts.manifest` records and checks.
 """
 from __future__ import annotations
 

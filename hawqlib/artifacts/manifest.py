@@ -1,4 +1,4 @@
-"""Artifacts: expensive results stored under ``data/artifacts`` keyed by what determines them.
+"""Artifact keys, folders and manifests: what identifies a stored result and what vouches for it.
 
 An artifact is a folder ``<root>/<kind>-<key>`` (the root: :func:`hawqlib.paths.artifacts_root`) where
 ``key`` is a hash of its parameters: the run configuration, the code version of the module that computes
@@ -11,7 +11,7 @@ file of the result and a SHA-256 of its own content; a missing, changed or trunc
 manifest edited by hand or one written for other parameters raises :class:`ArtifactError` naming
 the file and the fix; it is never silently recomputed over. A manifest written before digests were
 recorded is refused the same way until :func:`seal` records them. One process at a time computes
-an artifact (:func:`hawqlib.storage.folder_lock`).
+an artifact (:func:`hawqlib.artifacts.files.folder_lock`).
 """
 from __future__ import annotations
 
@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .paths import artifacts_root  # noqa: F401  (hawqlib.paths: HAWQ_ARTIFACTS, the checkout's, or ./hawq-artifacts)
-from .storage import atomic_write_json, file_sha256, folder_lock
+from ..paths import artifacts_root  # noqa: F401  (hawqlib.paths: HAWQ_ARTIFACTS, the checkout's, or ./hawq-artifacts)
+from .files import atomic_write_json, file_sha256, folder_lock
 
 __all__ = ["config_hash", "artifacts_root", "artifact_dir", "write_manifest", "read_manifest", "is_complete",
            "force_recompute", "ArtifactError", "complete", "verify", "invalidate", "seal", "seal_all",
@@ -195,7 +195,7 @@ def _check_readable(path: Path) -> None:
 
             torch.load(path, map_location="cpu", weights_only=True)
         elif path.suffix == ".hawq":
-            from .export import read_header
+            from ..export import read_header
 
             read_header(path)
     except Exception as exc:

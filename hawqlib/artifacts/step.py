@@ -1,8 +1,8 @@
-"""A step's result as a stored artifact: loaded when a complete one matches, else computed, saved and sealed.
+"""The cached step: a result loaded when a complete artifact matches, else computed, saved and sealed.
 
 :func:`cached` is what every cached step of :mod:`hawqlib.pipeline` goes through. The artifact's key,
-folder, manifest and verification are :mod:`hawqlib.runs`'s; this module adds the load-or-compute
-protocol around them: one writer per artifact (:func:`hawqlib.storage.folder_lock`), a second check
+folder, manifest and verification are :mod:`hawqlib.artifacts.manifest`'s; this module adds the load-or-compute
+protocol around them: one writer per artifact (:func:`hawqlib.artifacts.files.folder_lock`), a second check
 under the lock (another process may have finished it meanwhile), ``FORCE=1`` recomputing, and the
 warnings raised inside :mod:`hawqlib` during the computation stored in the manifest and replayed on
 every load, so a result warns the same whether it was just computed or read back.
@@ -17,14 +17,15 @@ import warnings
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-from . import runs
-from .storage import folder_lock, remove_orphan_tmp
+from .files import folder_lock, remove_orphan_tmp
+from .manifest import (MANIFEST, ArtifactError, artifact_dir, complete, force_recompute, invalidate, read_manifest,
+                       write_manifest)
 
 __all__ = ["cached", "recording", "compute_recording", "replay", "read_json", "artifact_wall_s", "artifact_threads"]
 
 #: Warning categories an artifact may record and replay (anything else replays as UserWarning).
 _REPLAYED = {c.__name__: c for c in (UserWarning, RuntimeWarning)}
-_PACKAGE_DIR = Path(__file__).resolve().parent
+_PACKAGE_DIR = Path(__file__).resolve().parents[1]  # hawqlib/, not this subpackage
 
 
 def _ours(filename: str) -> bool:
@@ -76,8 +77,8 @@ def replay(records) -> None:
     """Re-raise the warnings an artifact recorded (:func:`compute_recording`), from one fixed place."""
     for rec in records or ():
         if not (isinstance(rec, dict) and isinstance(rec.get("message"), str)):
-            raise runs.ArtifactError(f"an artifact's recorded warning {rec!r} is not a {{category, message}} "
-                                     "object; delete its manifest.json to recompute it")
+            raise ArtifactError(f"an artifact's recorded warning {rec!r} is not a {{category, message}} "
+                                "object; delete its manifest.json to recompute it")
         warnings.warn(rec["message"], _REPLAYED.get(rec.get("category"), UserWarning), stacklevel=1)
 
 
@@ -96,24 +97,24 @@ def cached(kind: str, params: dict, compute, save, load, force: bool | None, *, 
     file system), runs ``save`` and writes the manifest; ``compute`` runs on every rank, as the
     distributed training and Hessian need (it writes files on rank 0 only).
     """
-    from . import distributed
+    from .. import distributed
 
     if distributed.is_distributed():
         return _cached_group(kind, params, compute, save, load, force, legacy_warnings)
-    folder = runs.artifact_dir(kind, params)
-    force = runs.force_recompute() if force is None else force
+    folder = artifact_dir(kind, params)
+    force = force_recompute() if force is None else force
 
     def stored():
         value = load(folder)
         _replay_stored(folder, value, legacy_warnings)
         return value, folder
 
-    if not force and runs.complete(folder, params):  # verified: every file's SHA-256 (hawqlib.runs)
+    if not force and complete(folder, params):  # verified: every file's SHA-256 (manifest.verify)
         return stored()
     with folder_lock(folder):  # one writer per artifact; a second process gets the holder's PID
-        if not force and runs.complete(folder, params):  # another process finished it meanwhile
+        if not force and complete(folder, params):  # another process finished it meanwhile
             return stored()
-        runs.invalidate(folder)
+        invalidate(folder)
         remove_orphan_tmp(folder)
         t0 = time.perf_counter()
         with recording() as recorded:
@@ -121,13 +122,13 @@ def cached(kind: str, params: dict, compute, save, load, force: bool | None, *, 
             wall = time.perf_counter() - t0
             facts = save(folder, value) or {}
             facts["warnings"] = list(recorded)  # an empty list too: the artifact says it warned of nothing
-            runs.write_manifest(folder, params, wall_s=facts.pop("wall_s", wall), **facts)
+            write_manifest(folder, params, wall_s=facts.pop("wall_s", wall), **facts)
     replay(recorded)
     return value, folder
 
 
 def _replay_stored(folder, value, legacy_warnings) -> None:
-    manifest = runs.read_manifest(folder) or {}
+    manifest = read_manifest(folder) or {}
     if "warnings" in manifest:
         replay(manifest["warnings"])
     elif legacy_warnings is not None:
@@ -138,18 +139,18 @@ def _cached_group(kind, params, compute, save, load, force, legacy_warnings):
     """:func:`cached` under a process group: rank 0 decides, locks, loads, saves; every rank computes."""
     from . import distributed as hdist
 
-    folder = runs.artifact_dir(kind, params)
-    force = hdist.broadcast_object(runs.force_recompute() if force is None else force)
+    folder = artifact_dir(kind, params)
+    force = hdist.broadcast_object(force_recompute() if force is None else force)
     lock = ExitStack()
 
     def stored_on_main():
-        if not force and runs.complete(folder, params):
+        if not force and complete(folder, params):
             return True
         lock.enter_context(folder_lock(folder))  # held by rank 0 until the manifest is written
-        if not force and runs.complete(folder, params):
+        if not force and complete(folder, params):
             lock.close()
             return True
-        runs.invalidate(folder)
+        invalidate(folder)
         remove_orphan_tmp(folder)
         return False
 
@@ -169,7 +170,7 @@ def _cached_group(kind, params, compute, save, load, force, legacy_warnings):
             def seal():
                 facts = save(folder, value) or {}
                 facts["warnings"] = list(recorded)
-                runs.write_manifest(folder, params, wall_s=facts.pop("wall_s", wall), **facts)
+                write_manifest(folder, params, wall_s=facts.pop("wall_s", wall), **facts)
 
             hdist.on_main(seal)
     finally:
@@ -184,13 +185,13 @@ def read_json(path: Path):
     try:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError) as exc:
-        raise runs.ArtifactError(f"{path} is unreadable ({type(exc).__name__}: {exc}); delete "
-                                 f"{Path(path).parent / runs.MANIFEST} to recompute the artifact, or set FORCE=1")
+        raise ArtifactError(f"{path} is unreadable ({type(exc).__name__}: {exc}); delete "
+                            f"{Path(path).parent / MANIFEST} to recompute the artifact, or set FORCE=1")
 
 
 def artifact_wall_s(folder) -> float:
     """The wall time (s) recorded in an artifact's manifest (0.0 when it has none)."""
-    m = runs.read_manifest(folder)
+    m = read_manifest(folder)
     return float(m["wall_s"]) if m else 0.0
 
 
@@ -199,6 +200,6 @@ def artifact_threads(folder) -> int | None:
 
     Wall times are only comparable between runs with the same threads on the same machine.
     """
-    m = runs.read_manifest(folder) or {}
+    m = read_manifest(folder) or {}
     threads = m.get("machine", {}).get("torch_threads")
     return int(threads) if threads is not None else None
