@@ -54,7 +54,7 @@ from torch import nn
 
 __all__ = ["is_distributed", "rank", "world_size", "local_rank", "is_main", "barrier", "device", "setup",
            "teardown", "all_reduce_sum", "all_reduce_max", "broadcast_object", "on_main", "RankError", "broadcast_buffers",
-           "sync_batchnorm", "Shard", "shard", "launched"]
+           "sync_batchnorm", "Shard", "shard", "launched", "on_device", "computing_on"]
 
 
 def launched() -> bool:
@@ -246,3 +246,27 @@ def shard(data):
     if data is None or not is_distributed() or isinstance(data, Shard):
         return data
     return Shard(data)
+
+
+def on_device(data, dev: torch.device):
+    """``data``'s batches on ``dev``: a one-rank :class:`Shard` on CUDA without a process group (under one,
+    training and evaluation shard by themselves); ``data`` itself on the CPU."""
+    if data is None or is_distributed() or dev.type == "cpu":
+        return data
+    return Shard(data, 0, 1, dev)
+
+
+@contextlib.contextmanager
+def computing_on(model: nn.Module):
+    """``model`` on :func:`device` (the GPU when there is one) for a computation, then back where it was."""
+    dev = device()
+    first = next(iter(model.parameters()), None)
+    home = first.device if first is not None else torch.device("cpu")
+    if dev == home:
+        yield model
+        return
+    model.to(dev)
+    try:
+        yield model
+    finally:
+        model.to(home)

@@ -253,12 +253,15 @@ def for_model(model: str, data=None, **kwargs) -> DataSource:
 
     ``data`` may already be a :class:`DataSource` (returned as is). A model with 10 classes reads CIFAR-10
     (``data``: its root or ``None``); one with 1000 an ImageFolder tree (``data`` required; ``kwargs`` go to
-    :class:`ImageFolderSource`).
+    :class:`ImageFolderSource`); a name outside :func:`hawqlib.models.names` reads CIFAR-10 unless ``data`` is
+    a source.
     """
     if isinstance(data, DataSource):
         return data
     from .models import registry
 
+    if model not in registry.names():  # a model of the caller's own: the pipeline's default data, CIFAR-10
+        return resolve(data)
     classes = registry.default_classes(model)
     if classes == 10:
         if kwargs:

@@ -27,16 +27,16 @@ REFRESH = ".venv/bin/python tests/fingerprints.py"
 _PIPE = "hawqlib/pipeline.py"
 #: version constant ("module.NAME") -> what it versions; the constant's module is where its value is read.
 VERSIONS: dict[str, list[str]] = {
-    "hawqlib.pipeline.TRAIN_CODE_VERSION": [
-        "hawqlib/train.py", "hawqlib/data.py", "hawqlib/batches.py", "hawqlib/models/*.py",
-        f"{_PIPE}:baseline_params", f"{_PIPE}:initial_model", f"{_PIPE}:baseline"],
+    "hawqlib.baseline.TRAIN_CODE_VERSION": [
+        "hawqlib/train.py", "hawqlib/data.py", "hawqlib/batches.py", "hawqlib/models/*.py", "hawqlib/sources.py",
+        "hawqlib/baseline.py"],
     "hawqlib.pipeline.HESSIAN_STEP_VERSION": [
-        "hawqlib/hessian/*.py", "hawqlib/surface.py", "hawqlib/blocks.py", "hawqlib/models/*.py", "hawqlib/imagenet.py", "hawqlib/data.py:sample_batch",
-        f"{_PIPE}:hessian_batch", f"{_PIPE}:_SPECTRUM_KEYS", f"{_PIPE}:spectrum", f"{_PIPE}:block_traces",
-        f"{_PIPE}:landscape"],
+        "hawqlib/hessian/*.py", "hawqlib/surface.py", "hawqlib/blocks.py", "hawqlib/models/*.py", "hawqlib/imagenet.py",
+        "hawqlib/data.py:sample_batch", "hawqlib/sources.py", f"{_PIPE}:hessian_batch", f"{_PIPE}:_sample_key",
+        f"{_PIPE}:_SPECTRUM_KEYS", f"{_PIPE}:spectrum", f"{_PIPE}:block_traces", f"{_PIPE}:landscape"],
     "hawqlib.pipeline.FINETUNE_STEP_VERSION": [
-        "hawqlib/finetune.py", "hawqlib/size.py", "hawqlib/train.py:evaluate", f"{_PIPE}:_FT_KEYS",
-        f"{_PIPE}:FinetuneResult", f"{_PIPE}:finetuned"],
+        "hawqlib/finetune.py", "hawqlib/size.py", "hawqlib/train.py:evaluate", "hawqlib/sources.py",
+        f"{_PIPE}:_FT_KEYS", f"{_PIPE}:FinetuneResult", f"{_PIPE}:finetuned"],
     "hawqlib.quant.CODE_VERSION": ["hawqlib/quant/*.py", "hawqlib/bitconfig.py"],
     "hawqlib.export.CODE_VERSION": ["hawqlib/export.py"],
 }

@@ -42,8 +42,10 @@ def test_baseline_builds_its_model_under_the_profile_seed(monkeypatch, tmp_path)
         raise RuntimeError("stop here")
 
     monkeypatch.setenv("HAWQ_ARTIFACTS", str(tmp_path))
-    monkeypatch.setattr(pipeline, "baseline_params", lambda cfg, model, root, weights=None: {"k": 1})
-    monkeypatch.setattr(pipeline, "initial_model", fake)
+    from hawqlib import baseline as baseline_step
+
+    monkeypatch.setattr(baseline_step, "baseline_params", lambda cfg, model, root, weights=None: {"k": 1})
+    monkeypatch.setattr(baseline_step, "initial_model", fake)
     cfg = dict(profiles.get("smoke")["baseline"], seed=5)
     with pytest.raises(RuntimeError, match="stop here"):
         pipeline.baseline(cfg)

@@ -25,8 +25,8 @@ def artifacts(tmp_path, monkeypatch):
 def _fake_baseline(monkeypatch, net):
     calls = []
 
-    def baseline(cfg, model="resnet20", data_root=None, *, progress=True, force=None):
-        calls.append((cfg, model, data_root, progress))
+    def baseline(cfg, model="resnet20", data_root=None, *, progress=True, force=None, weights=None):
+        calls.append((cfg, model, getattr(data_root, "root", data_root), progress))
         return net, {"epochs": [{"val_top1": 12.5}]}, Path(f"/nowhere/baseline_{model}-0123456789ab")
 
     monkeypatch.setattr(pipeline, "baseline", baseline)
@@ -41,7 +41,8 @@ def test_preamble_and_spectrum_are_the_pipelines(artifacts, monkeypatch):
     batch = (torch.randn(16, 3, 6, 6, generator=g), torch.randint(0, 5, (16,), generator=g))
     calls = _fake_baseline(monkeypatch, net)
     seen = []
-    monkeypatch.setattr(pipeline, "hessian_batch", lambda n, seed, root: seen.append((n, seed, root)) or batch)
+    monkeypatch.setattr(pipeline, "hessian_batch",
+                        lambda n, seed, root: seen.append((n, seed, getattr(root, "root", root))) or batch)
 
     study = Study("smoke", data="/data/root", model="tiny")
     P, model, base = study.preamble()

@@ -137,7 +137,7 @@ def _replay_stored(folder, value, legacy_warnings) -> None:
 
 def _cached_group(kind, params, compute, save, load, force, legacy_warnings):
     """:func:`cached` under a process group: rank 0 decides, locks, loads, saves; every rank computes."""
-    from . import distributed as hdist
+    from .. import distributed as hdist
 
     folder = artifact_dir(kind, params)
     force = hdist.broadcast_object(force_recompute() if force is None else force)
