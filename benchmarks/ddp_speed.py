@@ -8,12 +8,13 @@ What is measured, side by side in one run (issue 16):
   :func:`hawqlib.train.train` (data-parallel with DDP under torchrun);
 - ``spectrum``: the top Hessian eigenvalue of the first ``--blocks`` layers of the baseline on ``--samples``
   training images (:func:`hawqlib.hessian.top_eigenvalues`, autograd route in both, as the distributed
-  Hessian uses; Lanczos to the cpu profile's tolerance), each rank taking its share of the chunks.
+  Hessian uses; Lanczos to the cpu profile's tolerance or ``--max-iter`` iterations), each rank taking its
+  share of the chunks of 32 samples.
 
 Each measurement is a fresh process (or a fresh torchrun job) that times its own work after setup
 (loading, quantizing and calibrating are not timed); the two layouts alternate over ``--reps``
 repetitions and the figures are medians, the ratio the median of per-repetition ratios. Run with nothing
-else on the machine: ``python benchmarks/ddp_speed.py [--reps 2 --steps 40 --blocks 6 --samples 128]``.
+else on the machine: ``python benchmarks/ddp_speed.py [--reps 2 --steps 40 --blocks 3 --samples 128 --max-iter 20]``.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _worker(what: str, steps: int, blocks: int, samples: int) -> None:
+def _worker(what: str, steps: int, blocks: int, samples: int, max_iter: int) -> None:
     import torch
 
     from hawqlib import distributed, hessian, quant
@@ -59,7 +60,7 @@ def _worker(what: str, steps: int, blocks: int, samples: int) -> None:
         chosen = quant_blocks(model, "layer")[:blocks]
         t0 = time.perf_counter()
         res = hessian.top_eigenvalues(model.eval(), torch.nn.CrossEntropyLoss(), batch, chosen, method="autograd",
-                                      solver=H["solver"], tol=H["tol"], max_iter=H["max_iter"], seed=H["seed"])
+                                      solver=H["solver"], tol=H["tol"], max_iter=max_iter, seed=H["seed"])
     wall = time.perf_counter() - t0
     if distributed.is_main():
         out = {"wall_s": wall}
@@ -72,7 +73,7 @@ def _worker(what: str, steps: int, blocks: int, samples: int) -> None:
 def _run(layout: str, what: str, args) -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1" if layout == "2x1" else "2")
     tail = [str(Path(__file__).resolve()), "--worker", what, "--steps", str(args.steps), "--blocks",
-            str(args.blocks), "--samples", str(args.samples)]
+            str(args.blocks), "--samples", str(args.samples), "--max-iter", str(args.max_iter)]
     if layout == "2x1":
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *tail]
     else:
@@ -89,18 +90,20 @@ def main() -> None:
     p.add_argument("--worker", choices=["finetune", "spectrum"])
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--steps", type=int, default=40, help="batches of 128 in the timed epoch")
-    p.add_argument("--blocks", type=int, default=6, help="layers in the timed spectrum")
+    p.add_argument("--blocks", type=int, default=3, help="layers in the timed spectrum")
     p.add_argument("--samples", type=int, default=128, help="Hessian sample size")
+    p.add_argument("--max-iter", type=int, default=20, help="Lanczos iterations at most per layer")
+    p.add_argument("--only", choices=["finetune", "spectrum"], default=None, help="one of the two measurements")
     p.add_argument("--out", default=None, help="write the figures as JSON here")
     args = p.parse_args()
     if args.worker:
         import torch
 
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-        _worker(args.worker, args.steps, args.blocks, args.samples)
+        _worker(args.worker, args.steps, args.blocks, args.samples, args.max_iter)
         return
     rows = {}
-    for what in ("finetune", "spectrum"):
+    for what in [args.only] if args.only else ("finetune", "spectrum"):
         walls = {"1x2": [], "2x1": []}
         ratios, results = [], {}
         for rep in range(args.reps):
