@@ -31,7 +31,7 @@ def baseline_params(cfg: dict | None, model: str = "resnet20", data_root=None, w
 
     ``data_root``: a :class:`hawqlib.sources.DataSource`, or the root of the data ``model`` trains on
     (:func:`hawqlib.sources.for_model`). ``weights``: a weights file supplied instead of training (its
-    SHA-256 replaces the training settings in the key).
+    SHA-256 and the evaluation subset replace the training settings in the key).
     """
     source = sources.for_model(model, data_root)
     if weights is not None:
@@ -39,7 +39,7 @@ def baseline_params(cfg: dict | None, model: str = "resnet20", data_root=None, w
         if not path.is_file():
             raise FileNotFoundError(f"no weights file at {path}")
         return {"model": model, "weights": {"sha256": file_sha256(path)}, "code": TRAIN_CODE_VERSION,
-                "data": source.key()}
+                "data": source.key(), "eval": {"test_subset": (cfg or {}).get("test_subset")}}
     return {"model": model, "train": dict(cfg), "code": TRAIN_CODE_VERSION, "data": source.key()}
 
 
