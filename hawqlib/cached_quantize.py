@@ -96,6 +96,12 @@ def _check_settings(settings: dict) -> None:
         raise ValueError(f"quantize settings miss {missing}; pass a profile's 'own_network.quantize' section")
 
 
+def _as_stored(obj):
+    """``obj`` in the form a JSON file of the artifact gives it back (:func:`hawqlib.storage.atomic_write_json`
+    sorts keys), so that a computed result and a loaded one are equal down to the order of their keys."""
+    return json.loads(json.dumps(obj, sort_keys=True))
+
+
 def _post_training(model, configs: dict, train, test, batches: int) -> dict:
     """Top-1 of each bit config with weights quantized once and activation ranges calibrated, no training."""
     out = {}
@@ -139,7 +145,7 @@ def quantized(model: torch.nn.Module, base: str, settings: dict, *, data_root=No
                                granularity=s["granularity"], val_data=te, packed_path=folder / "model.hawq",
                                device="cpu", seed=s["seed"], progress=progress)
         wall = time.perf_counter() - t0
-        report = json.loads(json.dumps(rep.to_dict()))  # the form it is read back in
+        report = _as_stored(rep.to_dict())
         report["packed_path"] = "model.hawq"  # relative to the artifact folder, wherever it is
         restored = export.load_packed(folder / "model.hawq", model)
         configs = {"hawq": rep.bit_config, **{f"uniform W{b}": BitConfig.uniform(model, b, s["act_bits"], s["granularity"])
@@ -147,7 +153,7 @@ def quantized(model: torch.nn.Module, base: str, settings: dict, *, data_root=No
         finetune_s = sum(r.get("wall_s", 0.0) + r.get("eval_s", 0.0) for r in report["history"]["epochs"])
         return {"qmodel": qmodel, "report": report, "bit_config": rep.bit_config,
                 "packed_top1": evaluate(restored, te)["top1"],
-                "post_training": _post_training(model, configs, tr, te, ft["calibration_batches"]),
+                "post_training": _as_stored(_post_training(model, configs, tr, te, ft["calibration_batches"])),
                 "finetune_s": finetune_s, "hessian_s": None if resumed else wall - finetune_s}
 
     def save(folder: Path, r: dict) -> dict:
