@@ -128,11 +128,11 @@ def quantized(model: torch.nn.Module, base: str, settings: dict, *, data_root=No
     params = {"base": base, "settings": {**s, "hessian": h, "finetune": ft}, "code": code_versions()}
     if load_only and not runs.is_complete(runs.artifact_dir(KIND, params), params):
         return None
-    tr, te = hdata.cifar10_loaders(data_root, batch_size=ft["batch_size"], seed=s["seed"],
-                                   train_subset=ft["train_subset"], test_subset=ft["test_subset"])
 
     def compute(folder: Path) -> dict:
         t0 = time.perf_counter()
+        tr, te = hdata.cifar10_loaders(data_root, batch_size=ft["batch_size"], seed=s["seed"],
+                                       train_subset=ft["train_subset"], test_subset=ft["test_subset"])
         resumed = (folder / "run").exists()  # epochs of an earlier session: this session's time is not the call's
         hbatch = pipeline.hessian_batch(h["n_samples"], h["data_seed"], data_root)
         schedule = FinetuneSchedule(**{k: ft[k] for k in ("stages", "epochs_per_stage", "final_epochs", "lr",
