@@ -148,8 +148,9 @@ def quantized(model: torch.nn.Module, base: str, settings: dict, *, data_root=No
         report = _as_stored(rep.to_dict())
         report["packed_path"] = "model.hawq"  # relative to the artifact folder, wherever it is
         restored = export.load_packed(folder / "model.hawq", model)
-        configs = {"hawq": rep.bit_config, **{f"uniform W{b}": BitConfig.uniform(model, b, s["act_bits"], s["granularity"])
-                                              for b in s["uniform_bits"]}}
+        configs = {"hawq": rep.bit_config,
+                   **{f"uniform W{b}": BitConfig.uniform(model, b, s["act_bits"], s["granularity"])
+                      for b in s["uniform_bits"]}}
         finetune_s = sum(r.get("wall_s", 0.0) + r.get("eval_s", 0.0) for r in report["history"]["epochs"])
         return {"qmodel": qmodel, "report": report, "bit_config": rep.bit_config,
                 "packed_top1": evaluate(restored, te)["top1"],

@@ -117,11 +117,11 @@ _OWN_NETWORK_CPU = {
     # The book's "HAWQ on your own network" chapter: the front door (hawqlib.quantize) on a network the paper does
     # not use, the small vision transformer of hawqlib.models.vit (GELU, LayerNorm, softmax attention).
     "model": "vit_cifar",
-    # Our choice: what fits about 25 minutes of one CPU thread: 12 epochs of the project's SGD loop, lr 0.1 with
-    # cosine decay, Nesterov momentum 0.9, weight decay 5e-4, batch 128 (a short probe: lr 0.03 to 0.3 learned
-    # alike, batch 64 no faster per second). A ViT trained from scratch this briefly is far below a ResNet20
-    # (ViTs need long schedules or pre-training on CIFAR-sized data); the chapter is about the method's route
-    # and costs on such a network, not its accuracy.
+    # Our choice: what fits about 25 minutes of one quiet CPU thread (other jobs on the machine stretch it):
+    # 12 epochs of the project's SGD loop, lr 0.1 with cosine decay, Nesterov momentum 0.9, weight decay 5e-4,
+    # batch 128 (a short probe: lr 0.03 to 0.3 learned alike, batch 64 no faster per second). A ViT trained
+    # from scratch this briefly is far below a ResNet20 (ViTs need long schedules or pre-training on CIFAR-sized
+    # data); the chapter is about the method's route and costs on such a network, not its accuracy.
     "baseline": {**_BASELINE_CPU, "epochs": 12, "batch_size": 128, "lr": 0.1, "eval_every": 1},
     "quantize": {
         # The paper's SqueezeNext setting (its most modest weight budget, "3 MP / 8"): weights 9.3x smaller than
