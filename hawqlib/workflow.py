@@ -133,7 +133,7 @@ class QuantizeReport:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         out["bit_config"] = self.bit_config.to_dict()
         out["spectra"] = [{k: getattr(s, k) for k in ("name", "numel", "eigenvalue", "method", "converged",
-                                                       "iterations", "residual")} for s in self.spectra]
+                                                       "iterations", "residual", "note")} for s in self.spectra]
         out["order"] = [asdict(e) for e in self.order]
         return out
 

@@ -1,6 +1,6 @@
 """One smoke-profile run of the book runner per test session, shared by test_book.py and test_notebooks.py.
 
-Executing the seven notebooks is the expensive part of both tests, so it happens once: the first
+Executing the notebooks is the expensive part of both tests, so it happens once: the first
 caller runs ``python -m hawqlib book --profile smoke`` on a copy of ``book/`` in a temporary folder
 (artifacts in a temporary ``HAWQ_ARTIFACTS``, never in ``data/artifacts``), and later callers get
 the same result. The result is cached in this module, so it is shared whichever test file asks

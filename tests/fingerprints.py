@@ -39,6 +39,9 @@ VERSIONS: dict[str, list[str]] = {
         f"{_PIPE}:_FT_KEYS", f"{_PIPE}:FinetuneResult", f"{_PIPE}:finetuned"],
     "hawqlib.quant.CODE_VERSION": ["hawqlib/quant/*.py", "hawqlib/bitconfig.py"],
     "hawqlib.export.CODE_VERSION": ["hawqlib/export.py"],
+    "hawqlib.cached_quantize.STEP_VERSION": [
+        "hawqlib/cached_quantize.py", "hawqlib/workflow.py", "hawqlib/allocate.py", "hawqlib/order.py",
+        "hawqlib/sensitivity.py"],
 }
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import fingerprints
 import pytest
 
-from hawqlib import artifacts, pipeline
+from hawqlib import artifacts, cached_quantize, pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,6 +64,8 @@ def _code_of(kind: str):
         return pipeline._hessian_code()
     if kind == "finetune":
         return pipeline._finetune_code()
+    if kind == cached_quantize.KIND:
+        return cached_quantize.code_versions()
     raise AssertionError(f"no code version known for artifacts of kind {kind!r}: add it here")
 
 

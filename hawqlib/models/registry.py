@@ -2,7 +2,9 @@
 
 ``get(name, num_classes=..., weights=...)`` builds ``resnet20`` (CIFAR-10), ``resnet50``,
 ``inception_v3`` or ``squeezenext`` (2.0-SqNxt-23, see :mod:`hawqlib.models.squeezenext`; every
-released variant also has its own name, e.g. ``sqnxt23v5_w1`` or ``1.0-SqNxt-23v5``).
+released variant also has its own name, e.g. ``sqnxt23v5_w1`` or ``1.0-SqNxt-23v5``), and
+``vit_cifar``, a small vision transformer for CIFAR-10 that the paper does not use (ours, for the book's
+"HAWQ on your own network" chapter, :mod:`hawqlib.models.vit`).
 
 ``weights``:
 
@@ -39,6 +41,7 @@ from torch import nn
 
 from .resnet_cifar import resnet20
 from .squeezenext import SQUEEZENEXT_VARIANTS, SqueezeNext, load_pytorchcv_state_dict, squeezenext
+from .vit import vit_cifar
 
 __all__ = ["get", "names", "default_classes", "WeightsError", "WeightsNotFoundError", "find_pretrained", "pretrained_dirs",
            "load_weights_file", "load_state_dict_checked"]
@@ -83,6 +86,8 @@ def _sqnxt(width, depth):
 
 _MODELS: dict[str, _Spec] = {
     "resnet20": _Spec(lambda num_classes: resnet20(num_classes), 10),
+    "vit_cifar": _Spec(lambda num_classes, **kw: vit_cifar(num_classes, **kw), 10,
+                       ("image_size", "patch", "dim", "depth", "heads", "mlp_ratio")),
     "resnet50": _Spec(_resnet50, 1000, (), "torchvision"),
     "inception_v3": _Spec(_inception_v3, 1000, ("aux_logits", "transform_input", "dropout"), "torchvision"),
     "squeezenext": _Spec(lambda num_classes, **kw: squeezenext(num_classes=num_classes, **kw), 1000,
