@@ -69,7 +69,8 @@ def _train(args: argparse.Namespace) -> int:
     last = log["epochs"][-1]
     if distributed.is_main():
         print(f"done: {folder} (test top-1 {last.get('val_top1', float('nan')):.2f}%)\n"
-              f"  weights {folder / 'model.pt'}\n  epoch log {folder / 'log.json'}")
+              f"  weights {folder / 'model.pt'}\n  epoch log {folder / 'log.json'}" +
+              ("" if args.weights else f"\n  checkpoint {folder / 'checkpoint.pt'}"))
     return 0
 
 

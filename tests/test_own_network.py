@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import hawqlib
-from hawqlib import artifacts, cached_quantize, models, pipeline, profiles
+from hawqlib import artifacts as store, cached_quantize, models, pipeline, profiles
 from hawqlib.blocks import quant_blocks
 from hawqlib.hessian.gauss_newton import gauss_newton_exact
 from hawqlib.quant import QUANT_MODULES
@@ -100,7 +100,7 @@ def test_cached_step_stores_then_loads_identical_state(artifacts, cifar_root, mo
         r = cached_quantize.quantized(net, "vit-random", SETTINGS, data_root=cifar_root)
     assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())  # the user's model is untouched
     assert r.folder.parent == artifacts and r.folder.name.startswith(cached_quantize.KIND + "-")
-    assert set(artifacts.verify(r.folder)["files"]) == {"qmodel.pt", "model.hawq", "report.json", "bit_config.json",
+    assert set(store.verify(r.folder)["files"]) == {"qmodel.pt", "model.hawq", "report.json", "bit_config.json",
                                                     "post_training.json"}
     assert not (r.folder / "run").exists()  # the resume state is dropped once the artifact is complete
     assert r.report["packed_path"] == "model.hawq" and r.report["measure"] == "weights"
@@ -131,7 +131,7 @@ def test_cached_step_stores_then_loads_identical_state(artifacts, cifar_root, mo
     assert cached_quantize.quantized(net, "vit-random", {**SETTINGS, "act_bits": 4}, load_only=True) is None
     with open(r.folder / "qmodel.pt", "ab") as f:
         f.write(b"x")
-    with pytest.raises(artifacts.ArtifactError, match="qmodel.pt"):
+    with pytest.raises(store.ArtifactError, match="qmodel.pt"):
         cached_quantize.quantized(net, "vit-random", SETTINGS, data_root=cifar_root)
 
 
@@ -144,4 +144,4 @@ def test_the_chapter_baseline_key_uses_the_vit(cifar_root):
     P = profiles.get("smoke")["own_network"]
     params = pipeline.baseline_params(P["baseline"], P["model"], cifar_root)
     assert params["model"] == "vit_cifar" and params["train"] == P["baseline"]
-    assert artifacts.artifact_dir(f"baseline_{P['model']}", params).name.startswith("baseline_vit_cifar-")
+    assert store.artifact_dir(f"baseline_{P['model']}", params).name.startswith("baseline_vit_cifar-")
