@@ -118,6 +118,7 @@ class ImageFolderSource(DataSource):
         self.model, self.image_size, self.workers = model, image_size, workers
         self.eval_batch_size = eval_batch_size
         self._splits: dict = {}
+        self._key: dict | None = None
 
     def __repr__(self) -> str:
         return f"ImageFolderSource({str(self.root)!r}, model={self.model!r}, image_size={self.image_size!r})"
@@ -143,6 +144,12 @@ class ImageFolderSource(DataSource):
         return hdata.imagenet_transforms(self.model, train=train, image_size=self.image_size)
 
     def key(self) -> dict:
+        """The listing digests, computed once per source (a stat of every file; ImageNet has 1.3 million)."""
+        if self._key is None:
+            self._key = self._listing_key()
+        return self._key
+
+    def _listing_key(self) -> dict:
         tr, va = self.split("train"), self.split("val")
         if tr.classes != va.classes:
             raise ValueError(f"{self.root}: train/ and val/ hold different classes ({len(tr.classes)} and "
