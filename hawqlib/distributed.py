@@ -173,6 +173,11 @@ def broadcast_buffers(model: nn.Module, src: int = 0) -> None:
     """Copy rank ``src``'s buffers (BatchNorm statistics, quantizer ranges and switches) to every rank."""
     if not is_distributed():
         return
+    with torch.no_grad():  # a learned quantizer step is a buffer that requires grad (hawqlib.quant.QuantAct)
+        _broadcast_buffers(model, src)
+
+
+def _broadcast_buffers(model: nn.Module, src: int) -> None:
     for b in model.buffers():
         if b.dtype == torch.bool:  # not every backend sends bool tensors
             t = b.to(torch.uint8)

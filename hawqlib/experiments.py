@@ -16,7 +16,11 @@ background (``python -m hawqlib finetune``) store and load the very same artifac
 - ``"alloc-<policy>"``: the allocation of another block order at the headline budget (``reverse``,
   ``random``), fine-tuned in its own Omega order (the ablation of section 3.1);
 - ``"order-<kind>"``: the HAWQ allocation fine-tuned in another order (``reverse``, ``random``; the
-  ablation of section 3.2).
+  ablation of section 3.2);
+- the attempts at closing the headline row's accuracy gap (``finetune.attempts``, e.g. ``"hawq+final"``): the
+  ``hawq`` run with some fine-tuning settings replaced (a final stage, a learned activation step,
+  distillation: :func:`hawqlib.finetune.staged_finetune`). They are not the paper's recipe and have their own
+  budget, so they form their own group.
 
 Random allocations and orders use the profile's ``ablation.seed``. Each run is fine-tuned with one or
 more seeds (``finetune.seeds``, by run name; default ``[finetune.seed]``): the seed changes the data order
@@ -24,13 +28,13 @@ and augmentation only, so the runs of one name share their baseline, spectrum an
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from . import allocate, pipeline, quant
 
-__all__ = ["RunSpec", "GROUPS", "run_names", "check_names", "seeds", "allocation", "run_specs", "run", "run_seeds"]
+__all__ = ["RunSpec", "GROUPS", "describe_schedule", "run_names", "check_names", "seeds", "allocation", "run_specs", "run", "run_seeds"]
 
 
 @dataclass(frozen=True)
@@ -42,33 +46,39 @@ class RunSpec:
     bit_config: quant.BitConfig
     order: tuple[str, ...] | None
     direct: bool = False
+    #: Fine-tuning settings that replace the profile's ``finetune`` ones (the attempts'; empty otherwise).
+    schedule: dict = field(default_factory=dict)
 
 
-GROUPS = ("table", "ablation")
-"""The groups of runs :func:`run_names` can select: the ResNet20 table's and the ablation's."""
+GROUPS = ("table", "ablation", "attempts")
+"""The groups of runs :func:`run_names` can select: the ResNet20 table's, the ablation's and the gap attempts'."""
 
 
 def _catalogue(profile: dict) -> list[tuple[str, str | None, tuple]]:
     """Every run of ``profile`` as ``(name, group, recipe)``, in the order to compute them; names are made here only.
 
-    ``recipe`` is ``("staged", allocation policy, order kind, budget measure)`` or ``("direct", weight bits,
-    act bits, None)``; ``group`` is ``None`` for ``hawq``, which both groups show.
+    ``recipe`` is ``("staged", allocation policy, order kind, budget measure, schedule)`` or ``("direct", weight
+    bits, act bits, None, {})``; ``schedule`` replaces fine-tuning settings (the attempts'). ``group`` is ``None``
+    for ``hawq``, which the table and the ablation both show.
     """
     F, X = profile["finetune"], profile["ablation"]
     head = profile["allocation"]["measure"]
-    return ([("hawq", None, ("staged", "hawq", "omega", head)),
-             ("hawq-strict", "table", ("staged", "hawq", "omega", "model"))]
-            + [(f"W{u['weight_bits']}A{u['act_bits']}", "table", ("direct", u["weight_bits"], u["act_bits"], None))
-               for u in F["uniform"]]
-            + [(f"alloc-{p}", "ablation", ("staged", p, "omega", head)) for p in X["allocations"] if p != "hawq"]
-            + [(f"order-{k}", "ablation", ("staged", "hawq", k, head)) for k in X["orders"] if k != "omega"])
+    return ([("hawq", None, ("staged", "hawq", "omega", head, {})),
+             ("hawq-strict", "table", ("staged", "hawq", "omega", "model", {}))]
+            + [(f"W{u['weight_bits']}A{u['act_bits']}", "table",
+                ("direct", u["weight_bits"], u["act_bits"], None, {})) for u in F["uniform"]]
+            + [(f"alloc-{p}", "ablation", ("staged", p, "omega", head, {})) for p in X["allocations"] if p != "hawq"]
+            + [(f"order-{k}", "ablation", ("staged", "hawq", k, head, {})) for k in X["orders"] if k != "omega"]
+            + [(name, "attempts", ("staged", "hawq", "omega", head, dict(schedule)))
+               for name, schedule in F.get("attempts", {}).items()])
 
 
 def run_names(profile: dict, group: str | None = None) -> list[str]:
     """The names of the runs of ``profile`` in the order to compute them, without computing anything.
 
-    ``group`` selects the ResNet20 table's runs (``"table"``: ``hawq`` and the direct rows) or the
-    ablation's (``"ablation"``: ``hawq``, ``alloc-*`` and ``order-*``); ``None`` gives every run.
+    ``group`` selects the ResNet20 table's runs (``"table"``: ``hawq`` and the direct rows), the
+    ablation's (``"ablation"``: ``hawq``, ``alloc-*`` and ``order-*``) or the gap attempts' (``"attempts"``:
+    ``hawq`` and ``finetune.attempts``); ``None`` gives every run.
     """
     if group is not None and group not in GROUPS:
         raise ValueError(f"unknown group {group!r}; valid: {', '.join(GROUPS)} or None (every run)")
@@ -122,7 +132,7 @@ def run_specs(model: torch.nn.Module, spectra, profile: dict,
     bits: dict[tuple, quant.BitConfig] = {}  # allocations by (policy, measure): order-* share the hawq one
 
     def build(name: str) -> RunSpec:
-        kind, x, y, measure = recipes[name]
+        kind, x, y, measure, schedule = recipes[name]
         if kind == "direct":
             bc = quant.BitConfig.uniform(model, x, act_bits=y, granularity=A["granularity"])
             return RunSpec(name, f"direct W{x}A{y}: every block at once", bc, None, direct=True)
@@ -130,13 +140,30 @@ def run_specs(model: torch.nn.Module, spectra, profile: dict,
             bits[x, measure] = allocation(model, spectra, profile, x, measure)
         budget = ("weights only, the paper's measure" if measure == "weights" else "whole model, strict")
         description = (f"HAWQ {target_name} ({budget}) / A{A['act_bits']}: S-order allocation, Omega order"
+                       + (f", with {describe_schedule(schedule)}" if schedule else "")
                        if x == "hawq" and y == "omega"
                        else f"{x} allocation at the same budget, Omega order" if y == "omega"
                        else f"HAWQ allocation, {y} fine-tuning order")
         order = tuple(pipeline.order_blocks(model, spectra, bits[x, measure], y, seed=X["seed"]))
-        return RunSpec(name, description, bits[x, measure], order)
+        return RunSpec(name, description, bits[x, measure], order, schedule=schedule)
 
     return {n: build(n) for n in names}
+
+
+def describe_schedule(schedule: dict) -> str:
+    """The attempt settings ``schedule`` in words, e.g. "a final stage of 8 epochs, a learned activation step"."""
+    words = []
+    if schedule.get("final_epochs"):
+        k = schedule["final_epochs"]
+        words.append(f"a final stage of {k} epoch{'s' if k != 1 else ''}")
+    if schedule.get("act_step") == "learned":
+        words.append("a learned activation step")
+    if schedule.get("distill"):
+        d = schedule["distill"]
+        words.append(f"distillation from the FP32 baseline (alpha {d['alpha']:g}, T {d['temperature']:g})")
+    other = sorted(set(schedule) - {"final_epochs", "act_step", "distill"})
+    words += [f"{k} = {schedule[k]!r}" for k in other]
+    return ", ".join(words)
 
 
 def run(model: torch.nn.Module, base: str, spec: RunSpec, profile: dict, *, seed: int | None = None,
@@ -148,7 +175,7 @@ def run(model: torch.nn.Module, base: str, spec: RunSpec, profile: dict, *, seed
     spectrum artifact's folder name) is recorded in the manifest beside ``base`` as the allocation's provenance.
     ``load_only=True`` returns ``None`` when the run is not stored, instead of computing it.
     """
-    cfg = dict(profile["finetune"])
+    cfg = dict(profile["finetune"], **spec.schedule)
     cfg["seed"] = seeds(profile, spec.name)[0] if seed is None else int(seed)
     return pipeline.finetuned(model, base, spec.bit_config, None if spec.direct else list(spec.order), cfg,
                               direct=spec.direct, progress=progress, force=force, data_root=data_root,

@@ -29,6 +29,11 @@ restated by the paper. Our choices, with their reasons:
   interrupted one continues from its last epoch, and the run ends with exactly the weights of an
   uninterrupted run (CPU, same seed). Each checkpoint records the stage plan, the bit config and a digest
   of the starting weights, so a checkpoint of another plan is refused rather than silently continued.
+- **Beyond the paper** (off by default, for the ResNet20 chapter's attempts at closing its accuracy gap):
+  ``final_epochs`` adds a stage with every block quantized; ``act_step="learned"`` trains each activation
+  step from its calibrated value (LSQ, :meth:`hawqlib.quant.QuantAct.set_learn_step`) from stage 1 on;
+  ``distill`` trains that final stage against the FP32 network (:class:`hawqlib.distill.DistillationLoss`).
+  The plan records the last two only when they are on, so plans without them are unchanged.
 - **Many processes** (``torchrun``, :mod:`hawqlib.distributed`): every stage is a data-parallel
   :func:`hawqlib.train.train`; calibration runs on the same global batches on every rank and is followed
   by a broadcast of rank 0's quantizer buffers; rank 0 alone reads and writes ``history.json`` and the
@@ -48,13 +53,16 @@ from . import distributed as hdist
 from .bitconfig import BitConfig
 from .blocks import quant_blocks
 from .progress import bar as progress_bar, write as progress_write
-from .quant import calibrate_activations, quantize_model, set_quant_enabled
+from .distill import DistillationLoss
+from .quant import QuantAct, calibrate_activations, quantize_model, set_quant_enabled
 from .artifacts import atomic_write_json
 from .train import CheckpointError, TrainConfig, evaluate, load_checkpoint, train
 
-__all__ = ["stage_groups", "staged_finetune", "direct_finetune", "FINETUNE_FORMAT"]
+__all__ = ["stage_groups", "staged_finetune", "direct_finetune", "FINETUNE_FORMAT", "ACT_STEPS"]
 
 FINETUNE_FORMAT = "hawqlib.finetune/1"
+#: How the activation step is set during fine-tuning: from the observed range, or trained (LSQ-style).
+ACT_STEPS = ("fitted", "learned")
 
 
 def stage_groups(order: Sequence[str], stages: int) -> list[list[str]]:
@@ -128,7 +136,8 @@ def staged_finetune(model: nn.Module, bit_config: BitConfig, order, train_data, 
                     progress: bool = True, seed: int = 0, weight_decay: float = 1e-4, momentum: float = 0.9,
                     nesterov: bool = True, act_bits: int | None = None, final_epochs: int = 0,
                     calibration_batches: int = 4, callback=None, weight_rule: str = "mse",
-                    act_rule: str = "mse") -> tuple[nn.Module, dict]:
+                    act_rule: str = "mse", act_step: str = "fitted",
+                    distill: dict | None = None) -> tuple[nn.Module, dict]:
     """Quantize ``model`` to ``bit_config`` block group by block group in ``order``, fine-tuning after each.
 
     ``order``: the block names (or :class:`hawqlib.order.OmegaEntry` records), first to be quantized
@@ -136,7 +145,12 @@ def staged_finetune(model: nn.Module, bit_config: BitConfig, order, train_data, 
     with ``len`` and, optionally, ``set_epoch`` (:class:`hawqlib.data.TensorLoader`). ``act_bits`` overrides
     ``bit_config.act_bits``; ``weight_rule``/``act_rule`` the weight scale and activation range rules
     (:func:`hawqlib.quant.swap.quantize_model`).
-    ``checkpoint_dir=None`` keeps nothing on disk (no resume).
+    ``act_step``: ``"fitted"`` (the activation step follows the observed range, the default) or ``"learned"``
+    (from stage 1 on, each activation quantizer's step is trained from its calibrated value, LSQ-style:
+    :meth:`hawqlib.quant.QuantAct.set_learn_step`). ``distill``: ``{"alpha": a, "temperature": T}`` trains the
+    final stage (``final_epochs`` > 0) with :class:`hawqlib.distill.DistillationLoss` from ``model`` (the FP32
+    network) as teacher. Both are extensions to the paper's recipe, off by default; when on, the plan records
+    them. ``checkpoint_dir=None`` keeps nothing on disk (no resume).
     ``callback(record)`` is called after every epoch (its checkpoint already on disk) with the epoch's
     record, ``stage`` and ``global_epoch`` included; returning True stops the run there (resumable; the
     history then has ``complete = False``: a time-boxed run, or a test's interruption).
@@ -163,6 +177,16 @@ def staged_finetune(model: nn.Module, bit_config: BitConfig, order, train_data, 
             raise ValueError(f"{what} must be an int >= {lo}, got {v!r}")
     if not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {seed!r}")
+    if act_step not in ACT_STEPS:
+        raise ValueError(f"act_step must be one of {', '.join(ACT_STEPS)}, got {act_step!r}")
+    if distill is not None:
+        if not isinstance(distill, dict) or set(distill) != {"alpha", "temperature"}:
+            raise ValueError(f"distill must be None or a dict with keys 'alpha' and 'temperature', got {distill!r}")
+        DistillationLoss(model, **distill)  # checks the values
+        if not final_epochs:
+            raise ValueError("distill trains the final stage: it needs final_epochs > 0")
+    if act_step == "learned" and not calibration_batches:
+        raise ValueError("act_step='learned' starts from the calibrated step: it needs calibration_batches > 0")
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
         raise ValueError(f"lr must be a positive number, got {lr!r}")
     if len(train_data) == 0:
@@ -180,6 +204,11 @@ def staged_finetune(model: nn.Module, bit_config: BitConfig, order, train_data, 
             "nesterov": nesterov, "seed": seed, "bit_config": eff_cfg.to_dict(),
             "calibration_batches": calibration_batches, "start_digest": start_digest, "weight_rule": weight_rule,
             "act_rule": act_rule}
+    # Recorded only when on, so that the plans (and checkpoints) of runs without them are as before.
+    if act_step != "fitted":
+        plan["act_step"] = act_step
+    if distill is not None:
+        plan["distill"] = {"alpha": float(distill["alpha"]), "temperature": float(distill["temperature"])}
     runs = [(k + 1, g, epochs_per_stage) for k, g in enumerate(groups)]
     if final_epochs:
         runs.append((len(groups) + 1, [], final_epochs))
@@ -235,6 +264,11 @@ def staged_finetune(model: nn.Module, bit_config: BitConfig, order, train_data, 
             if progress:
                 progress_write(f"stage {stage}/{len(runs)}: quantizing {len(group)} block(s) {group}"
                            if group else f"stage {stage}/{len(runs)}: final fine-tuning, all blocks quantized")
+            if act_step == "learned":
+                for m in qmodel.modules():
+                    if isinstance(m, QuantAct) and m.enabled:
+                        m.set_learn_step(True)
+            loss_fn = DistillationLoss(model, **distill) if distill is not None and not group else None
             hook, stopped = None, []
             if callback is not None:
                 def hook(rec, _stage=stage, _offset=done_epochs):
@@ -245,7 +279,7 @@ def staged_finetune(model: nn.Module, bit_config: BitConfig, order, train_data, 
                         return True
                     return False
             log = train(qmodel, _GlobalEpochs(train_data, done_epochs), val_data, config=cfg,
-                        checkpoint_dir=sdir, resume=resume, progress=progress, callback=hook)
+                        checkpoint_dir=sdir, resume=resume, progress=progress, callback=hook, loss_fn=loss_fn)
             log_epochs = log["epochs"]
             if stopped:
                 history["complete"] = False
@@ -272,6 +306,9 @@ def staged_finetune(model: nn.Module, bit_config: BitConfig, order, train_data, 
             bar.update(1)
     if bar is not None:
         bar.close()
+    for m in qmodel.modules():  # a learned step is a plain buffer again (exports read plain tensors)
+        if isinstance(m, QuantAct):
+            m.set_learn_step(False)
     return qmodel, history
 
 

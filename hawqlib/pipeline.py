@@ -231,6 +231,9 @@ def landscape(model: torch.nn.Module, base: str, cfg: dict, block_name: str, dir
 
 _FT_KEYS = ("stages", "epochs_per_stage", "final_epochs", "lr", "momentum", "nesterov", "weight_decay",
             "batch_size", "seed", "train_subset", "test_subset", "calibration_batches")
+#: Optional fine-tuning settings (extensions to the paper's recipe, hawqlib.finetune): part of the key only when
+#: set to something other than their default, so that the keys of runs without them are as before.
+_FT_OPTIONAL = {"act_step": "fitted", "distill": None}
 
 
 @dataclass
@@ -269,7 +272,8 @@ def finetuned(model: torch.nn.Module, base: str, bit_config, order, cfg: dict, *
     artifact is complete, ``run/`` is deleted (the fine-tuned model, its packed file, the bit config and the
     history stay). ``provenance`` (JSON-able, e.g. the keys of the baseline and of the spectrum that fed the
     allocation) is recorded in the manifest of a newly computed artifact, outside the key. ``load_only=True``
-    returns ``None`` instead of computing when no complete artifact matches.
+    returns ``None`` instead of computing when no complete artifact matches. ``cfg`` may also set the optional
+    ``act_step`` and ``distill`` of :func:`hawqlib.finetune.staged_finetune` (staged runs only).
     """
     from . import export, finetune, quant, size
     from .train import evaluate
@@ -282,6 +286,9 @@ def finetuned(model: torch.nn.Module, base: str, bit_config, order, cfg: dict, *
     bit_config.validate(model)
     order = None if direct else [getattr(o, "name", o) for o in order]
     ft = {k: cfg[k] for k in _FT_KEYS}
+    ft.update({k: cfg[k] for k, default in _FT_OPTIONAL.items() if cfg.get(k, default) != default})
+    if direct and len(ft) > len(_FT_KEYS):
+        raise ValueError(f"direct fine-tuning takes none of {sorted(_FT_OPTIONAL)}; got {sorted(set(ft) - set(_FT_KEYS))}")
     params = {"base": base, "bit_config": bit_config.to_dict(), "order": order, "direct": bool(direct),
               "finetune": ft, "code": _finetune_code()}
     if load_only and not hdist.on_main(artifacts.is_complete, artifacts.artifact_dir("finetune", params), params):
@@ -291,6 +298,7 @@ def finetuned(model: torch.nn.Module, base: str, bit_config, order, cfg: dict, *
     common = dict(lr=ft["lr"], checkpoint_dir=None, resume=True, progress=progress, seed=ft["seed"],
                   weight_decay=ft["weight_decay"], momentum=ft["momentum"], nesterov=ft["nesterov"],
                   calibration_batches=ft["calibration_batches"])
+    staged_options = {k: ft[k] for k in _FT_OPTIONAL if k in ft}
 
     def compute(folder):
         kw = dict(common, checkpoint_dir=folder / "run", resume=not artifacts.force_recompute() if force is None
@@ -304,7 +312,7 @@ def finetuned(model: torch.nn.Module, base: str, bit_config, order, cfg: dict, *
             else:
                 qmodel, history = finetune.staged_finetune(model, bit_config, order, tr_d, te_d,
                                                            stages=ft["stages"], epochs_per_stage=ft["epochs_per_stage"],
-                                                           final_epochs=ft["final_epochs"], **kw)
+                                                           final_epochs=ft["final_epochs"], **staged_options, **kw)
         te_eval = hdist.shard(te_d)  # under a process group each rank evaluates its slices
         ev = evaluate(qmodel.to(dev), te_eval)
         qmodel.cpu()

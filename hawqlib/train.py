@@ -228,6 +228,10 @@ def train(model: nn.Module, train_data, val_data=None, *, epochs: int | None = N
     :class:`TrainConfig` or its fields as keywords (``epochs=``, ``lr=``, ``schedule=``, ...).
     ``callback(record)`` is called after each epoch, once its checkpoint and log are on disk; if it
     returns True the run stops there (resumable later; ``model.pt`` is written only by a complete run).
+    ``loss_fn`` (default cross entropy) is called as ``loss_fn(outputs, targets)``, or as
+    ``loss_fn(outputs, targets, inputs)`` when it has ``needs_inputs = True``
+    (:class:`hawqlib.distill.DistillationLoss`). Buffers that require grad are trained with the parameters
+    (without weight decay: :meth:`hawqlib.quant.QuantAct.set_learn_step`).
     """
     if config is None:
         config = TrainConfig(epochs=epochs, **kwargs) if epochs is not None else None
@@ -249,8 +253,14 @@ def train(model: nn.Module, train_data, val_data=None, *, epochs: int | None = N
         train_data, val_data = hdist.shard(train_data), hdist.shard(val_data)
     torch.manual_seed(config.seed)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
+    # Buffers that require grad (a learned quantizer step, hawqlib.quant.QuantAct.set_learn_step) are trained
+    # too, without weight decay (a decayed step would shrink towards zero); DDP does not average them, so the
+    # ranks' gradients are averaged below.
+    learned = [b for b in model.buffers() if b.requires_grad]
+    groups = [{"params": params}] + ([{"params": learned, "weight_decay": 0.0}] if learned else [])
+    opt = torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum,
                           nesterov=config.nesterov, weight_decay=config.weight_decay)
+    with_inputs = bool(getattr(loss_fn, "needs_inputs", False))
 
     ckpt_path = log_path = None
     log = {"config": config.to_dict(), "model_class": type(model).__name__,
@@ -300,7 +310,7 @@ def train(model: nn.Module, train_data, val_data=None, *, epochs: int | None = N
                 for g in opt.param_groups:
                     g["lr"] = lr_at(config, step, steps_per_epoch)
                 out = net(x)
-                loss = loss_fn(out, y)
+                loss = loss_fn(out, y, x) if with_inputs else loss_fn(out, y)
                 bad = not torch.isfinite(loss.detach())
                 if distributed:  # every rank stops together, or none does
                     bad = bool(hdist.all_reduce_max(torch.tensor(float(bad), device=loss.device)))
@@ -315,6 +325,10 @@ def train(model: nn.Module, train_data, val_data=None, *, epochs: int | None = N
                 # DDP averages the ranks' gradients: scaled by its share, each rank's mean loss makes that
                 # average the gradient of the global batch's mean loss (hawqlib.distributed)
                 (loss if share == 1.0 else loss * share).backward()
+                if distributed and learned:  # the mean over ranks, as DDP gives the parameters
+                    for b in learned:
+                        if b.grad is not None:
+                            hdist.all_reduce_sum(b.grad).div_(hdist.world_size())
                 opt.step()
                 with torch.no_grad():
                     loss_sum += loss.detach() * len(y)

@@ -77,7 +77,12 @@ def run_hessian():
     return {"eig": [r.eigenvalue for r in res], "method": [r.method for r in res]}
 
 
-def run_finetune(root, stop_after: int | None = None):
+#: The gap attempts' fine-tuning options: a learned activation step (its gradient averaged over ranks by
+#: hawqlib.train) and distillation in a final stage.
+LEARNED = {"act_step": "learned", "final_epochs": 1, "distill": {"alpha": 0.5, "temperature": 2.0}}
+
+
+def run_finetune(root, stop_after: int | None = None, **options):
     from hawqlib.bitconfig import BitConfig
     from hawqlib.finetune import staged_finetune
 
@@ -86,7 +91,7 @@ def run_finetune(root, stop_after: int | None = None):
     cfg = BitConfig(weights={"conv": 4, "fc": 4}, act_bits=8)
     cb = (lambda rec: rec["global_epoch"] >= stop_after) if stop_after else None
     q, hist = staged_finetune(net, cfg, ["fc", "conv"], tr, te, stages=2, epochs_per_stage=1, lr=0.01,
-                              checkpoint_dir=root, progress=False, calibration_batches=2, callback=cb)
+                              checkpoint_dir=root, progress=False, calibration_batches=2, callback=cb, **options)
     return {"state": {k: v.detach().cpu().clone() for k, v in q.state_dict().items()},
             "val": [r["val_top1"] for r in hist["epochs"]], "complete": hist["complete"]}
 
@@ -102,7 +107,8 @@ def main(out: Path, what: str) -> None:
                      "c_full": lambda: run_train(2, out / "ck_full"),
                      "c_stop": lambda: run_train(2, out / "ck_resume", stop_after=1),
                      "d": lambda: run_finetune(out / "ft"),
-                     "d_stop": lambda: run_finetune(out / "ft_resume", stop_after=1)}
+                     "d_stop": lambda: run_finetune(out / "ft_resume", stop_after=1),
+                "e": lambda: run_finetune(out / "ft_lsq", **LEARNED)}
         elif what == "hang":
             steps = {"c_hang": lambda: run_train(2, out / "ck_kill", hang_after=out / f"hang.rank{r}")}
         else:

@@ -92,7 +92,7 @@ def runs(tmp_path_factory):
     assert second.returncode == 0, second.stderr[-3000:]
     load = lambda name, r: torch.load(out / f"{name}.rank{r}.pt", weights_only=True)  # noqa: E731
     return {name: (load(name, 0), load(name, 1)) for name in ("a", "b", "c_full", "c_stop", "c_resume", "d",
-                                                                "d_stop", "d_resume", "c_killed_resume")}
+                                                                "d_stop", "d_resume", "c_killed_resume", "e")}
 
 
 def _same(s0: dict, s1: dict) -> None:
@@ -149,6 +149,19 @@ def test_finetune_ranks_agree_and_resume(runs):
     for r in runs["d_resume"]:                   # stage 1 from rank 0's files, stage 2 trained again
         _same(r["state"], r0["state"])
         assert r["val"] == r0["val"] and r["complete"]
+
+
+def test_finetune_with_a_learned_step_and_distillation_matches_one_process(runs, one_thread, tmp_path):
+    r0, r1 = runs["e"]
+    _same(r0["state"], r1["state"])             # the learned steps too: the ranks averaged their gradients
+    one = worker.run_finetune(tmp_path / "ft_lsq", **worker.LEARNED)
+    for k, v in one["state"].items():
+        if v.is_floating_point():
+            torch.testing.assert_close(r0["state"][k], v, rtol=RTOL, atol=ATOL)
+        else:
+            assert torch.equal(r0["state"][k], v), k
+    steps = [k for k in one["state"] if k.endswith(".scale") and "act" in k]
+    assert steps
 
 
 def test_one_process_helpers():

@@ -34,8 +34,13 @@ def test_run_specs_name_every_row_of_the_table_and_the_ablation(cpu_specs):
     net, spectra, P, specs = cpu_specs
     assert list(specs) == experiments.run_names(P)
     assert list(specs) == ["hawq", "hawq-strict", "W4A4", "W2A4", "alloc-reverse", "alloc-random", "order-reverse",
-                           "order-random"]
+                           "order-random", "hawq+final", "hawq+lsq", "hawq+kd"]
     hawq = specs["hawq"]
+    # the gap attempts: the headline run's bits and order, with fine-tuning settings replaced
+    for n, schedule in P["finetune"]["attempts"].items():
+        assert specs[n].bit_config is hawq.bit_config and specs[n].order == hawq.order
+        assert specs[n].schedule == schedule and not specs[n].direct
+    assert all(not specs[n].schedule for n in experiments.run_names(P, "table") + experiments.run_names(P, "ablation"))
     assert list(hawq.order) == pipeline.order_blocks(net, spectra, hawq.bit_config, "omega")
     assert specs["order-reverse"].order == hawq.order[::-1]
     assert specs["order-reverse"].bit_config is hawq.bit_config

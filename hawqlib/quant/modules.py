@@ -24,6 +24,7 @@ keeps its own flags and configuration (:attr:`QuantAct.optional_state_keys`).
 from __future__ import annotations
 
 import json
+import math
 
 import torch
 import torch.nn.functional as F
@@ -141,10 +142,48 @@ class QuantAct(nn.Module):
         self.zero_point.copy_(zero_point)
         return lo, hi
 
+    @property
+    def learn_step(self) -> bool:
+        """Whether the step (the ``scale`` buffer) is trained by gradient descent, LSQ-style (set by
+        :meth:`set_learn_step`); False: the step follows the observed range (the default)."""
+        return self.scale.requires_grad
+
+    def set_learn_step(self, learn: bool = True) -> "QuantAct":
+        """Train the step from here on (``learn=True``), or fix it again (``False``).
+
+        A learned step is an extension, not the paper's quantizer (its activation quantizer is not restated):
+        the learned-step-size rule of Esser et al. (LSQ, ICLR 2020), here for the fine-tuning attempts of the
+        ResNet20 chapter. The step starts at the calibrated one, the zero point stays where calibration put it,
+        observing is switched off (the range no longer follows the batches), and ``scale`` itself becomes the
+        trained tensor: the state dict keeps its keys, eval and the packed export read the learned value.
+        Gradient of an output with respect to the step: ``round(x/s) - x/s`` on the grid, the clamped code
+        ``q_min - z`` or ``q_max - z`` outside, scaled by ``1/sqrt(N * q_max)`` (``N``: one sample's element
+        count), as LSQ prescribes. :func:`hawqlib.train.train` gives such a tensor to the optimizer without
+        weight decay. Switch it off before exporting (the packed writer reads plain tensors).
+        """
+        if learn and not self.has_range():
+            raise RuntimeError("QuantAct has no activation range yet: calibrate it "
+                               "(hawqlib.quant.calibrate_activations) before learning its step")
+        self.scale.requires_grad_(bool(learn))
+        if learn:
+            self.observe = False
+        return self
+
+    def _learned_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The LSQ fake quantization of :meth:`set_learn_step`, differentiable in ``x`` and in the step."""
+        g = 1.0 / math.sqrt(x[0].numel() * self.quant_max)
+        s = self.scale * g + (self.scale - self.scale * g).detach()   # value s, gradient scaled by g
+        z = self.zero_point.to(x.dtype)
+        v = torch.clamp(x / s + z, self.quant_min, self.quant_max)
+        v = v + (v.round() - v).detach()                              # round, straight through
+        return (v - z) * s
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Fake-quantize ``x`` to ``bits`` (updating the range first when observing)."""
         if not self.enabled:
             return x
+        if self.scale.requires_grad and torch.is_grad_enabled():
+            return self._learned_forward(x)
         mode = int(self.observer_mode)
         observing = self.training if mode == 2 else mode == 1
         batch = self.observe_batch(x) if observing else None
