@@ -90,10 +90,11 @@ def _finetune(args: argparse.Namespace) -> int:
     folder = study.folder
     say(f"baseline {folder}; loading (or computing) its spectrum", flush=True)
     specs = study.specs(args.rows or None)  # builds only the runs asked for
-    # Every run's first seed before any second one, so that each row has a value early.
-    jobs = sorted(((i, k, name, seed) for k, name in enumerate(specs)
+    # Every run's first seed before any second one, so that each row has a value early; the gap attempts
+    # (extensions beyond the paper, hawqlib.experiments) after every seed of the table's and the ablation's runs.
+    jobs = sorted(((bool(specs[name].schedule), i, k, name, seed) for k, name in enumerate(specs)
                    for i, seed in enumerate(args.seeds or experiments.seeds(study.P, name))))
-    for _, _, name, seed in jobs:
+    for *_, name, seed in jobs:
         say(f"{name} (seed {seed}): {specs[name].description}", flush=True)
         t0 = time.perf_counter()
         r = study.run(name, seed)

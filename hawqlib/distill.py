@@ -19,7 +19,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["DistillationLoss"]
+__all__ = ["DistillationLoss", "check_distill"]
+
+
+def check_distill(alpha, temperature) -> None:
+    """Raise ``ValueError`` naming a bad ``alpha`` (a number in [0, 1]) or ``temperature`` (a positive number)."""
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
 
 
 class DistillationLoss(nn.Module):
@@ -27,7 +35,8 @@ class DistillationLoss(nn.Module):
 
     ``alpha`` in [0, 1] weighs the soft term (0: plain cross entropy); ``temperature`` > 0 softens both
     distributions. The teacher is not trained, and is not part of this module's state (its weights are the
-    caller's, e.g. the FP32 baseline); it is moved to the inputs' device on first use.
+    caller's, e.g. the FP32 baseline); it runs in eval mode and is given back in the mode it had. It must be on
+    the inputs' device.
     """
 
     needs_inputs = True
@@ -36,23 +45,26 @@ class DistillationLoss(nn.Module):
         super().__init__()
         if not isinstance(teacher, nn.Module):
             raise TypeError(f"teacher must be an nn.Module, got {type(teacher).__name__}")
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
-            raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+        check_distill(alpha, temperature)
         self.alpha, self.temperature = float(alpha), float(temperature)
-        object.__setattr__(self, "teacher", teacher.eval())   # kept out of this module's parameters and state
+        object.__setattr__(self, "teacher", teacher)   # kept out of this module's parameters and state
 
     def forward(self, outputs: torch.Tensor, targets: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
         hard = F.cross_entropy(outputs, targets)
         if self.alpha == 0.0:
             return hard
         teacher = self.teacher
-        if next(teacher.parameters()).device != inputs.device:
-            teacher.to(inputs.device)
+        device = next(teacher.parameters()).device
+        if device != inputs.device:
+            raise RuntimeError(f"the teacher is on {device} and the inputs on {inputs.device}: move the teacher "
+                               "to the inputs' device first")
+        mode = teacher.training
         teacher.eval()
-        with torch.no_grad():
-            t = teacher(inputs).float()
+        try:
+            with torch.no_grad():
+                t = teacher(inputs).float()
+        finally:
+            teacher.train(mode)
         T = self.temperature
         soft = F.kl_div(F.log_softmax(outputs.float() / T, dim=1), F.log_softmax(t / T, dim=1),
                         reduction="batchmean", log_target=True) * (T * T)

@@ -30,6 +30,8 @@ Training (:func:`hawqlib.train.train`, data-parallel with ``DistributedDataParal
   that slice within the step); DDP's buffer broadcast before each forward and ours after each epoch
   bring every rank back to rank 0's ranges. So, like BatchNorm on the CPU, the ranges follow rank 0's
   slices, not the global batches of a one-process run (the ``"mse"`` range rule does not split over ranks).
+  A learned activation step (:meth:`~hawqlib.quant.modules.QuantAct.set_learn_step`) is a buffer trained
+  by gradient: :func:`hawqlib.train.train` averages its gradient over ranks, as DDP does a parameter's.
 - **Random draws** in the forward (dropout) come from the same seeded generator on every rank, each
   applying them to its own slice: a model with dropout does not follow the one-process run's draws.
 - **Metrics** (loss, accuracy, counts) are summed over ranks (``all_reduce``), so every rank logs the same

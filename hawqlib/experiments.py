@@ -126,6 +126,8 @@ def run_specs(model: torch.nn.Module, spectra, profile: dict,
     """
     A, X = profile["allocation"], profile["ablation"]
     recipes = {name: recipe for name, _, recipe in _catalogue(profile)}
+    for name, (*_, schedule) in recipes.items():
+        _check_schedule(name, schedule, profile["finetune"])
     names = list(recipes) if names is None else list(names)
     check_names(profile, names)
     target_name = next(iter(A["targets"]))
@@ -148,6 +150,18 @@ def run_specs(model: torch.nn.Module, spectra, profile: dict,
         return RunSpec(name, description, bits[x, measure], order, schedule=schedule)
 
     return {n: build(n) for n in names}
+
+
+def _check_schedule(name: str, schedule: dict, finetune: dict) -> None:
+    """Raise ``ValueError`` when attempt ``name`` replaces a setting that is not a fine-tuning setting (a misspelt
+    key would otherwise be dropped, and the attempt would be the ``hawq`` run itself) or replaces none."""
+    valid = sorted(set(pipeline.FINETUNE_SETTINGS) - {"seed", "batch_size", "train_subset", "test_subset"})
+    unknown = sorted(set(schedule) - set(valid))
+    if unknown:
+        raise ValueError(f"finetune.attempts[{name!r}] sets {unknown}, which are not fine-tuning settings; "
+                         f"valid: {', '.join(valid)}")
+    if schedule and all(finetune.get(k, pipeline.FINETUNE_SETTINGS[k]) == v for k, v in schedule.items()):
+        raise ValueError(f"finetune.attempts[{name!r}] changes nothing: {schedule} are the profile's own settings")
 
 
 def describe_schedule(schedule: dict) -> str:

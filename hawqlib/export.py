@@ -143,7 +143,7 @@ def _records(qmodel: nn.Module):
             if not m.has_range():
                 raise ValueError(f"activation quantizer {name!r} has no range yet: calibrate or fine-tune first")
             yield (["act", name, [], m.bits],
-                   m.scale.float().numpy().tobytes() + m.zero_point.to(torch.int32).numpy().tobytes())
+                   m.scale.detach().float().numpy().tobytes() + m.zero_point.to(torch.int32).numpy().tobytes())
         elif kind == "q":
             k, scale = m.int_weight()
             u = (k.to(torch.int16) + weight_code_limit(m.weight_bits)) // 2

@@ -53,7 +53,7 @@ from . import distributed as hdist
 from .bitconfig import BitConfig
 from .blocks import quant_blocks
 from .progress import bar as progress_bar, write as progress_write
-from .distill import DistillationLoss
+from .distill import DistillationLoss, check_distill
 from .quant import QuantAct, calibrate_activations, quantize_model, set_quant_enabled
 from .artifacts import atomic_write_json
 from .train import CheckpointError, TrainConfig, evaluate, load_checkpoint, train
@@ -182,7 +182,7 @@ def staged_finetune(model: nn.Module, bit_config: BitConfig, order, train_data, 
     if distill is not None:
         if not isinstance(distill, dict) or set(distill) != {"alpha", "temperature"}:
             raise ValueError(f"distill must be None or a dict with keys 'alpha' and 'temperature', got {distill!r}")
-        DistillationLoss(model, **distill)  # checks the values
+        check_distill(distill["alpha"], distill["temperature"])
         if not final_epochs:
             raise ValueError("distill trains the final stage: it needs final_epochs > 0")
     if act_step == "learned" and not calibration_batches:

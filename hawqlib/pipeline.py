@@ -49,7 +49,7 @@ HESSIAN_CODE_VERSION = None
 #: changes stored fine-tuned models.
 FINETUNE_STEP_VERSION = 1
 
-__all__ += ["HESSIAN_STEP_VERSION", "HESSIAN_CODE_VERSION", "FINETUNE_STEP_VERSION", "hessian_batch", "spectrum",
+__all__ += ["HESSIAN_STEP_VERSION", "HESSIAN_CODE_VERSION", "FINETUNE_STEP_VERSION", "FINETUNE_SETTINGS", "hessian_batch", "spectrum",
             "spectrum_stability", "block_traces", "landscape", "finetuned", "FinetuneResult"]
 
 
@@ -234,6 +234,9 @@ _FT_KEYS = ("stages", "epochs_per_stage", "final_epochs", "lr", "momentum", "nes
 #: Optional fine-tuning settings (extensions to the paper's recipe, hawqlib.finetune): part of the key only when
 #: set to something other than their default, so that the keys of runs without them are as before.
 _FT_OPTIONAL = {"act_step": "fitted", "distill": None}
+#: Every fine-tuning setting ``finetuned`` reads from its ``cfg``, with the default of the optional ones (None
+#: for the required ones).
+FINETUNE_SETTINGS = {**dict.fromkeys(_FT_KEYS), **_FT_OPTIONAL}
 
 
 @dataclass

@@ -108,7 +108,7 @@ def main(out: Path, what: str) -> None:
                      "c_stop": lambda: run_train(2, out / "ck_resume", stop_after=1),
                      "d": lambda: run_finetune(out / "ft"),
                      "d_stop": lambda: run_finetune(out / "ft_resume", stop_after=1),
-                "e": lambda: run_finetune(out / "ft_lsq", **LEARNED)}
+                     "e": lambda: run_finetune(out / "ft_lsq", **LEARNED)}
         elif what == "hang":
             steps = {"c_hang": lambda: run_train(2, out / "ck_kill", hang_after=out / f"hang.rank{r}")}
         else:

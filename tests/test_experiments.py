@@ -155,6 +155,20 @@ def test_finetune_command_runs_the_named_rows_in_order(cpu_specs, monkeypatch, c
     done.clear()
     assert cli.main(["finetune", "--profile", "cpu", "hawq", "--seeds", "4"]) == 0
     assert done == [(b, "hawq", 4, s)]
+    done.clear()  # the gap attempts come after every seed of the table's and the ablation's runs
+    assert cli.main(["finetune", "--profile", "cpu", "hawq+final", "hawq", "alloc-reverse"]) == 0
+    assert [(n, seed) for _, n, seed, _ in done] == [("hawq", 0), ("alloc-reverse", 0), ("hawq", 1),
+                                                      ("alloc-reverse", 1), ("hawq", 2), ("alloc-reverse", 2),
+                                                      ("hawq+final", 0)]
+
+
+def test_an_attempt_must_change_real_fine_tuning_settings(cpu_specs):
+    net, spectra, P, _ = cpu_specs
+    for attempt, match in (({"final_epoch": 8}, r"sets \['final_epoch'\], which are not fine-tuning settings"),
+                           ({"final_epochs": 0}, "changes nothing"), ({"seed": 3}, "not fine-tuning settings")):
+        P2 = {**P, "finetune": {**P["finetune"], "attempts": {"hawq+x": attempt}}}
+        with pytest.raises(ValueError, match=match):
+            experiments.run_specs(net, spectra, P2, ["hawq"])
 
 
 ART = Path(__file__).resolve().parents[1] / "data" / "artifacts"

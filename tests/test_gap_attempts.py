@@ -57,6 +57,14 @@ def test_learned_step_gradient_is_lsq():
     assert not q.scale.requires_grad and not q.learn_step
 
 
+def test_learned_step_keeps_a_positive_floor():
+    q = _calibrated_act(lo=0.0, hi=1.0).set_learn_step(True)
+    with torch.no_grad():
+        q.scale.fill_(-0.5)             # where SGD could drive it
+    out = q(torch.tensor([[0.3, 2.0]], requires_grad=True))
+    assert float(q.scale.detach()) > 0 and torch.isfinite(out).all()
+
+
 def test_learned_step_needs_a_calibrated_range():
     with pytest.raises(RuntimeError, match="calibrate"):
         QuantAct(4).set_learn_step(True)
@@ -96,6 +104,7 @@ def test_distillation_loss():
     kd(z, y, x).backward()
     assert z.grad is not None and teacher.weight.grad is None   # the teacher is not trained
     assert not list(kd.parameters()) and not kd.state_dict()    # nor part of the loss's state
+    assert teacher.training                                      # and is given back in its own mode
     for bad in (dict(alpha=1.5), dict(alpha=True), dict(temperature=0.0)):
         with pytest.raises(ValueError):
             DistillationLoss(teacher, **bad)

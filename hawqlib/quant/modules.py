@@ -41,6 +41,8 @@ __all__ = ["QuantAct", "QuantConv2d", "QuantLinear", "QUANT_MODULES", "QUANT_ACT
 QUANT_ACT_FORMAT = "hawqlib.QuantAct/1"
 QUANT_WEIGHT_FORMAT = "hawqlib.QuantWeight/1"
 _EXTRA = "_extra_state"   # the state-dict key of get_extra_state (torch's name)
+#: The smallest step a learned activation step may take (QuantAct.set_learn_step).
+_MIN_STEP = 1e-6
 
 
 def _encode(config: dict) -> torch.Tensor:
@@ -151,14 +153,16 @@ class QuantAct(nn.Module):
     def set_learn_step(self, learn: bool = True) -> "QuantAct":
         """Train the step from here on (``learn=True``), or fix it again (``False``).
 
-        A learned step is an extension, not the paper's quantizer (its activation quantizer is not restated):
+        A learned step is an extension of the paper's fine-tuning (section 3.2, whose activation quantizer is
+        not restated):
         the learned-step-size rule of Esser et al. (LSQ, ICLR 2020), here for the fine-tuning attempts of the
         ResNet20 chapter. The step starts at the calibrated one, the zero point stays where calibration put it,
         observing is switched off (the range no longer follows the batches), and ``scale`` itself becomes the
         trained tensor: the state dict keeps its keys, eval and the packed export read the learned value.
         Gradient of an output with respect to the step: ``round(x/s) - x/s`` on the grid, the clamped code
         ``q_min - z`` or ``q_max - z`` outside, scaled by ``1/sqrt(N * q_max)`` (``N``: one sample's element
-        count), as LSQ prescribes. :func:`hawqlib.train.train` gives such a tensor to the optimizer without
+        count), as LSQ prescribes; the step is kept at or above a small positive floor. :func:`hawqlib.train.train`
+        gives such a tensor to the optimizer without
         weight decay. Switch it off before exporting (the packed writer reads plain tensors).
         """
         if learn and not self.has_range():
@@ -171,8 +175,12 @@ class QuantAct(nn.Module):
 
     def _learned_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The LSQ fake quantization of :meth:`set_learn_step`, differentiable in ``x`` and in the step."""
+        if float(self.scale.detach()) < _MIN_STEP:  # SGD drove it to zero or below: it would divide by zero
+            with torch.no_grad():                    # or flip the grid
+                self.scale.clamp_(min=_MIN_STEP)
         g = 1.0 / math.sqrt(x[0].numel() * self.quant_max)
-        s = self.scale * g + (self.scale - self.scale * g).detach()   # value s, gradient scaled by g
+        sg = self.scale * g
+        s = self.scale.detach() + (sg - sg.detach())                  # value exactly s, gradient scaled by g
         z = self.zero_point.to(x.dtype)
         v = torch.clamp(x / s + z, self.quant_min, self.quant_max)
         v = v + (v.round() - v).detach()                              # round, straight through
