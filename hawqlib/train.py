@@ -12,7 +12,9 @@ A run writes into ``checkpoint_dir``:
 
 Every checkpoint records a SHA-256 of its own content (:func:`content_digest`), verified when it is
 read; on resume its fields are range-checked (epoch, history, finite weights). A non-finite loss stops
-the run with :class:`NonFiniteLossError` before the step is taken, so no NaN epoch is ever saved.
+the run with :class:`NonFiniteLossError` before the step is taken; so do weights that a NaN or infinite
+gradient made non-finite under a finite loss (checked at the end of every epoch) and a non-finite
+validation loss: no NaN epoch is ever saved.
 
 ``resume=True`` continues from ``checkpoint.pt``; since each epoch's shuffle and augmentation
 are a pure function of (seed, epoch), and the checkpoint also holds torch's global random state
@@ -52,7 +54,8 @@ class CheckpointError(RuntimeError):
 
 
 class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite: the run stops rather than train on garbage."""
+    """The training loss, the weights or the validation loss became NaN or infinite: the run stops rather than
+    train on garbage."""
 
 
 def content_digest(obj) -> str:
@@ -318,7 +321,7 @@ def train(model: nn.Module, train_data, val_data=None, *, epochs: int | None = N
                     raise NonFiniteLossError(
                         f"training loss is {float(loss.detach())} at epoch {epoch + 1}, step {step - epoch * steps_per_epoch + 1}"
                         f"/{steps_per_epoch}: stopped before the step; nothing of this epoch is saved"
-                        + (f" ({ckpt_path} keeps epoch {epoch})" if ckpt_path is not None else "")
+                        + (f" ({ckpt_path} keeps epoch {epoch})" if ckpt_path is not None and epoch else "")
                         + ". Causes: NaN/inf in the starting weights or the data, or a learning rate too large.")
                 opt.zero_grad(set_to_none=True)
                 share = len(y) * train_data.world / train_data.global_n if distributed else 1.0
@@ -340,6 +343,16 @@ def train(model: nn.Module, train_data, val_data=None, *, epochs: int | None = N
                                                         torch.tensor(seen, dtype=torch.float64, device=acc_device)]))
                 loss_sum, correct, seen = tot[0], int(tot[1]), int(tot[2])
                 hdist.broadcast_buffers(model)  # rank 0's BatchNorm statistics and quantizer ranges everywhere
+            # A NaN or infinite gradient can leave the loss finite for a step and the weights not: checked once an
+            # epoch, before anything of the epoch is evaluated or saved (the ranks hold the same weights).
+            bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p.detach()).all())]
+            if bad:
+                raise NonFiniteLossError(
+                    f"weights {', '.join(bad[:3])}{' and others' if len(bad) > 3 else ''} became NaN or infinite in "
+                    f"epoch {epoch + 1} while the training loss stayed finite (a NaN or infinite gradient): stopped; "
+                    "nothing of this epoch is saved" + (f" ({ckpt_path} keeps epoch {epoch})" if ckpt_path is not None and epoch
+                                                          else "")
+                    + ". Causes: a learning rate too large for the gradients, or NaN/inf in the data.")
             wall = time.perf_counter() - t0
             rec = {"epoch": epoch + 1, "lr": lr_at(config, step - 1, steps_per_epoch),
                    "train_loss": float(loss_sum) / seen, "train_top1": 100.0 * int(correct) / seen,
@@ -347,6 +360,11 @@ def train(model: nn.Module, train_data, val_data=None, *, epochs: int | None = N
             if val_data is not None and ((epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs):
                 t1 = time.perf_counter()
                 ev = evaluate(model, val_data)
+                if not math.isfinite(ev["loss"]):
+                    raise NonFiniteLossError(
+                        f"the validation loss is {ev['loss']} after epoch {epoch + 1} with finite weights (NaN or "
+                        "infinite outputs, or NaN in the validation data): stopped; nothing of this epoch is saved"
+                        + (f" ({ckpt_path} keeps epoch {epoch})" if ckpt_path is not None and epoch else "") + ".")
                 rec.update(val_top1=ev["top1"], val_top5=ev["top5"], val_loss=ev["loss"],
                            eval_s=time.perf_counter() - t1)
             rec = hdist.broadcast_object(rec)  # rank 0's record (its times) on every rank

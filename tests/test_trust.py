@@ -179,6 +179,33 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path):
     assert ckpt_path.read_bytes() == saved and not (tmp_path / "run" / "model.pt").exists()
 
 
+def test_weights_made_non_finite_under_a_finite_loss_stop_the_run(tmp_path):
+    """One step a epoch: the NaN gradient of its only step leaves the loss finite and the weights not."""
+    torch.manual_seed(0)
+    model = _Tiny()
+    hook = model.fc.weight.register_hook(lambda g: g if hook_on else torch.full_like(g, float("nan")))
+    hook_on = True
+    one_batch = _loader()[:1]
+    train(model, one_batch, epochs=3, lr=0.1, checkpoint_dir=tmp_path / "run", progress=False,
+          channels_last=False, callback=lambda rec: True)
+    saved = (tmp_path / "run" / "checkpoint.pt").read_bytes()
+    hook_on = False
+    with pytest.raises(NonFiniteLossError, match=r"weights fc.weight became NaN or infinite in epoch 2 while the "
+                                                 r"training loss stayed finite.*keeps epoch 1"):
+        train(model, one_batch, epochs=3, lr=0.1, checkpoint_dir=tmp_path / "run", progress=False,
+              channels_last=False)
+    assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == saved
+    assert not (tmp_path / "run" / "model.pt").exists()
+    hook.remove()
+
+
+def test_a_non_finite_validation_loss_stops_the_run(tmp_path):
+    with pytest.raises(NonFiniteLossError, match=r"validation loss is nan after epoch 1 with finite weights"):
+        train(_Tiny(), _loader(), val_data=_loader(nan=True), epochs=2, lr=0.1, checkpoint_dir=tmp_path / "run",
+              progress=False, channels_last=False)
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
 # ---------------------------------------------------------------------- 4. one writer per run
 
 _HOLDER = """
