@@ -41,6 +41,7 @@ restated by the paper. Our choices, with their reasons:
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from collections.abc import Sequence
@@ -268,7 +269,11 @@ def staged_finetune(model: nn.Module, bit_config: BitConfig, order, train_data, 
                 for m in qmodel.modules():
                     if isinstance(m, QuantAct) and m.enabled:
                         m.set_learn_step(True)
-            loss_fn = DistillationLoss(model, **distill) if distill is not None and not group else None
+            loss_fn = None
+            if distill is not None and not group:  # the teacher: the FP32 network, on the quantized copy's device
+                dev = next(qmodel.parameters()).device
+                teacher = model if next(model.parameters()).device == dev else copy.deepcopy(model).to(dev)
+                loss_fn = DistillationLoss(teacher, **distill)
             hook, stopped = None, []
             if callback is not None:
                 def hook(rec, _stage=stage, _offset=done_epochs):
