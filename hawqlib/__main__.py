@@ -95,7 +95,8 @@ def _finetune(args: argparse.Namespace) -> int:
     jobs = sorted(((bool(specs[name].schedule), i, k, name, seed) for k, name in enumerate(specs)
                    for i, seed in enumerate(args.seeds or experiments.seeds(study.P, name))))
     for *_, name, seed in jobs:
-        say(f"{name} (seed {seed}): {specs[name].description}", flush=True)
+        say(f"{name} (seed {seed}): {specs[name].description}; "
+            f"{experiments.epochs(study.P, specs[name])} fine-tuning epochs", flush=True)
         t0 = time.perf_counter()
         r = study.run(name, seed)
         say(f"{name} (seed {seed}): test top-1 {r.top1:.2f}% (from the packed file {r.packed_top1:.2f}%), "

@@ -180,6 +180,11 @@ def describe_schedule(schedule: dict) -> str:
     return ", ".join(words)
 
 
+def epochs(profile: dict, spec: RunSpec) -> int:
+    """Fine-tuning epochs of the run ``spec`` under ``profile`` (its attempt settings applied), all stages together."""
+    return pipeline.finetune_epochs(dict(profile["finetune"], **spec.schedule))
+
+
 def run(model: torch.nn.Module, base: str, spec: RunSpec, profile: dict, *, seed: int | None = None,
         spectrum_key: str | None = None, progress: bool = False, force: bool | None = None,
         data_root=None, load_only: bool = False) -> pipeline.FinetuneResult | None:

@@ -239,6 +239,12 @@ _FT_OPTIONAL = {"act_step": "fitted", "distill": None}
 FINETUNE_SETTINGS = {**dict.fromkeys(_FT_KEYS), **_FT_OPTIONAL}
 
 
+def finetune_epochs(ft: dict) -> int:
+    """Fine-tuning epochs in all of the schedule ``ft`` (a profile's ``finetune`` settings): one stage per group
+    of blocks, then the final stage with every block quantized; a direct run trains that many epochs at once."""
+    return int(ft["stages"]) * int(ft["epochs_per_stage"]) + int(ft.get("final_epochs", 0))
+
+
 @dataclass
 class FinetuneResult:
     """A fine-tuned mixed-precision model and what the notebooks report about it.
@@ -310,8 +316,8 @@ def finetuned(model: torch.nn.Module, base: str, bit_config, order, cfg: dict, *
         tr_d, te_d = hdist.on_device(tr, dev), hdist.on_device(te, dev)
         with hdist.computing_on(model):
             if direct:
-                epochs = ft["stages"] * ft["epochs_per_stage"] + ft["final_epochs"]
-                qmodel, history = finetune.direct_finetune(model, bit_config, tr_d, te_d, epochs=epochs, **kw)
+                qmodel, history = finetune.direct_finetune(model, bit_config, tr_d, te_d, epochs=finetune_epochs(ft),
+                                                           **kw)
             else:
                 qmodel, history = finetune.staged_finetune(model, bit_config, order, tr_d, te_d,
                                                            stages=ft["stages"], epochs_per_stage=ft["epochs_per_stage"],

@@ -36,7 +36,7 @@ VERSIONS: dict[str, list[str]] = {
         f"{_PIPE}:_SPECTRUM_KEYS", f"{_PIPE}:spectrum", f"{_PIPE}:block_traces", f"{_PIPE}:landscape"],
     "hawqlib.pipeline.FINETUNE_STEP_VERSION": [
         "hawqlib/finetune.py", "hawqlib/size.py", "hawqlib/train.py:evaluate", "hawqlib/sources.py",
-        f"{_PIPE}:_FT_KEYS", f"{_PIPE}:_FT_OPTIONAL", f"{_PIPE}:FinetuneResult", f"{_PIPE}:finetuned",
+        f"{_PIPE}:_FT_KEYS", f"{_PIPE}:_FT_OPTIONAL", f"{_PIPE}:FinetuneResult", f"{_PIPE}:finetuned", f"{_PIPE}:finetune_epochs",
         "hawqlib/distill.py"],
     "hawqlib.quant.CODE_VERSION": ["hawqlib/quant/*.py", "hawqlib/bitconfig.py"],
     "hawqlib.export.CODE_VERSION": ["hawqlib/export.py"],

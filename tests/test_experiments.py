@@ -41,6 +41,11 @@ def test_run_specs_name_every_row_of_the_table_and_the_ablation(cpu_specs):
         assert specs[n].bit_config is hawq.bit_config and specs[n].order == hawq.order
         assert specs[n].schedule == schedule and not specs[n].direct
     assert all(not specs[n].schedule for n in experiments.run_names(P, "table") + experiments.run_names(P, "ablation"))
+    # epochs: stages x epochs per stage, plus the final stage an attempt adds (and the direct rows train as long)
+    F = P["finetune"]
+    assert experiments.epochs(P, hawq) == experiments.epochs(P, specs["W4A4"]) == F["stages"] * F["epochs_per_stage"]
+    assert experiments.epochs(P, specs["hawq+final"]) == experiments.epochs(P, hawq) + \
+        P["finetune"]["attempts"]["hawq+final"]["final_epochs"]
     assert list(hawq.order) == pipeline.order_blocks(net, spectra, hawq.bit_config, "omega")
     assert specs["order-reverse"].order == hawq.order[::-1]
     assert specs["order-reverse"].bit_config is hawq.bit_config
