@@ -164,6 +164,12 @@ _REPORT_JS = r"""
   const scrolling = tables.filter(t => t.scrollWidth > t.clientWidth + 2).map(name);
   const cut = [...article.querySelectorAll('pre')].filter(p => p.scrollWidth > p.clientWidth + 2)
     .map(p => p.textContent.split('\n').find(l => l.length > 0).slice(0, 60));
+  // Wrapped: a shown code cell with a line longer than the column (the book's CSS wraps it, hiding its indent).
+  const wrapped = [...article.querySelectorAll('div.cell_input pre')]
+    .filter(p => p.checkVisibility() && p.getBoundingClientRect().height > 0)  // a folded cell is not shown
+    .filter(p => { const ws = p.style.whiteSpace; p.style.whiteSpace = 'pre';
+                   const over = p.scrollWidth > p.clientWidth + 2; p.style.whiteSpace = ws; return over; })
+    .map(p => p.textContent.split('\n').find(l => l.length > 0).slice(0, 60));
   return JSON.stringify({
     title: document.title,
     math: document.querySelectorAll('.math').length,
@@ -179,6 +185,7 @@ _REPORT_JS = r"""
     wide_tables: wide,
     scrolling_tables: scrolling,
     cut_code: cut,
+    wrapped_code: wrapped,
     height: document.documentElement.scrollHeight,
   });
 })()
