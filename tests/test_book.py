@@ -325,12 +325,13 @@ def test_cli_reports_errors_without_traceback(capsys):
 class _Links(HTMLParser):
     def __init__(self):
         super().__init__()
-        self.hrefs, self.imgs, self.ids = [], [], set()
+        self.hrefs, self.imgs, self.ids, self.id_list = [], [], set(), []
 
     def handle_starttag(self, tag, attrs):
         a = dict(attrs)
         if a.get("id"):
             self.ids.add(a["id"])
+            self.id_list.append(a["id"])
         if tag == "a" and a.get("href"):
             self.hrefs.append(a["href"])
         if tag == "img" and a.get("src"):
@@ -383,6 +384,19 @@ def test_images_exist_and_are_not_empty(built):
             assert target.is_file() and target.stat().st_size > 0, f"{page.name}: image {src} missing or empty"
             n += 1
     assert n > 0, "no image in the whole book"
+
+
+def test_no_result_is_shown_twice(built):
+    """A glued table or figure appears once, where the prose places it: a ``glue`` call without ``display=False``
+    also shows it under its (folded) code cell, so the reader meets it twice."""
+    twice = {}
+    for page in sorted((built.html / "executed").glob("*.html")):
+        p = _parse(page)
+        tables = [i for i in p.id_list if re.fullmatch(r"T_[0-9a-f]+", i)]  # a pandas Styler table's own id
+        dup = sorted({i for i in tables if tables.count(i) > 1} | {s for s in p.imgs if p.imgs.count(s) > 1})
+        if dup:
+            twice[page.name] = dup
+    assert not twice, f"tables or figures shown twice on a page: {twice}"
 
 
 def test_no_broken_internal_link(built):
