@@ -5,6 +5,7 @@ changes data order and augmentation only), and an ablation claim compares two ro
 the paired difference per seed (same seed, HAWQ's choice minus the reversed choice) cancels what the seed
 does to both. Our choice of verdict: a mean paired difference at least two standard errors from zero
 "holds" (positive) or is "reversed" (negative); nearer zero it is "within noise"; one seed decides nothing.
+A row's mean against a target of its own (:func:`against`) is decided the same way.
 """
 from __future__ import annotations
 
@@ -12,10 +13,12 @@ import math
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
-__all__ = ["Summary", "Paired", "summarize", "paired", "VERDICTS"]
+__all__ = ["Summary", "Paired", "summarize", "paired", "against", "VERDICTS", "TARGET_VERDICTS"]
 
 #: The words a paired comparison can end in.
 VERDICTS = ("holds", "reversed", "within noise", "undecided (one seed)", "not computed")
+#: The words a mean against a target can end in (:func:`against`).
+TARGET_VERDICTS = ("met", "missed", "within noise", "undecided (one seed)", "not computed")
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,11 @@ class Summary:
         if self.n == 1:
             return f"{self.mean:.{digits}f} (1 seed)"
         return f"{self.mean:.{digits}f} ± {self.std:.{digits}f} ({self.n} seeds)"
+
+    @property
+    def se(self) -> float:
+        """Standard error of the mean, ``std / sqrt(n)`` (NaN when ``n < 2``)."""
+        return self.std / math.sqrt(self.n) if self.n > 1 else math.nan
 
 
 @dataclass(frozen=True)
@@ -87,3 +95,22 @@ def paired(a: Mapping[int, float], b: Mapping[int, float], *, z: float = 2.0) ->
     verdict = ("holds" if s.mean > 0 and s.mean >= z * se else
                "reversed" if s.mean < 0 and s.mean <= -z * se else "within noise")
     return Paired(seeds, s.mean, se, verdict)
+
+
+def against(s: Summary, target: float, *, z: float = 2.0) -> str:
+    """Whether the mean of ``s`` reaches ``target`` (a row's own goal, e.g. a floor on its accuracy change).
+
+    Our choice, as for :func:`paired`: ``"met"`` when the mean is at or above ``target`` and at least ``z``
+    standard errors from it, ``"missed"`` when below by as much, ``"within noise"`` nearer; one value decides
+    nothing (``"undecided (one seed)"``) and none reads ``"not computed"``. One of :data:`TARGET_VERDICTS`.
+    """
+    if not (isinstance(z, (int, float)) and math.isfinite(z) and z > 0):
+        raise ValueError(f"z must be a positive number, got {z!r}")
+    if s.n == 0:
+        return "not computed"
+    if s.n == 1:
+        return "undecided (one seed)"
+    gap = s.mean - float(target)
+    if abs(gap) < z * s.se:
+        return "within noise"
+    return "met" if gap >= 0 else "missed"

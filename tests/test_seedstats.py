@@ -6,7 +6,7 @@ import statistics
 
 import pytest
 
-from hawqlib.seedstats import paired, summarize
+from hawqlib.seedstats import TARGET_VERDICTS, against, paired, summarize
 
 
 def test_summary_is_the_sample_mean_and_standard_deviation():
@@ -40,3 +40,16 @@ def test_non_finite_values_are_refused():
         summarize([92.0, float("nan")])
     with pytest.raises(ValueError, match="z must be a positive number"):
         paired({0: 1.0}, {0: 0.0}, z=0)
+
+
+def test_a_mean_against_a_target_is_decided_by_two_standard_errors():
+    s = summarize([91.75, 92.06])  # se = stdev / sqrt(2)
+    assert s.se == pytest.approx(statistics.stdev([91.75, 92.06]) / math.sqrt(2))
+    assert against(s, 92.34) == "missed"  # 0.435 below, about 2.8 standard errors
+    assert against(s, 92.10) == "within noise" and against(s, 91.80) == "within noise"
+    assert against(s, 91.50) == "met" and against(s, 92.34, z=3.0) == "within noise"
+    assert against(summarize([91.75]), 80.0) == "undecided (one seed)" and math.isnan(summarize([1.0]).se)
+    assert against(summarize([]), 0.0) == "not computed"
+    assert {against(s, t) for t in (91.5, 92.0, 92.34)} <= set(TARGET_VERDICTS)
+    with pytest.raises(ValueError, match="z must be a positive number"):
+        against(s, 92.0, z=0)
