@@ -15,12 +15,15 @@ Code that computes a result stays visible.
 Tables: :func:`table` returns a pandas ``Styler`` with one number format per column and text columns
 left-aligned; the book's stylesheet (``book/_static/hawq.css``) gives it the theme's table look,
 keeps numbers on one line and lets headers wrap between words.
+
+Result pages list every fine-tuning seed of their runs the same way: :func:`seeds_table` (one line per seed,
+stored or not) and :func:`missing_runs` (what is not stored yet, and the command that computes it).
 """
 from __future__ import annotations
 
 from typing import Iterable, Mapping
 
-__all__ = ["READER_TAGS", "reader_copy", "table"]
+__all__ = ["READER_TAGS", "reader_copy", "table", "seeds_table", "missing_runs"]
 
 #: Tag on a cell of the source notebook -> tag the runner adds in the executed copy.
 READER_TAGS = {"parameters": "remove-cell", "injected-parameters": "remove-cell"}
@@ -62,3 +65,51 @@ def table(df, formats: Mapping[str, str] | None = None, *, text: Iterable[str] =
     if caption:
         sty = sty.set_caption(caption)
     return sty
+
+
+#: The columns of :func:`seeds_table`, after its two index levels.
+SEED_COLUMNS = ("top-1 (%)", "from packed file (%)", "wall time (min)", "torch threads", "artifact")
+
+
+def seeds_table(runs: Mapping, *, level: str = "run"):
+    """One line per seed of ``runs`` (``{row label: {seed: result, or None when not stored}}``, results as
+    :func:`hawqlib.experiments.run_seeds` returns them): its accuracy, the accuracy of its packed file, the
+    wall time its fine-tuning took, the torch threads it ran with and its artifact folder; a seed not
+    stored reads ``"not stored yet"``. A :func:`table` indexed by (``level``, seed).
+    """
+    import pandas as pd
+
+    from .artifacts.step import artifact_threads
+
+    rows = []
+    for label, by_seed in runs.items():
+        for seed, r in by_seed.items():
+            row = {level: label, "seed": seed}
+            if r is None:
+                row["artifact"] = "not stored yet"
+            else:
+                row.update({"top-1 (%)": r.top1, "from packed file (%)": r.packed_top1,
+                            "wall time (min)": r.wall_s / 60, "torch threads": artifact_threads(r.folder),
+                            "artifact": r.folder.name})
+            rows.append(row)
+    frame = pd.DataFrame(rows, columns=[level, "seed", *SEED_COLUMNS]).set_index([level, "seed"])
+    return table(frame, {"top-1 (%)": "{:.2f}", "from packed file (%)": "{:.2f}", "wall time (min)": "{:.1f}",
+                         "torch threads": "{:.0f}"}, text=["artifact"])
+
+
+def missing_runs(runs: Mapping, profile: str, *, what: str = "them") -> str:
+    """Markdown naming the seeds of ``runs`` (as for :func:`seeds_table`, keyed by run name) not stored yet,
+    with the ``python -m hawqlib finetune`` command that computes them and the wall time the stored runs
+    took here (measured, from their manifests); ``""`` when every seed is stored. ``what`` names the runs
+    in the sentence (``"them"``, or e.g. ``"them (each longer than a row of the table)"``).
+    """
+    missing = [f"{name} (seed {seed})" for name, by_seed in runs.items() for seed, r in by_seed.items() if r is None]
+    if not missing:
+        return ""
+    minutes = [r.wall_s / 60 for by_seed in runs.values() for r in by_seed.values() if r is not None]
+    names = " ".join(dict.fromkeys(name for name, by_seed in runs.items() if None in by_seed.values()))
+    took = (f"; the stored runs took {min(minutes):.0f} to {max(minutes):.0f} minutes of wall time each here"
+            if len(minutes) > 1 else f"; the stored run took {minutes[0]:.0f} minutes of wall time here"
+            if minutes else "")
+    return (f"**Not stored yet, so not in the tables:** {', '.join(missing)}. `python -m hawqlib finetune "
+            f"--profile {profile} {names}` computes {what} and this page then loads them{took}.")

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
-__all__ = ["Summary", "Paired", "summarize", "paired", "against", "VERDICTS", "TARGET_VERDICTS"]
+__all__ = ["Summary", "Paired", "summarize", "paired", "against", "against_text", "VERDICTS", "TARGET_VERDICTS"]
 
 #: The words a paired comparison can end in.
 VERDICTS = ("holds", "reversed", "within noise", "undecided (one seed)", "not computed")
@@ -114,3 +114,25 @@ def against(s: Summary, target: float, *, z: float = 2.0) -> str:
     if abs(gap) < z * s.se:
         return "within noise"
     return "met" if gap >= 0 else "missed"
+
+
+def against_text(s: Summary, target: float, *, stretch: float | None = None, z: float = 2.0) -> str:
+    """:func:`against` in words for a page, the numbers computed: ``"met"`` (``"met, and the stretch too"``
+    when the mean also reaches ``stretch``) or ``"missed by 0.43 points"``, then how firmly, e.g.
+    ``" (2.8 standard errors of the mean, over 2 seeds)"``, ``" (one seed: undecided)"`` or ``" on the
+    mean, within 2 standard errors (0.30 points) over 3 seeds: undecided"``; ``"not computed yet"``
+    without a value.
+    """
+    verdict = against(s, target, z=z)
+    if verdict == "not computed":
+        return "not computed yet"
+    gap = s.mean - float(target)
+    word = ("met, and the stretch too" if gap >= 0 and stretch is not None and s.mean >= stretch else
+            "met" if gap >= 0 else f"missed by {-gap:.2f} points")
+    if verdict == "undecided (one seed)":
+        return word + " (one seed: undecided)"
+    if verdict == "within noise":
+        return word + f" on the mean, within {z:g} standard errors ({z * s.se:.2f} points) over {s.n} seeds: undecided"
+    if s.se == 0:
+        return word + f" (no spread over {s.n} seeds)"
+    return word + f" ({abs(gap) / s.se:.1f} standard errors of the mean, over {s.n} seeds)"

@@ -6,7 +6,7 @@ import statistics
 
 import pytest
 
-from hawqlib.seedstats import TARGET_VERDICTS, against, paired, summarize
+from hawqlib.seedstats import TARGET_VERDICTS, against, against_text, paired, summarize
 
 
 def test_summary_is_the_sample_mean_and_standard_deviation():
@@ -53,3 +53,17 @@ def test_a_mean_against_a_target_is_decided_by_two_standard_errors():
     assert {against(s, t) for t in (91.5, 92.0, 92.34)} <= set(TARGET_VERDICTS)
     with pytest.raises(ValueError, match="z must be a positive number"):
         against(s, 92.0, z=0)
+
+
+def test_the_words_for_a_target_carry_the_computed_gap_and_how_firm_it_is():
+    s = summarize([91.8, 92.0])  # mean 91.9, se 0.1
+    assert against_text(s, 92.34) == "missed by 0.44 points (4.4 standard errors of the mean, over 2 seeds)"
+    assert against_text(s, 91.50) == "met (4.0 standard errors of the mean, over 2 seeds)"
+    assert against_text(s, 91.50, stretch=91.80).startswith("met, and the stretch too (4.0 standard errors")
+    assert against_text(s, 91.50, stretch=92.00).startswith("met (")
+    # within noise: the distance that would decide (z standard errors) is stated, not one standard error
+    assert against_text(s, 92.05) == ("missed by 0.15 points on the mean, within 2 standard errors (0.20 points) "
+                                      "over 2 seeds: undecided")
+    assert against_text(summarize([91.75]), 92.34) == "missed by 0.59 points (one seed: undecided)"
+    assert against_text(summarize([]), 92.34) == "not computed yet"
+    assert against_text(summarize([92.0, 92.0]), 91.0) == "met (no spread over 2 seeds)"

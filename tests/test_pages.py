@@ -1,0 +1,43 @@
+"""The per-seed table and the missing-run note every result page shares (hawqlib.pages)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from hawqlib.pages import SEED_COLUMNS, missing_runs, seeds_table
+
+
+@dataclass
+class _Run:  # the fields of hawqlib.experiments' results the page helpers read
+    top1: float
+    packed_top1: float
+    wall_s: float
+    folder: Path
+
+
+def test_seeds_table_lists_every_seed_stored_or_not(tmp_path):
+    runs = {"hawq": {0: _Run(91.75, 91.75, 3600.0, tmp_path / "finetune-aaa"), 1: None},
+            "order-reverse": {0: _Run(92.12, 92.10, 5400.0, tmp_path / "finetune-bbb")}}
+    frame = seeds_table(runs, level="method").data
+    assert list(frame.index.names) == ["method", "seed"] and tuple(frame.columns) == SEED_COLUMNS
+    assert list(frame.index) == [("hawq", 0), ("hawq", 1), ("order-reverse", 0)]
+    assert frame.loc[("hawq", 1), "artifact"] == "not stored yet"
+    assert frame.loc[("order-reverse", 0), "wall time (min)"] == 90.0
+    assert frame.loc[("order-reverse", 0), "from packed file (%)"] == 92.10
+    assert frame.loc[("hawq", 0), "artifact"] == "finetune-aaa"
+    html = seeds_table(runs).to_html()
+    assert "91.75" in html and "not stored yet" in html and "60.0" in html
+
+
+def test_missing_runs_names_the_seeds_the_command_and_the_measured_time(tmp_path):
+    done = _Run(91.75, 91.75, 3600.0, tmp_path)
+    assert missing_runs({"hawq": {0: done}}, "cpu") == ""
+    note = missing_runs({"hawq": {0: done, 2: None}, "alloc-reverse": {1: None},
+                         "order-reverse": {0: _Run(92.1, 92.1, 7200.0, tmp_path)}}, "cpu")
+    assert "hawq (seed 2), alloc-reverse (seed 1)." in note
+    assert "`python -m hawqlib finetune --profile cpu hawq alloc-reverse`" in note
+    assert "took 60 to 120 minutes of wall time each here" in note
+    one = missing_runs({"hawq": {0: done, 1: None}}, "smoke", what="them (each longer)")
+    assert one.endswith("computes them (each longer) and this page then loads them; the stored run took 60 "
+                        "minutes of wall time here.")
+    assert "minutes" not in missing_runs({"hawq": {0: None}}, "cpu")
