@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -70,6 +71,10 @@ def test_manifest_records_provenance_and_load_only_never_computes(tmp_path, monk
     r = pipeline.finetuned(net, "r20", bc, order, FT, data_root=cifar_root, provenance=prov)
     assert artifacts.read_manifest(r.folder)["provenance"] == prov
     assert "provenance" not in json.dumps(artifacts.read_manifest(r.folder)["params"])  # outside the key
+    # the machine it ran on, GPU included: a wall time is only comparable on the same kind of machine
+    machine = artifacts.read_manifest(r.folder)["machine"]
+    assert machine["accelerator"] == (torch.cuda.get_device_name() if torch.cuda.is_available() else None)
+    assert machine["cpus"] == os.cpu_count() and machine["torch_threads"] == torch.get_num_threads()
     again = pipeline.finetuned(net, "r20", bc, order, FT, data_root=cifar_root, load_only=True)
     assert again is not None and again.folder == r.folder and again.top1 == r.top1
 

@@ -102,7 +102,9 @@ def write_manifest(folder: str | os.PathLike, params: Any, *, wall_s: float, **f
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "versions": {"python": sys.version.split()[0], "torch": torch.__version__},
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
+                    "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    # the library computes on the GPU whenever one is visible (hawqlib.distributed.device)
+                    "accelerator": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
         **facts,
         "files": _file_records(folder, result_files(folder)),
     }
