@@ -110,3 +110,43 @@ def test_notebook_reproduces_its_outputs(name, smoke, tmp_path):
                           cwd=tmp_path, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, f"nbval found differences or errors in {name}:\n{proc.stdout[-8000:]}"
     assert re.search(r"\d+ passed", proc.stdout)
+
+
+def _documented_glue_keys(text: str) -> set[str]:
+    """The keys notebooks/GLUE.md lists: first cell of each table row, ``a / _b`` rows abbreviating
+    ``<section>_b`` and ``x_{p,q}_y`` rows standing for ``x_p_y`` and ``x_q_y``."""
+    keys, section = set(), None
+    for line in text.splitlines():
+        if line.startswith("## "):
+            section = line[3:].strip()
+        m = re.match(r"\|\s*([^|]+?)\s*\|", line)
+        if not m or section is None:
+            continue
+        for part in m.group(1).split(" / "):
+            part = part.strip().strip("`")
+            part = section + part if part.startswith("_") else part
+            brace = re.search(r"\{([^}]*)\}", part)
+            alts = brace.group(1).split(",") if brace else [""]
+            keys |= {part[:brace.start()] + a.strip() + part[brace.end():] if brace else part for a in alts}
+    return keys
+
+
+def test_every_glued_key_is_documented_in_glue_md():
+    """A key a notebook glues is listed in notebooks/GLUE.md (a key built in an f-string: some listed key
+    of that shape), so the book's authors can find what each one means."""
+    documented = _documented_glue_keys((ROOT / "notebooks" / "GLUE.md").read_text())
+    undocumented = []
+    for path in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        nb = nbformat.read(path, as_version=4)
+        code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+        keys = re.findall(r'glue\(\s*(f?)"([A-Za-z0-9_{}.\[\]\'-]+)"', code)
+        assert keys, f"{path.name} glues nothing: the pattern no longer finds its glue calls"
+        for is_f, key in keys:
+            if is_f and "{" in key:  # f"ablation_allocation_{pol}_top1": some documented key of that shape
+                shape = re.compile("^" + re.sub(r"\\\{[^}]*\\\}", "[a-z0-9_]+", re.escape(key)) + "$")
+                ok = any(shape.match(k) for k in documented)
+            else:
+                ok = key in documented
+            if not ok:
+                undocumented.append(f"{path.name}: {key}")
+    assert not undocumented, f"glue keys missing from notebooks/GLUE.md: {undocumented}"
