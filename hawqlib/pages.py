@@ -79,7 +79,7 @@ def seeds_table(runs: Mapping, *, level: str = "run"):
     """
     import pandas as pd
 
-    from .artifacts.step import artifact_threads
+    from .artifacts import artifact_threads
 
     rows = []
     for label, by_seed in runs.items():
