@@ -97,16 +97,19 @@ def test_artifacts_of_other_profiles_go_where_git_ignores_them(monkeypatch):
 #: The longest line of shown code that fits the book's text column without wrapping (measured in headless
 #: Chromium at a 1280-pixel window: longer lines wrap, which hides their indentation).
 SHOWN_CODE_WIDTH = 76
-_FOLDED = {"hide-input", "remove-input", "remove-cell", "hide-cell", "parameters"}
+#: Tags whose code never reaches the reader. Folded code (hide-input, hide-cell) is shown when unfolded, so it
+#: is held to the width too.
+_NOT_SHOWN = {"remove-input", "remove-cell", "parameters"}
 
 
 def test_shown_code_fits_the_text_column():
     long = [f"{nb.name} cell {c.get('id')}: {len(line)} characters: {line.strip()[:40]}..."
             for nb in sorted((ROOT / "notebooks").glob("*.ipynb"))
             for c in nbformat.read(nb, as_version=4).cells
-            if c.cell_type == "code" and not _FOLDED & set(c.metadata.get("tags", []))
+            if c.cell_type == "code" and not _NOT_SHOWN & set(c.metadata.get("tags", []))
             for line in c.source.splitlines() if len(line) > SHOWN_CODE_WIDTH]
-    assert not long, "shown code wraps in the book; break these lines (or fold the cell):\n" + "\n".join(long)
+    assert not long, ("shown code wraps in the book, folded code too once unfolded; break these lines:\n"
+                      + "\n".join(long))
 
 
 def test_every_module_docstring_exists():
