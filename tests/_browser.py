@@ -165,11 +165,16 @@ _REPORT_JS = r"""
   const cut = [...article.querySelectorAll('pre')].filter(p => p.scrollWidth > p.clientWidth + 2)
     .map(p => p.textContent.split('\n').find(l => l.length > 0).slice(0, 60));
   // Wrapped: a shown code cell with a line longer than the column (the book's CSS wraps it, hiding its indent).
+  // Folded cells (hide-input) are measured unfolded, as a reader who opens one sees them, then folded again.
+  const folded = [...article.querySelectorAll('details.above-input:not([open])')];
+  folded.forEach(d => { d.open = true; });
   const wrapped = [...article.querySelectorAll('div.cell_input pre')]
-    .filter(p => p.checkVisibility() && p.getBoundingClientRect().height > 0)  // a folded cell is not shown
+    .filter(p => p.checkVisibility() && p.getBoundingClientRect().height > 0)
     .filter(p => { const ws = p.style.whiteSpace; p.style.whiteSpace = 'pre';
                    const over = p.scrollWidth > p.clientWidth + 2; p.style.whiteSpace = ws; return over; })
     .map(p => p.textContent.split('\n').find(l => l.length > 0).slice(0, 60));
+  const unfolded = folded.length;
+  folded.forEach(d => { d.open = false; });
   return JSON.stringify({
     title: document.title,
     math: document.querySelectorAll('.math').length,
@@ -186,6 +191,7 @@ _REPORT_JS = r"""
     scrolling_tables: scrolling,
     cut_code: cut,
     wrapped_code: wrapped,
+    unfolded: unfolded,
     height: document.documentElement.scrollHeight,
   });
 })()

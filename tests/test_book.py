@@ -97,17 +97,24 @@ def test_artifacts_of_other_profiles_go_where_git_ignores_them(monkeypatch):
 #: The longest line of shown code that fits the book's text column without wrapping (measured in headless
 #: Chromium at a 1280-pixel window: longer lines wrap, which hides their indentation).
 SHOWN_CODE_WIDTH = 76
-#: Tags whose code never reaches the reader. Folded code (hide-input, hide-cell) is shown when unfolded, so it
-#: is held to the width too.
+#: The same for folded code (hide-input, hide-cell), which a reader sees once unfolded: it sits in an admonition
+#: box whose padding takes about two characters of the column (measured the same way).
+FOLDED_CODE_WIDTH = 74
+_FOLDED = {"hide-input", "hide-cell"}
+#: Tags whose code never reaches the reader.
 _NOT_SHOWN = {"remove-input", "remove-cell", "parameters"}
 
 
 def test_shown_code_fits_the_text_column():
-    long = [f"{nb.name} cell {c.get('id')}: {len(line)} characters: {line.strip()[:40]}..."
-            for nb in sorted((ROOT / "notebooks").glob("*.ipynb"))
-            for c in nbformat.read(nb, as_version=4).cells
-            if c.cell_type == "code" and not _NOT_SHOWN & set(c.metadata.get("tags", []))
-            for line in c.source.splitlines() if len(line) > SHOWN_CODE_WIDTH]
+    long = []
+    for nb in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        for c in nbformat.read(nb, as_version=4).cells:
+            tags = set(c.metadata.get("tags", []))
+            if c.cell_type != "code" or tags & _NOT_SHOWN:
+                continue
+            width = FOLDED_CODE_WIDTH if tags & _FOLDED else SHOWN_CODE_WIDTH
+            long += [f"{nb.name} cell {c.get('id')}: {len(line)} characters (at most {width}): {line.strip()[:40]}..."
+                     for line in c.source.splitlines() if len(line) > width]
     assert not long, ("shown code wraps in the book, folded code too once unfolded; break these lines:\n"
                       + "\n".join(long))
 
