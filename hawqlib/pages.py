@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import Iterable, Mapping
 
-__all__ = ["READER_TAGS", "reader_copy", "table", "seeds_table", "missing_runs"]
+__all__ = ["READER_TAGS", "reader_copy", "table", "seeds_table", "missing_runs", "run_minutes"]
 
 #: Tag on a cell of the source notebook -> tag the runner adds in the executed copy.
 READER_TAGS = {"parameters": "remove-cell", "injected-parameters": "remove-cell"}
@@ -97,19 +97,34 @@ def seeds_table(runs: Mapping, *, level: str = "run"):
                          "torch threads": "{:.0f}"}, text=["artifact"])
 
 
+def run_minutes(result) -> float:
+    """Minutes ``result`` (a :func:`hawqlib.experiments.run_seeds` result) takes on this machine: its median epoch
+    (training plus evaluation, from its history) times its number of epochs. Unlike the summed wall time of its
+    manifest, this does not count the time a run was paused or waited for a resume; without a per-epoch history
+    it is the summed wall time.
+    """
+    import statistics
+
+    epochs = (getattr(result, "history", None) or {}).get("epochs") or []
+    if not epochs:
+        return result.wall_s / 60
+    return statistics.median(e.get("wall_s", 0.0) + e.get("eval_s", 0.0) for e in epochs) * len(epochs) / 60
+
+
 def missing_runs(runs: Mapping, profile: str, *, what: str = "them") -> str:
     """Markdown naming the seeds of ``runs`` (as for :func:`seeds_table`, keyed by run name) not stored yet,
-    with the ``python -m hawqlib finetune`` command that computes them and the wall time the stored runs
-    took here (measured, from their manifests); ``""`` when every seed is stored. ``what`` names the runs
-    in the sentence (``"them"``, or e.g. ``"them (each longer than a row of the table)"``).
+    with the ``python -m hawqlib finetune`` command that computes them and how long the stored runs take here
+    (:func:`run_minutes`, measured from their histories); ``""`` when every seed is stored. ``what`` names the
+    runs in the sentence (``"them"``, or e.g. ``"them (each longer than a row of the table)"``).
     """
     missing = [f"{name} (seed {seed})" for name, by_seed in runs.items() for seed, r in by_seed.items() if r is None]
     if not missing:
         return ""
-    minutes = [r.wall_s / 60 for by_seed in runs.values() for r in by_seed.values() if r is not None]
+    minutes = [run_minutes(r) for by_seed in runs.values() for r in by_seed.values() if r is not None]
     names = " ".join(dict.fromkeys(name for name, by_seed in runs.items() if None in by_seed.values()))
-    took = (f"; the stored runs took {min(minutes):.0f} to {max(minutes):.0f} minutes of wall time each here"
-            if len(minutes) > 1 else f"; the stored run took {minutes[0]:.0f} minutes of wall time here"
-            if minutes else "")
+    took = (f"; at their median epoch times here, the stored runs take {min(minutes):.0f} to {max(minutes):.0f} "
+            f"minutes each" if len(minutes) > 1 else
+            f"; at its median epoch time here, the stored run takes {minutes[0]:.0f} minutes" if minutes else "")
+    paused = (" (the wall times in the table also count any time a run was paused)" if minutes else "")
     return (f"**Not stored yet, so not in the tables:** {', '.join(missing)}. `python -m hawqlib finetune "
-            f"--profile {profile} {names}` computes {what} and this page then loads them{took}.")
+            f"--profile {profile} {names}` computes {what} and this page then loads them{took}{paused}.")

@@ -1,10 +1,10 @@
 """The per-seed table and the missing-run note every result page shares (hawqlib.pages)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from hawqlib.pages import SEED_COLUMNS, missing_runs, seeds_table
+from hawqlib.pages import SEED_COLUMNS, missing_runs, run_minutes, seeds_table
 
 
 @dataclass
@@ -13,6 +13,7 @@ class _Run:  # the fields of hawqlib.experiments' results the page helpers read
     packed_top1: float
     wall_s: float
     folder: Path
+    history: dict = field(default_factory=dict)
 
 
 def test_seeds_table_lists_every_seed_stored_or_not(tmp_path):
@@ -36,8 +37,20 @@ def test_missing_runs_names_the_seeds_the_command_and_the_measured_time(tmp_path
                          "order-reverse": {0: _Run(92.1, 92.1, 7200.0, tmp_path)}}, "cpu")
     assert "hawq (seed 2), alloc-reverse (seed 1)." in note
     assert "`python -m hawqlib finetune --profile cpu hawq alloc-reverse`" in note
-    assert "took 60 to 120 minutes of wall time each here" in note
+    assert "the stored runs take 60 to 120 minutes each" in note
+    assert note.endswith("(the wall times in the table also count any time a run was paused).")
     one = missing_runs({"hawq": {0: done, 1: None}}, "smoke", what="them (each longer)")
-    assert one.endswith("computes them (each longer) and this page then loads them; the stored run took 60 "
-                        "minutes of wall time here.")
+    assert one.startswith("**Not stored yet, so not in the tables:** hawq (seed 1).")
+    assert "computes them (each longer) and this page then loads them; at its median epoch time here, the " \
+           "stored run takes 60 minutes" in one
     assert "minutes" not in missing_runs({"hawq": {0: None}}, "cpu")
+
+
+def test_run_minutes_is_the_median_epoch_times_the_epochs_so_a_pause_does_not_count(tmp_path):
+    # three 2-minute epochs (training 100 s + evaluation 20 s) and one that was paused for half an hour
+    epochs = [{"wall_s": 100.0, "eval_s": 20.0}] * 3 + [{"wall_s": 1900.0, "eval_s": 20.0}]
+    paused = _Run(92.0, 92.0, 2280.0, tmp_path, {"epochs": epochs})
+    assert run_minutes(paused) == 8.0  # 4 epochs of 2 minutes, not the 38 minutes the manifest sums
+    assert run_minutes(_Run(92.0, 92.0, 2280.0, tmp_path)) == 38.0  # no history: the summed wall time
+    note = missing_runs({"hawq": {0: paused, 1: None}}, "cpu")
+    assert "takes 8 minutes" in note and "38" not in note
