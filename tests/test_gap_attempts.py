@@ -3,6 +3,7 @@ from the FP32 network, and the named attempt runs (hawqlib.quant.QuantAct.set_le
 hawqlib.finetune, hawqlib.experiments)."""
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -118,18 +119,27 @@ def task():
     te = TensorLoader(xte, yte, 256)
     model = small_cnn(0)
     train(model, TensorLoader(xtr, ytr, 64, shuffle=True, seed=0), te, epochs=4, lr=0.05, progress=False)
-    return model, (xtr, ytr), te
+    return model, (xtr, ytr), (xte, yte)
 
 
-def test_staged_finetune_with_learned_step_and_distillation(task, tmp_path):
-    model, (xtr, ytr), te = task
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device visible to torch on this machine"))])
+def test_staged_finetune_with_learned_step_and_distillation(device, task, tmp_path, monkeypatch):
+    """On ``device`` (the model and its data there; a GPU where there is one, with deterministic cuDNN so
+    that the resumed run can be compared bit for bit)."""
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    cpu_model, (xtr, ytr), (xte, yte) = task
+    model = copy.deepcopy(cpu_model).to(device)
+    te_cpu, te = TensorLoader(xte, yte, 256), TensorLoader(xte.to(device), yte.to(device), 256)
     cfg = BitConfig.uniform(model, 3, act_bits=4)
     order = [b.name for b in quant_blocks(model)]
     kw = dict(stages=2, epochs_per_stage=1, final_epochs=1, lr=0.02, progress=False, seed=1,
               act_step="learned", distill={"alpha": 0.9, "temperature": 4.0})
-    loader = FailingLoader(xtr, ytr, 64, shuffle=True, seed=0)
+    loader = FailingLoader(xtr.to(device), ytr.to(device), 64, shuffle=True, seed=0)
     ref, hist = staged_finetune(model, cfg, order, loader, te, checkpoint_dir=tmp_path / "a", **kw)
     assert hist["plan"]["act_step"] == "learned" and hist["plan"]["distill"] == {"alpha": 0.9, "temperature": 4.0}
+    assert all(t.device.type == device for t in [*ref.parameters(), *ref.buffers()])
     acts = [m for m in ref.modules() if isinstance(m, QuantAct)]
     assert acts and not any(m.learn_step for m in acts)   # plain buffers again once the run is over
     # the steps were trained: none equals what its (unchanged) observed range gives
@@ -147,8 +157,12 @@ def test_staged_finetune_with_learned_step_and_distillation(task, tmp_path):
     # the packed file holds the learned steps: it predicts as the fake-quantized model
     packed = tmp_path / "m.hawq"
     export.save_packed(ref, packed)
-    restored = export.load_packed(packed, small_cnn(0))
-    assert evaluate(restored, te)["top1"] == evaluate(ref, te)["top1"]
+    restored = export.load_packed(packed, small_cnn(0))   # on the CPU
+    with torch.no_grad():
+        x = next(iter(te_cpu))[0]
+        assert torch.allclose(restored.eval()(x), ref.eval()(x.to(device)).cpu(), atol=1e-4)
+    if device == "cpu":  # on a GPU, float rounding may flip a near tie
+        assert evaluate(restored, te_cpu)["top1"] == evaluate(ref, te)["top1"]
     # the plan without the options is the plan of before (no new keys), and is another plan than this one
     _, plain = staged_finetune(model, cfg, order, loader, None, stages=2, epochs_per_stage=1, lr=0.02,
                                progress=False, seed=1)
