@@ -100,8 +100,8 @@ def seeds_table(runs: Mapping, *, level: str = "run"):
 def run_minutes(result) -> float:
     """Minutes ``result`` (a :func:`hawqlib.experiments.run_seeds` result) takes on this machine: its median epoch
     (training plus evaluation, from its history) times its number of epochs. Unlike the summed wall time of its
-    manifest, this does not count the time a run was paused or waited for a resume; without a per-epoch history
-    it is the summed wall time.
+    manifest, a pause that stretched fewer than half of its epochs does not move it; without a per-epoch
+    history it is the summed wall time.
     """
     import statistics
 
