@@ -34,6 +34,13 @@ restated by the paper. Our choices, with their reasons:
   step from its calibrated value (LSQ, :meth:`hawqlib.quant.QuantAct.set_learn_step`) from stage 1 on;
   ``distill`` trains that final stage against the FP32 network (:class:`hawqlib.distill.DistillationLoss`).
   The plan records the last two only when they are on, so plans without them are unchanged.
+- **Shared stages** (ours, to spend no compute twice). ``final_epochs`` and ``distill`` act on the final
+  stage alone: two runs whose plans differ only in them train stages 1..n identically (same seed, groups,
+  data order and settings). With ``share_from``, a stage that this run has not finished is taken from the
+  first run listed there that has finished it under such a plan (its ``model.pt``, digest-verified, and the
+  ``before`` record of its ``history.json``), written into this run's folder under this run's plan, and
+  marked ``shared_from`` in the history; the run then goes on as if it had trained that stage itself, and
+  ends with the same weights. Its epoch records (times included) are the other run's.
 - **Many processes** (``torchrun``, :mod:`hawqlib.distributed`): every stage is a data-parallel
   :func:`hawqlib.train.train`; calibration runs on the same global batches on every rank and is followed
   by a broadcast of rank 0's quantizer buffers; rank 0 alone reads and writes ``history.json`` and the
@@ -44,6 +51,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -57,13 +65,15 @@ from .progress import bar as progress_bar, write as progress_write
 from .distill import DistillationLoss, check_distill
 from .quant import QuantAct, calibrate_activations, quantize_model, set_quant_enabled
 from .artifacts import atomic_write_json
-from .train import CheckpointError, TrainConfig, evaluate, load_checkpoint, train
+from .train import CheckpointError, TrainConfig, _save_checkpoint, evaluate, load_checkpoint, train
 
 __all__ = ["stage_groups", "staged_finetune", "direct_finetune", "FINETUNE_FORMAT", "ACT_STEPS"]
 
 FINETUNE_FORMAT = "hawqlib.finetune/1"
 #: How the activation step is set during fine-tuning: from the observed range, or trained (LSQ-style).
 ACT_STEPS = ("fitted", "learned")
+#: Plan settings that act on the final stage alone: runs differing only in them share stages 1..n.
+FINAL_STAGE_SETTINGS = ("final_epochs", "distill")
 
 
 def stage_groups(order: Sequence[str], stages: int) -> list[list[str]]:
@@ -138,7 +148,7 @@ def staged_finetune(model: nn.Module, bit_config: BitConfig, order, train_data, 
                     nesterov: bool = True, act_bits: int | None = None, final_epochs: int = 0,
                     calibration_batches: int = 4, callback=None, weight_rule: str = "mse",
                     act_rule: str = "mse", act_step: str = "fitted",
-                    distill: dict | None = None) -> tuple[nn.Module, dict]:
+                    distill: dict | None = None, share_from: dict | None = None) -> tuple[nn.Module, dict]:
     """Quantize ``model`` to ``bit_config`` block group by block group in ``order``, fine-tuning after each.
 
     ``order``: the block names (or :class:`hawqlib.order.OmegaEntry` records), first to be quantized
@@ -152,6 +162,9 @@ def staged_finetune(model: nn.Module, bit_config: BitConfig, order, train_data, 
     final stage (``final_epochs`` > 0) with :class:`hawqlib.distill.DistillationLoss` from ``model`` (the FP32
     network) as teacher. Both are extensions to the paper's recipe, off by default; when on, the plan records
     them. ``checkpoint_dir=None`` keeps nothing on disk (no resume).
+    ``share_from``: ``{label: checkpoint_dir of another run}``; a stage before the final one that this run has
+    not finished is taken from the first of them that finished it under a plan differing from this one only
+    in :data:`FINAL_STAGE_SETTINGS` (module docstring, "Shared stages"); needs ``checkpoint_dir`` and ``resume``.
     ``callback(record)`` is called after every epoch (its checkpoint already on disk) with the epoch's
     record, ``stage`` and ``global_epoch`` included; returning True stops the run there (resumable; the
     history then has ``complete = False``: a time-boxed run, or a test's interruption).
@@ -192,6 +205,10 @@ def staged_finetune(model: nn.Module, bit_config: BitConfig, order, train_data, 
         raise ValueError(f"lr must be a positive number, got {lr!r}")
     if len(train_data) == 0:
         raise ValueError("train_data yields no batches")
+    share_from = dict(share_from or {})
+    if share_from and (checkpoint_dir is None or not resume):
+        raise ValueError("share_from writes the shared stages into this run's folder: it needs a checkpoint_dir "
+                         "and resume=True")
     progress = progress and hdist.is_main()
 
     start_digest = _weights_digest(model)
@@ -236,6 +253,13 @@ def staged_finetune(model: nn.Module, bit_config: BitConfig, order, train_data, 
         sdir = root / f"stage_{stage}" if root is not None else None
         ckpt = (_on_main(lambda: load_checkpoint(sdir / "model.pt", qmodel) if (sdir / "model.pt").exists()
                          else None) if sdir is not None and resume else None)
+        shared = None
+        if ckpt is None and group and share_from:
+            got = _on_main(_share_stage, share_from, stage, plan, cfg.to_dict(), qmodel, sdir)
+            if got is not None:
+                shared, ckpt, before_shared = got
+                cached[stage] = {"stage": stage, "quantized": group, "before": before_shared, "epochs": [],
+                                 "shared_from": shared}
         finished = ckpt is not None
         if finished:
             want = json.loads(json.dumps(cfg.to_dict()))
@@ -245,6 +269,7 @@ def staged_finetune(model: nn.Module, bit_config: BitConfig, order, train_data, 
             qmodel.load_state_dict(ckpt["model"])
             log_epochs = ckpt["history"]
             before = cached.get(stage, {}).get("before")
+            shared = cached.get(stage, {}).get("shared_from")
         else:
             if stage == 1 and calibration_batches:
                 if hasattr(train_data, "set_epoch"):
@@ -294,7 +319,7 @@ def staged_finetune(model: nn.Module, bit_config: BitConfig, order, train_data, 
             recs.append(r)
         entry = {"stage": stage, "quantized": group,
                  "quantized_total": sum(len(g) for g in groups[:stage]) if group else len(names),
-                 "before": before, "epochs": recs}
+                 "before": before, "epochs": recs, **({"shared_from": shared} if shared else {})}
         history["stages"].append(entry)
         history["epochs"].extend(recs)
         cached[stage] = entry
@@ -315,6 +340,43 @@ def staged_finetune(model: nn.Module, bit_config: BitConfig, order, train_data, 
         if isinstance(m, QuantAct):
             m.set_learn_step(False)
     return qmodel, history
+
+
+def _shared_view(plan: dict) -> dict:
+    """``plan`` (as JSON reads it back) without the settings that act on the final stage alone."""
+    return {k: v for k, v in json.loads(json.dumps(plan)).items() if k not in FINAL_STAGE_SETTINGS}
+
+
+def _share_stage(share_from: dict, stage: int, plan: dict, config: dict, qmodel: nn.Module, sdir: Path):
+    """``(label, checkpoint, before)`` of the first run of ``share_from`` that finished ``stage`` under a plan
+    sharing it (:func:`_shared_view`), its model written to ``sdir/model.pt`` under ``config``; None if none did.
+
+    A run whose files do not verify (unreadable history, a checkpoint failing its digest or of another model)
+    is passed over with a warning: this run then trains the stage itself."""
+    want = _shared_view(plan)
+    for label, other in share_from.items():
+        src = Path(other) / f"stage_{stage}" / "model.pt"
+        if not src.exists():
+            continue
+        try:
+            old = json.loads((Path(other) / "history.json").read_text())
+            if not isinstance(old, dict) or _shared_view(old.get("plan") or {}) != want:
+                continue
+            rec = {s.get("stage"): s for s in old.get("stages", []) if isinstance(s, dict)}.get(stage)
+            ckpt = load_checkpoint(src, qmodel)
+        except (OSError, json.JSONDecodeError, CheckpointError) as exc:
+            warnings.warn(f"not sharing stage {stage} of {label} ({other}): {exc}", stacklevel=3)
+            continue
+        cplan = ckpt.get("config", {}).get("extra", {}).get("hawqlib.finetune", {})
+        if rec is None or cplan.get("stage") != stage or _shared_view(cplan.get("plan") or {}) != want:
+            continue
+        ckpt = {k: v for k, v in ckpt.items() if k != "sha256"}
+        ckpt["config"] = json.loads(json.dumps(config))
+        sdir.mkdir(parents=True, exist_ok=True)
+        _save_checkpoint(sdir / "model.pt", ckpt)
+        (sdir / "checkpoint.pt").unlink(missing_ok=True)  # this run's own partial stage, superseded
+        return label, ckpt, rec.get("before")
+    return None
 
 
 def _read_cached(hist_path: Path, plan: dict) -> dict:

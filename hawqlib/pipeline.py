@@ -253,7 +253,7 @@ class FinetuneResult:
     restored from the packed file (equal, up to float rounding of the packed scales); ``size_bytes``: the
     weight size by :func:`hawqlib.size.model_size_bytes`'s accounting; ``packed_bytes``: the size of the
     packed file on disk; ``wall_s``: the fine-tuning time summed over its epochs and evaluations, across
-    every session that resumed it.
+    every session that resumed it (a stage shared from another run counts that run's time).
     """
 
     qmodel: torch.nn.Module = field(repr=False)
@@ -267,6 +267,21 @@ class FinetuneResult:
     packed_bytes: int
     wall_s: float
     folder: Path
+
+
+def _stage_sharing_runs(params: dict) -> list[Path]:
+    """The artifact folders of the fine-tuning runs that train the stages before the final one as the run of
+    ``params`` does: the same key but for :data:`hawqlib.finetune.FINAL_STAGE_SETTINGS` (no distillation, no
+    final stage, or neither). Listed whether or not they exist; ``staged_finetune`` takes what it finds."""
+    ft = params["finetune"]
+    others = []
+    for drop_distill in (False, True):
+        for final in (ft["final_epochs"], 0):
+            other = {k: v for k, v in ft.items() if not (drop_distill and k == "distill")}
+            other["final_epochs"] = final
+            if other != ft and other not in others and not ("distill" in other and not final):
+                others.append(other)
+    return [artifacts.artifact_dir("finetune", dict(params, finetune=o)) for o in others]
 
 
 def finetuned(model: torch.nn.Module, base: str, bit_config, order, cfg: dict, *, direct: bool = False,
@@ -319,6 +334,8 @@ def finetuned(model: torch.nn.Module, base: str, bit_config, order, cfg: dict, *
                 qmodel, history = finetune.direct_finetune(model, bit_config, tr_d, te_d, epochs=finetune_epochs(ft),
                                                            **kw)
             else:
+                if kw["resume"]:  # the runs whose stages before the final one are this one's ("Shared stages")
+                    kw["share_from"] = {d.name: d / "run" for d in _stage_sharing_runs(params)}
                 qmodel, history = finetune.staged_finetune(model, bit_config, order, tr_d, te_d,
                                                            stages=ft["stages"], epochs_per_stage=ft["epochs_per_stage"],
                                                            final_epochs=ft["final_epochs"], **staged_options, **kw)

@@ -173,6 +173,54 @@ def test_staged_finetune_with_learned_step_and_distillation(device, task, tmp_pa
         staged_finetune(model, cfg, order, loader, te, **{**kw, "act_step": "lsq"})
 
 
+def test_runs_differing_in_the_final_stage_alone_share_the_stages_before_it(task, tmp_path):
+    """A distilled run takes the finished stages of the same run without distillation (module docstring,
+    "Shared stages"): it trains the final stage alone and ends with the weights of a run that trained all."""
+    model, (xtr, ytr), (xte, yte) = task
+    te = TensorLoader(xte, yte, 256)
+    cfg = BitConfig.uniform(model, 3, act_bits=4)
+    order = [b.name for b in quant_blocks(model)]
+    kw = dict(stages=2, epochs_per_stage=1, final_epochs=1, lr=0.02, progress=False, seed=1, act_step="learned")
+    kd = dict(kw, distill={"alpha": 0.9, "temperature": 4.0})
+
+    def run(folder, trained=None, **k):
+        loader = TensorLoader(xtr, ytr, 64, shuffle=True, seed=0)
+        cb = None if trained is None else (lambda rec: trained.append(rec["stage"]))
+        return staged_finetune(model, cfg, order, loader, te, checkpoint_dir=tmp_path / folder, callback=cb, **k)
+
+    run("lsq", **kw)
+    ref, ref_hist = run("ref", **kd)
+    trained = []
+    got, hist = run("kd", trained, share_from={"lsq": tmp_path / "lsq"}, **kd)
+    assert trained == [3]                      # stages 1 and 2 came from the run without distillation
+    assert all(torch.equal(v, got.state_dict()[k]) for k, v in ref.state_dict().items())
+    assert [s.get("shared_from") for s in hist["stages"]] == ["lsq", "lsq", None]
+    assert [s["before"] for s in hist["stages"]] == [s["before"] for s in ref_hist["stages"]]
+    assert hist["plan"] == ref_hist["plan"]
+    # the shared stages are this run's files now, under its own plan: a resume reads them as its own
+    trained = []
+    again, hist2 = run("kd", trained, share_from={}, **kd)
+    assert trained == [] and [s.get("shared_from") for s in hist2["stages"]] == ["lsq", "lsq", None]
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in ref.state_dict().items())
+    # another plan (another learning rate) shares nothing; neither does a run whose file fails its digest
+    trained = []
+    run("other", trained, share_from={"lsq": tmp_path / "lsq"}, **dict(kd, lr=0.03))
+    assert trained == [1, 2, 3]
+    import shutil
+    shutil.copytree(tmp_path / "lsq", tmp_path / "bad")
+    f = tmp_path / "bad" / "stage_1" / "model.pt"
+    c = torch.load(f, weights_only=True)
+    w = next(v for v in c["model"].values() if v.is_floating_point() and v.numel() > 4)
+    w.view(-1).view(torch.int32)[3] ^= 1 << 30  # one bit of one weight, as a disk fault would
+    torch.save(c, f)
+    trained = []
+    with pytest.warns(UserWarning, match="not sharing stage 1 of bad"):
+        bad, _ = run("kd2", trained, share_from={"bad": tmp_path / "bad"}, **kd)
+    assert trained[0] == 1 and all(torch.equal(v, bad.state_dict()[k]) for k, v in ref.state_dict().items())
+    with pytest.raises(ValueError, match="checkpoint_dir"):
+        staged_finetune(model, cfg, order, TensorLoader(xtr, ytr, 64), te, share_from={"lsq": tmp_path / "lsq"}, **kd)
+
+
 def test_attempt_runs_are_named_grouped_and_keyed_apart():
     P = profiles.get("cpu")
     assert experiments.run_names(P, "attempts") == ["hawq", "hawq+final", "hawq+lsq", "hawq+kd"]

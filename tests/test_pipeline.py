@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from hawqlib import allocate, hessian, pipeline, quant
-from hawqlib.artifacts import compute_recording, read_manifest, replay, verify
+from hawqlib.artifacts import artifact_dir, compute_recording, read_manifest, replay, verify
 from hawqlib.artifacts.manifest import _write_sealed
 from hawqlib.blocks import quant_blocks
 from hawqlib.models import resnet20
@@ -215,3 +215,18 @@ def test_finetuned_stores_model_history_and_packed_file(artifacts, cifar_root, m
         pipeline.finetuned(net, "r20-random", bc, order, {"lr": 0.1})
     with pytest.raises(TypeError, match="BitConfig"):
         pipeline.finetuned(net, "r20-random", {"conv1": 4}, order, FT)
+
+
+def test_a_fine_tuning_run_names_the_runs_that_train_its_first_stages(artifacts):
+    """hawqlib.finetune's "Shared stages": the same key but for the final-stage settings, whichever exist."""
+    kd = dict(FT, final_epochs=2, act_step="learned", distill={"alpha": 0.9, "temperature": 4.0})
+    params = {"base": "b", "bit_config": {}, "order": ["a", "b"], "direct": False, "finetune": kd,
+              "code": pipeline._finetune_code()}
+
+    def key(**ft):
+        return artifact_dir("finetune", dict(params, finetune=ft))
+
+    lsq = {k: v for k, v in kd.items() if k != "distill"}
+    assert pipeline._stage_sharing_runs(params) == [key(**lsq), key(**dict(lsq, final_epochs=0))]
+    assert pipeline._stage_sharing_runs(dict(params, finetune=lsq)) == [key(**dict(lsq, final_epochs=0))]
+    assert pipeline._stage_sharing_runs(dict(params, finetune=dict(lsq, final_epochs=0))) == []
