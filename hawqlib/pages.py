@@ -16,6 +16,9 @@ Tables: :func:`table` returns a pandas ``Styler`` with one number format per col
 left-aligned; the book's stylesheet (``book/_static/hawq.css``) gives it the theme's table look,
 keeps numbers on one line and lets headers wrap between words.
 
+A page computed at the ``smoke`` profile opens its verdicts with :func:`smoke_note`, so that a test build is
+never read as results.
+
 Result pages list every fine-tuning seed of their runs the same way: :func:`seeds_table` (one line per seed,
 stored or not) and :func:`missing_runs` (what is not stored yet, and the command that computes it).
 """
@@ -23,7 +26,7 @@ from __future__ import annotations
 
 from typing import Iterable, Mapping
 
-__all__ = ["READER_TAGS", "reader_copy", "table", "seeds_table", "missing_runs", "run_minutes"]
+__all__ = ["READER_TAGS", "reader_copy", "smoke_note", "table", "seeds_table", "missing_runs", "run_minutes"]
 
 #: Tag on a cell of the source notebook -> tag the runner adds in the executed copy.
 READER_TAGS = {"parameters": "remove-cell", "injected-parameters": "remove-cell"}
@@ -39,6 +42,15 @@ def reader_copy(nb) -> int:
             tags.extend(dict.fromkeys(add))
             n += 1
     return n
+
+
+def smoke_note(profile: Mapping) -> str:
+    """The italic sentence a verdict starts with at the ``smoke`` profile (``profile``: a profile's dict,
+    :func:`hawqlib.profiles.get`), saying its numbers are not results; ``""`` at any other profile."""
+    if profile["name"] != "smoke":
+        return ""
+    return ("*Smoke profile: a schedule of minutes on a small subset of the data, run to check that the "
+            "pipeline works; its numbers are not results.* ")
 
 
 def table(df, formats: Mapping[str, str] | None = None, *, text: Iterable[str] = (), index: bool = True,

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hawqlib import pages
 from hawqlib.pages import SEED_COLUMNS, missing_runs, run_minutes, seeds_table
 
 
@@ -54,3 +55,15 @@ def test_run_minutes_is_the_median_epoch_times_the_epochs_so_a_pause_does_not_co
     assert run_minutes(_Run(92.0, 92.0, 2280.0, tmp_path)) == 38.0  # no history: the summed wall time
     note = missing_runs({"hawq": {0: paused, 1: None}}, "cpu")
     assert "takes 8 minutes" in note and "38" not in note
+
+
+def test_smoke_note_marks_smoke_pages_only_and_is_written_once():
+    from hawqlib import profiles
+
+    assert pages.smoke_note(profiles.get("smoke")).startswith("*Smoke profile")
+    assert pages.smoke_note(profiles.get("smoke")).rstrip().endswith("not results.*")
+    assert pages.smoke_note(profiles.get("cpu")) == "" == pages.smoke_note(profiles.get("paper"))
+    # the notebooks take it from here, not from a copy of their own
+    notebooks = Path(__file__).resolve().parents[1] / "notebooks"
+    users = [nb.name for nb in notebooks.glob("*.ipynb") if "smoke_note(P)" in nb.read_text()]
+    assert len(users) >= 4 and not [nb.name for nb in notebooks.glob("*.ipynb") if "Smoke profile" in nb.read_text()]
