@@ -272,7 +272,9 @@ class FinetuneResult:
 def _stage_sharing_runs(params: dict) -> list[Path]:
     """The artifact folders of the fine-tuning runs that train the stages before the final one as the run of
     ``params`` does: the same key but for :data:`hawqlib.finetune.FINAL_STAGE_SETTINGS` (no distillation, no
-    final stage, or neither). Listed whether or not they exist; ``staged_finetune`` takes what it finds."""
+    final stage, or neither). Listed whether or not they exist; ``staged_finetune`` takes what it finds. A run's
+    stage files go once its artifact completes (``run/`` is deleted), so what is shared is the finished stages
+    of a run still in progress or interrupted: two ``python -m hawqlib finetune`` processes side by side."""
     ft = params["finetune"]
     others = []
     for drop_distill in (False, True):
