@@ -374,7 +374,8 @@ def _share_stage(share_from: dict, stage: int, plan: dict, config: dict, qmodel:
         ckpt["config"] = json.loads(json.dumps(config))
         sdir.mkdir(parents=True, exist_ok=True)
         _save_checkpoint(sdir / "model.pt", ckpt)
-        (sdir / "checkpoint.pt").unlink(missing_ok=True)  # this run's own partial stage, superseded
+        for partial in ("checkpoint.pt", "log.json"):  # this run's own partial stage, superseded
+            (sdir / partial).unlink(missing_ok=True)
         return label, ckpt, rec.get("before")
     return None
 

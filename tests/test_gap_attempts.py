@@ -217,6 +217,14 @@ def test_runs_differing_in_the_final_stage_alone_share_the_stages_before_it(task
     with pytest.warns(UserWarning, match="not sharing stage 1 of bad"):
         bad, _ = run("kd2", trained, share_from={"bad": tmp_path / "bad"}, **kd)
     assert trained[0] == 1 and all(torch.equal(v, bad.state_dict()[k]) for k, v in ref.state_dict().items())
+    # a stage this run had begun itself is superseded by the shared one, its partial files with it
+    import json
+    partial = tmp_path / "kd3" / "stage_1"
+    partial.mkdir(parents=True)
+    (partial / "log.json").write_text(json.dumps({"epochs": []}))
+    (partial / "checkpoint.pt").write_bytes(b"partial")
+    run("kd3", share_from={"lsq": tmp_path / "lsq"}, **kd)
+    assert sorted(p.name for p in partial.iterdir()) == ["model.pt"]
     with pytest.raises(ValueError, match="checkpoint_dir"):
         staged_finetune(model, cfg, order, TensorLoader(xtr, ytr, 64), te, share_from={"lsq": tmp_path / "lsq"}, **kd)
 
