@@ -347,6 +347,17 @@ def _shared_view(plan: dict) -> dict:
     return {k: v for k, v in json.loads(json.dumps(plan)).items() if k not in FINAL_STAGE_SETTINGS}
 
 
+def _shared_config(config) -> dict | None:
+    """A stage's training config (``TrainConfig.to_dict()``, as JSON reads it back) with its plan's final-stage
+    settings left out (None when it is not a fine-tuning stage's config)."""
+    try:
+        c = json.loads(json.dumps(config))
+        c["extra"]["hawqlib.finetune"]["plan"] = _shared_view(c["extra"]["hawqlib.finetune"]["plan"])
+    except (TypeError, KeyError, AttributeError):
+        return None
+    return c
+
+
 def _share_stage(share_from: dict, stage: int, plan: dict, config: dict, qmodel: nn.Module, sdir: Path):
     """``(label, checkpoint, before)`` of the first run of ``share_from`` that finished ``stage`` under a plan
     sharing it (:func:`_shared_view`), its model written to ``sdir/model.pt`` under ``config``; None if none did.
@@ -367,9 +378,8 @@ def _share_stage(share_from: dict, stage: int, plan: dict, config: dict, qmodel:
         except (OSError, json.JSONDecodeError, CheckpointError) as exc:
             warnings.warn(f"not sharing stage {stage} of {label} ({other}): {exc}", stacklevel=3)
             continue
-        cplan = ckpt.get("config", {}).get("extra", {}).get("hawqlib.finetune", {})
-        if rec is None or cplan.get("stage") != stage or _shared_view(cplan.get("plan") or {}) != want:
-            continue
+        if rec is None or _shared_config(ckpt.get("config")) != _shared_config(config):
+            continue  # the stage's whole training config (stage, epochs, lr, seed, plan) must match
         ckpt = {k: v for k, v in ckpt.items() if k != "sha256"}
         ckpt["config"] = json.loads(json.dumps(config))
         sdir.mkdir(parents=True, exist_ok=True)
