@@ -34,13 +34,17 @@ restated by the paper. Our choices, with their reasons:
   step from its calibrated value (LSQ, :meth:`hawqlib.quant.QuantAct.set_learn_step`) from stage 1 on;
   ``distill`` trains that final stage against the FP32 network (:class:`hawqlib.distill.DistillationLoss`).
   The plan records the last two only when they are on, so plans without them are unchanged.
-- **Shared stages** (ours, to spend no compute twice). ``final_epochs`` and ``distill`` act on the final
-  stage alone: two runs whose plans differ only in them train stages 1..n identically (same seed, groups,
-  data order and settings). With ``share_from``, a stage that this run has not finished is taken from the
-  first run listed there that has finished it under such a plan (its ``model.pt``, digest-verified, and the
-  ``before`` record of its ``history.json``), written into this run's folder under this run's plan, and
-  marked ``shared_from`` in the history; the run then goes on as if it had trained that stage itself, and
-  ends with the same weights. Its epoch records (times included) are the other run's.
+- **Shared stages** (ours, to spend no compute twice). ``final_epochs`` and ``distill`` act on the extra
+  final stage alone: two runs whose plans differ only in them train the stages that quantize a group
+  identically, given the same training data in the same order on the same kind of device and number of
+  processes (which the caller vouches for: :func:`hawqlib.pipeline.finetuned` offers only runs of the same
+  artifact key but for those settings, so of the same data). With ``share_from``, such a stage that this run
+  has not finished is taken from the first run listed there that has finished it under the same training
+  config but for those settings: its ``model.pt`` (with a digest, verified) and the ``before`` record of its
+  ``history.json`` are written into this run's folder under this run's config, the history first, marked
+  ``shared_from``. The run goes on as if it had trained the stage itself (finished stages are restored as
+  training leaves them) and ends with the same weights; the shared stage's epoch records, times included,
+  are the other run's.
 - **Many processes** (``torchrun``, :mod:`hawqlib.distributed`): every stage is a data-parallel
   :func:`hawqlib.train.train`; calibration runs on the same global batches on every rank and is followed
   by a broadcast of rank 0's quantizer buffers; rank 0 alone reads and writes ``history.json`` and the
@@ -162,9 +166,10 @@ def staged_finetune(model: nn.Module, bit_config: BitConfig, order, train_data, 
     final stage (``final_epochs`` > 0) with :class:`hawqlib.distill.DistillationLoss` from ``model`` (the FP32
     network) as teacher. Both are extensions to the paper's recipe, off by default; when on, the plan records
     them. ``checkpoint_dir=None`` keeps nothing on disk (no resume).
-    ``share_from``: ``{label: checkpoint_dir of another run}``; a stage before the final one that this run has
-    not finished is taken from the first of them that finished it under a plan differing from this one only
-    in :data:`FINAL_STAGE_SETTINGS` (module docstring, "Shared stages"); needs ``checkpoint_dir`` and ``resume``.
+    ``share_from``: ``{label: checkpoint_dir of another run}``; a stage that quantizes a group and that this run
+    has not finished is taken from the first of them that finished it under a training config differing from
+    this one only in :data:`FINAL_STAGE_SETTINGS` (module docstring, "Shared stages"); needs ``checkpoint_dir``
+    and ``resume``.
     ``callback(record)`` is called after every epoch (its checkpoint already on disk) with the epoch's
     record, ``stage`` and ``global_epoch`` included; returning True stops the run there (resumable; the
     history then has ``complete = False``: a time-boxed run, or a test's interruption).
@@ -255,11 +260,13 @@ def staged_finetune(model: nn.Module, bit_config: BitConfig, order, train_data, 
                          else None) if sdir is not None and resume else None)
         shared = None
         if ckpt is None and group and share_from:
-            got = _on_main(_share_stage, share_from, stage, plan, cfg.to_dict(), qmodel, sdir)
-            if got is not None:
+            got = _on_main(_share_stage, share_from, stage, cfg.to_dict(), qmodel)
+            if got is not None:  # recorded in the history first, so that a crash cannot lose where it came from
                 shared, ckpt, before_shared = got
                 cached[stage] = {"stage": stage, "quantized": group, "before": before_shared, "epochs": [],
                                  "shared_from": shared}
+                _write_history(hist_path, plan, [cached[s] for s in sorted(cached)])
+                _on_main(_write_shared, sdir, ckpt)
         finished = ckpt is not None
         if finished:
             want = json.loads(json.dumps(cfg.to_dict()))
@@ -267,6 +274,13 @@ def staged_finetune(model: nn.Module, bit_config: BitConfig, order, train_data, 
                 raise CheckpointError(f"{sdir / 'model.pt'} was written by another fine-tuning plan; "
                                       "use another checkpoint_dir or resume=False")
             qmodel.load_state_dict(ckpt["model"])
+            # as training left it (train's memory layout; a learned step still a trained tensor), so that the
+            # next stage's "before" evaluation computes what an uninterrupted run computes, to the bit
+            qmodel.to(memory_format=torch.channels_last)
+            if act_step == "learned":
+                for m in qmodel.modules():
+                    if isinstance(m, QuantAct) and m.enabled:
+                        m.set_learn_step(True)
             log_epochs = ckpt["history"]
             before = cached.get(stage, {}).get("before")
             shared = cached.get(stage, {}).get("shared_from")
@@ -358,36 +372,44 @@ def _shared_config(config) -> dict | None:
     return c
 
 
-def _share_stage(share_from: dict, stage: int, plan: dict, config: dict, qmodel: nn.Module, sdir: Path):
-    """``(label, checkpoint, before)`` of the first run of ``share_from`` that finished ``stage`` under a plan
-    sharing it (:func:`_shared_view`), its model written to ``sdir/model.pt`` under ``config``; None if none did.
+def _share_stage(share_from: dict, stage: int, config: dict, qmodel: nn.Module):
+    """``(label, checkpoint, before)`` of the first run of ``share_from`` that finished ``stage`` under this run's
+    training ``config`` but for :data:`FINAL_STAGE_SETTINGS` (:func:`_shared_config`), the checkpoint carrying
+    ``config``; None if none did.
 
-    A run whose files do not verify (unreadable history, a checkpoint failing its digest or of another model)
-    is passed over with a warning: this run then trains the stage itself."""
-    want = _shared_view(plan)
+    A run whose files do not verify (an unreadable or malformed history, a checkpoint without a digest, failing
+    it or of another model) is passed over with a warning: this run then trains the stage itself."""
+    want = _shared_config(config)
     for label, other in share_from.items():
         src = Path(other) / f"stage_{stage}" / "model.pt"
         if not src.exists():
             continue
         try:
             old = json.loads((Path(other) / "history.json").read_text())
-            if not isinstance(old, dict) or _shared_view(old.get("plan") or {}) != want:
-                continue
-            rec = {s.get("stage"): s for s in old.get("stages", []) if isinstance(s, dict)}.get(stage)
+            if not isinstance(old, dict) or not isinstance(old.get("stages"), list):
+                raise CheckpointError("its history.json is not a fine-tuning history")
+            rec = {s.get("stage"): s for s in old["stages"] if isinstance(s, dict)}.get(stage)
             ckpt = load_checkpoint(src, qmodel)
-        except (OSError, json.JSONDecodeError, CheckpointError) as exc:
+            if "sha256" not in ckpt:
+                raise CheckpointError(f"{src} records no digest to verify it by")
+        except (OSError, ValueError, CheckpointError) as exc:  # ValueError: bad JSON or bad UTF-8
             warnings.warn(f"not sharing stage {stage} of {label} ({other}): {exc}", stacklevel=3)
             continue
-        if rec is None or _shared_config(ckpt.get("config")) != _shared_config(config):
-            continue  # the stage's whole training config (stage, epochs, lr, seed, plan) must match
+        if rec is None or _shared_config(ckpt.get("config")) != want:
+            continue  # another plan, or a stage trained under other settings
         ckpt = {k: v for k, v in ckpt.items() if k != "sha256"}
         ckpt["config"] = json.loads(json.dumps(config))
-        sdir.mkdir(parents=True, exist_ok=True)
-        _save_checkpoint(sdir / "model.pt", ckpt)
-        for partial in ("checkpoint.pt", "log.json"):  # this run's own partial stage, superseded
-            (sdir / partial).unlink(missing_ok=True)
         return label, ckpt, rec.get("before")
     return None
+
+
+def _write_shared(sdir: Path, ckpt: dict) -> None:
+    """Write a shared stage's checkpoint as this run's ``sdir/model.pt``; this run's own partial files of
+    that stage, superseded, go."""
+    sdir.mkdir(parents=True, exist_ok=True)
+    _save_checkpoint(sdir / "model.pt", ckpt)
+    for partial in ("checkpoint.pt", "log.json"):
+        (sdir / partial).unlink(missing_ok=True)
 
 
 def _read_cached(hist_path: Path, plan: dict) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+import shutil
 
 import pytest
 import torch
@@ -206,7 +207,6 @@ def test_runs_differing_in_the_final_stage_alone_share_the_stages_before_it(task
     trained = []
     run("other", trained, share_from={"lsq": tmp_path / "lsq"}, **dict(kd, lr=0.03))
     assert trained == [1, 2, 3]
-    import shutil
     shutil.copytree(tmp_path / "lsq", tmp_path / "bad")
     f = tmp_path / "bad" / "stage_1" / "model.pt"
     c = torch.load(f, weights_only=True)
@@ -225,8 +225,46 @@ def test_runs_differing_in_the_final_stage_alone_share_the_stages_before_it(task
     (partial / "checkpoint.pt").write_bytes(b"partial")
     run("kd3", share_from={"lsq": tmp_path / "lsq"}, **kd)
     assert sorted(p.name for p in partial.iterdir()) == ["model.pt"]
+    # a file without a digest is not taken either
+    shutil.copytree(tmp_path / "lsq", tmp_path / "nodigest")
+    f = tmp_path / "nodigest" / "stage_1" / "model.pt"
+    c = torch.load(f, weights_only=True)
+    del c["sha256"]
+    torch.save(c, f)
+    with pytest.warns(UserWarning, match="records no digest"):
+        run("kd4", share_from={"nodigest": tmp_path / "nodigest"}, **kd)
     with pytest.raises(ValueError, match="checkpoint_dir"):
         staged_finetune(model, cfg, order, TensorLoader(xtr, ytr, 64), te, share_from={"lsq": tmp_path / "lsq"}, **kd)
+
+
+def test_a_run_shares_the_stages_another_run_in_progress_has_finished(task, tmp_path):
+    """The other run stopped inside its second stage: the first is taken, the rest trained here; every
+    record (the "before" evaluation of the stage trained here included) is that of a run that trained all."""
+    model, (xtr, ytr), (xte, yte) = task
+    te = TensorLoader(xte, yte, 256)
+    cfg = BitConfig.uniform(model, 3, act_bits=4)
+    order = [b.name for b in quant_blocks(model)]
+    kw = dict(stages=2, epochs_per_stage=2, final_epochs=1, lr=0.02, progress=False, seed=1, act_step="learned")
+    kd = dict(kw, distill={"alpha": 0.9, "temperature": 4.0})
+
+    def run(folder, callback=None, **k):
+        loader = TensorLoader(xtr, ytr, 64, shuffle=True, seed=0)
+        return staged_finetune(model, cfg, order, loader, te, checkpoint_dir=tmp_path / folder, callback=callback,
+                               **k)
+
+    _, part = run("lsq", callback=lambda rec: rec["global_epoch"] == 3, **kw)   # stops in stage 2
+    assert not part["complete"] and not (tmp_path / "lsq" / "stage_2" / "model.pt").exists()
+    ref, ref_hist = run("ref", **kd)
+    trained = []
+    got, hist = run("kd", callback=lambda rec: trained.append((rec["stage"], rec["epoch"])),
+                    share_from={"lsq": tmp_path / "lsq"}, **kd)
+    assert trained == [(2, 1), (2, 2), (3, 1)]
+    assert [s.get("shared_from") for s in hist["stages"]] == ["lsq", None, None]
+    assert all(torch.equal(v, got.state_dict()[k]) for k, v in ref.state_dict().items())
+    for a, b in zip(hist["stages"], ref_hist["stages"]):
+        assert a["before"] == b["before"]
+        assert [{k: v for k, v in r.items() if not k.endswith("_s")} for r in a["epochs"]] == \
+            [{k: v for k, v in r.items() if not k.endswith("_s")} for r in b["epochs"]]
 
 
 def test_attempt_runs_are_named_grouped_and_keyed_apart():
