@@ -230,3 +230,32 @@ def test_a_fine_tuning_run_names_the_runs_that_train_its_first_stages(artifacts)
     assert pipeline._stage_sharing_runs(params) == [key(**lsq), key(**dict(lsq, final_epochs=0))]
     assert pipeline._stage_sharing_runs(dict(params, finetune=lsq)) == [key(**dict(lsq, final_epochs=0))]
     assert pipeline._stage_sharing_runs(dict(params, finetune=dict(lsq, final_epochs=0))) == []
+
+
+def test_a_distilled_run_is_offered_the_stages_of_the_same_run_without_distillation(artifacts, cifar_root,
+                                                                                     monkeypatch):
+    """finetuned hands staged_finetune the folder the run without distillation fine-tunes in."""
+    from hawqlib import finetune
+
+    torch.manual_seed(0)
+    net = resnet20().eval()
+    bc = quant.BitConfig.uniform(net, 4, act_bits=4)
+    order = [b.name for b in quant_blocks(net, "layer")]
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake(*args, checkpoint_dir, share_from=None, distill=None, **kw):
+        seen["kd" if distill else "lsq"] = (checkpoint_dir, share_from)
+        raise Stop
+
+    monkeypatch.setattr(finetune, "staged_finetune", fake)
+    lsq = dict(FT, final_epochs=1, act_step="learned")
+    for cfg in (lsq, dict(lsq, distill={"alpha": 0.9, "temperature": 4.0})):
+        with pytest.raises(Stop):
+            pipeline.finetuned(net, "r20-random", bc, order, cfg, data_root=cifar_root)
+    lsq_dir, lsq_share = seen["lsq"]
+    kd_dir, kd_share = seen["kd"]
+    assert kd_share[lsq_dir.parent.name] == lsq_dir and list(kd_share)[0] == lsq_dir.parent.name
+    assert lsq_dir not in lsq_share.values() and kd_dir not in kd_share.values() and lsq_dir != kd_dir
