@@ -93,7 +93,8 @@ def run_finetune(root, stop_after: int | None = None, **options):
     q, hist = staged_finetune(net, cfg, ["fc", "conv"], tr, te, stages=2, epochs_per_stage=1, lr=0.01,
                               checkpoint_dir=root, progress=False, calibration_batches=2, callback=cb, **options)
     return {"state": {k: v.detach().cpu().clone() for k, v in q.state_dict().items()},
-            "val": [r["val_top1"] for r in hist["epochs"]], "complete": hist["complete"]}
+            "val": [r["val_top1"] for r in hist["epochs"]], "complete": hist["complete"],
+            "shared": [st.get("shared_from") for st in hist["stages"]]}
 
 
 def main(out: Path, what: str) -> None:
@@ -108,13 +109,17 @@ def main(out: Path, what: str) -> None:
                      "c_stop": lambda: run_train(2, out / "ck_resume", stop_after=1),
                      "d": lambda: run_finetune(out / "ft"),
                      "d_stop": lambda: run_finetune(out / "ft_resume", stop_after=1),
-                     "e": lambda: run_finetune(out / "ft_lsq", **LEARNED)}
+                     "e": lambda: run_finetune(out / "ft_lsq", **LEARNED),
+                     "e_plain": lambda: run_finetune(out / "ft_plain", **{**LEARNED, "distill": None})}
         elif what == "hang":
             steps = {"c_hang": lambda: run_train(2, out / "ck_kill", hang_after=out / f"hang.rank{r}")}
         else:
             steps = {"c_killed_resume": lambda: run_train(2, out / "ck_kill"),
                      "c_resume": lambda: run_train(2, out / "ck_resume"),
-                     "d_resume": lambda: run_finetune(out / "ft_resume")}
+                     "d_resume": lambda: run_finetune(out / "ft_resume"),
+                     # the distilled run, its stages before the final one taken from the run without distillation
+                     "e_shared": lambda: run_finetune(out / "ft_shared", share_from={"plain": out / "ft_plain"},
+                                                      **LEARNED)}
         for name, fn in steps.items():
             torch.save(fn(), out / f"{name}.rank{r}.pt")
     finally:

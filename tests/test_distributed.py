@@ -92,7 +92,8 @@ def runs(tmp_path_factory):
     assert second.returncode == 0, second.stderr[-3000:]
     load = lambda name, r: torch.load(out / f"{name}.rank{r}.pt", weights_only=True)  # noqa: E731
     return {name: (load(name, 0), load(name, 1)) for name in ("a", "b", "c_full", "c_stop", "c_resume", "d",
-                                                                "d_stop", "d_resume", "c_killed_resume", "e")}
+                                                                "d_stop", "d_resume", "c_killed_resume", "e",
+                                                                "e_shared")}
 
 
 def _same(s0: dict, s1: dict) -> None:
@@ -162,6 +163,14 @@ def test_finetune_with_a_learned_step_and_distillation_matches_one_process(runs,
             assert torch.equal(r0["state"][k], v), k
     steps = [k for k in one["state"] if k.endswith(".scale") and "act" in k]
     assert steps
+
+
+def test_finetune_shares_stages_across_runs_on_every_rank(runs):
+    full = runs["e"][0]
+    for r in runs["e_shared"]:                  # rank 0 read the other run's files; every rank loaded them
+        assert r["shared"] == ["plain", "plain", None]
+        _same(r["state"], full["state"])
+        assert r["val"] == full["val"] and r["complete"]
 
 
 def test_one_process_helpers():
