@@ -105,8 +105,9 @@ def seeds_table(runs: Mapping, *, level: str = "run"):
                             "artifact": r.folder.name})
             rows.append(row)
     frame = pd.DataFrame(rows, columns=[level, "seed", *SEED_COLUMNS]).set_index([level, "seed"])
-    return table(frame, {"top-1 (%)": "{:.2f}", "from packed file (%)": "{:.2f}", "wall time (min)": "{:.1f}",
-                         "torch threads": "{:.0f}"}, text=["artifact"])
+    sty = table(frame, {"top-1 (%)": "{:.2f}", "from packed file (%)": "{:.2f}", "wall time (min)": "{:.1f}",
+                        "torch threads": "{:.0f}"}, text=["artifact"])
+    return sty.set_properties(subset=["artifact"], **{"white-space": "nowrap"})  # a folder name is one word
 
 
 def run_minutes(result) -> float:
