@@ -73,7 +73,8 @@ def test_the_headline_budget_is_the_papers_weight_only_measure():
 def test_seeds_by_run_name():
     P = profiles.get("cpu")
     assert experiments.seeds(P, "hawq") == [0, 1, 2] == experiments.seeds(P, "order-reverse")
-    assert experiments.seeds(P, "alloc-reverse") == [0, 1, 2]
+    assert experiments.seeds(P, "alloc-reverse") == [0, 1, 2] == experiments.seeds(P, "hawq+kd")
+    assert experiments.seeds(P, "hawq+final") == [P["finetune"]["seed"]] == experiments.seeds(P, "hawq+lsq")
     assert experiments.seeds(P, "W2A4") == [P["finetune"]["seed"]] == experiments.seeds(P, "order-random")
     P["finetune"]["seeds"]["hawq"] = [0, "1"]
     with pytest.raises(ValueError, match=r"finetune.seeds\['hawq'\] must be a non-empty list of integers"):
