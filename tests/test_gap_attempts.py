@@ -174,21 +174,31 @@ def test_staged_finetune_with_learned_step_and_distillation(device, task, tmp_pa
         staged_finetune(model, cfg, order, loader, te, **{**kw, "act_step": "lsq"})
 
 
-def test_runs_differing_in_the_final_stage_alone_share_the_stages_before_it(task, tmp_path):
-    """A distilled run takes the finished stages of the same run without distillation (module docstring,
-    "Shared stages"): it trains the final stage alone and ends with the weights of a run that trained all."""
+def _sharing_runs(task, tmp_path, epochs_per_stage: int):
+    """``run(folder, trained=None, **settings)``: a staged fine-tuning of the task's model checkpointed in
+    ``tmp_path/folder`` (none for ``None``), appending each trained epoch's stage to ``trained``; and the
+    settings of a run with a learned step, without distillation and with it."""
     model, (xtr, ytr), (xte, yte) = task
     te = TensorLoader(xte, yte, 256)
     cfg = BitConfig.uniform(model, 3, act_bits=4)
     order = [b.name for b in quant_blocks(model)]
-    kw = dict(stages=2, epochs_per_stage=1, final_epochs=1, lr=0.02, progress=False, seed=1, act_step="learned")
-    kd = dict(kw, distill={"alpha": 0.9, "temperature": 4.0})
+    kw = dict(stages=2, epochs_per_stage=epochs_per_stage, final_epochs=1, lr=0.02, progress=False, seed=1,
+              act_step="learned")
 
-    def run(folder, trained=None, **k):
+    def run(folder, trained=None, callback=None, **k):
         loader = TensorLoader(xtr, ytr, 64, shuffle=True, seed=0)
-        cb = None if trained is None else (lambda rec: trained.append(rec["stage"]))
-        return staged_finetune(model, cfg, order, loader, te, checkpoint_dir=tmp_path / folder, callback=cb, **k)
+        if trained is not None:
+            callback = lambda rec: trained.append(rec["stage"])  # noqa: E731
+        return staged_finetune(model, cfg, order, loader, te, checkpoint_dir=folder and tmp_path / folder,
+                               callback=callback, **k)
 
+    return run, kw, dict(kw, distill={"alpha": 0.9, "temperature": 4.0})
+
+
+def test_runs_differing_in_the_final_stage_alone_share_the_stages_before_it(task, tmp_path):
+    """A distilled run takes the finished stages of the same run without distillation (module docstring,
+    "Shared stages"): it trains the final stage alone and ends with the weights of a run that trained all."""
+    run, kw, kd = _sharing_runs(task, tmp_path, epochs_per_stage=1)
     run("lsq", **kw)
     ref, ref_hist = run("ref", **kd)
     trained = []
@@ -234,24 +244,13 @@ def test_runs_differing_in_the_final_stage_alone_share_the_stages_before_it(task
     with pytest.warns(UserWarning, match="records no digest"):
         run("kd4", share_from={"nodigest": tmp_path / "nodigest"}, **kd)
     with pytest.raises(ValueError, match="checkpoint_dir"):
-        staged_finetune(model, cfg, order, TensorLoader(xtr, ytr, 64), te, share_from={"lsq": tmp_path / "lsq"}, **kd)
+        run(None, share_from={"lsq": tmp_path / "lsq"}, **kd)
 
 
 def test_a_run_shares_the_stages_another_run_in_progress_has_finished(task, tmp_path):
     """The other run stopped inside its second stage: the first is taken, the rest trained here; every
     record (the "before" evaluation of the stage trained here included) is that of a run that trained all."""
-    model, (xtr, ytr), (xte, yte) = task
-    te = TensorLoader(xte, yte, 256)
-    cfg = BitConfig.uniform(model, 3, act_bits=4)
-    order = [b.name for b in quant_blocks(model)]
-    kw = dict(stages=2, epochs_per_stage=2, final_epochs=1, lr=0.02, progress=False, seed=1, act_step="learned")
-    kd = dict(kw, distill={"alpha": 0.9, "temperature": 4.0})
-
-    def run(folder, callback=None, **k):
-        loader = TensorLoader(xtr, ytr, 64, shuffle=True, seed=0)
-        return staged_finetune(model, cfg, order, loader, te, checkpoint_dir=tmp_path / folder, callback=callback,
-                               **k)
-
+    run, kw, kd = _sharing_runs(task, tmp_path, epochs_per_stage=2)
     _, part = run("lsq", callback=lambda rec: rec["global_epoch"] == 3, **kw)   # stops in stage 2
     assert not part["complete"] and not (tmp_path / "lsq" / "stage_2" / "model.pt").exists()
     ref, ref_hist = run("ref", **kd)
