@@ -36,8 +36,8 @@ restated by the paper. Our choices, with their reasons:
   The plan records the last two only when they are on, so plans without them are unchanged.
 - **Shared stages** (ours, to spend no compute twice). ``final_epochs`` and ``distill`` act on the extra
   final stage alone: two runs whose plans differ only in them train the stages that quantize a group
-  identically, given the same training data in the same order on the same kind of device and number of
-  processes (which the caller vouches for: :func:`hawqlib.pipeline.finetuned` offers only runs of the same
+  identically, given the same training data in the same order on the same kind of device, number of
+  processes and torch threads (which the caller vouches for: :func:`hawqlib.pipeline.finetuned` offers only runs of the same
   artifact key but for those settings, so of the same data). With ``share_from``, such a stage that this run
   has not finished is taken from the first run listed there that has finished it under the same training
   config but for those settings: its ``model.pt`` (with a digest, verified) and the ``before`` record of its
@@ -210,6 +210,8 @@ def staged_finetune(model: nn.Module, bit_config: BitConfig, order, train_data, 
         raise ValueError(f"lr must be a positive number, got {lr!r}")
     if len(train_data) == 0:
         raise ValueError("train_data yields no batches")
+    if share_from is not None and not isinstance(share_from, dict):
+        raise TypeError(f"share_from must be a dict {{label: checkpoint_dir of another run}}, got {share_from!r}")
     share_from = dict(share_from or {})
     if share_from and (checkpoint_dir is None or not resume):
         raise ValueError("share_from writes the shared stages into this run's folder: it needs a checkpoint_dir "

@@ -86,7 +86,8 @@ SEED_COLUMNS = ("top-1 (%)", "from packed file (%)", "wall time (min)", "torch t
 def seeds_table(runs: Mapping, *, level: str = "run"):
     """One line per seed of ``runs`` (``{row label: {seed: result, or None when not stored}}``, results as
     :func:`hawqlib.experiments.run_seeds` returns them): its accuracy, the accuracy of its packed file, the
-    wall time its fine-tuning took, the torch threads it ran with and its artifact folder; a seed not
+    wall time its fine-tuning took (a stage it took from another run counts as that run spent it,
+    :mod:`hawqlib.finetune`), the torch threads it ran with and its artifact folder; a seed not
     stored reads ``"not stored yet"``. A :func:`table` indexed by (``level``, seed).
     """
     import pandas as pd

@@ -241,8 +241,12 @@ def test_runs_differing_in_the_final_stage_alone_share_the_stages_before_it(task
     c = torch.load(f, weights_only=True)
     del c["sha256"]
     torch.save(c, f)
+    trained = []
     with pytest.warns(UserWarning, match="records no digest"):
-        run("kd4", share_from={"nodigest": tmp_path / "nodigest"}, **kd)
+        run("kd4", trained, share_from={"nodigest": tmp_path / "nodigest"}, **kd)
+    assert trained[0] == 1                     # stage 1 trained here (stage 2, verified, may be taken)
+    with pytest.raises(TypeError, match="share_from must be a dict"):
+        run("kd5", share_from=tmp_path / "lsq", **kd)
     with pytest.raises(ValueError, match="checkpoint_dir"):
         run(None, share_from={"lsq": tmp_path / "lsq"}, **kd)
 
