@@ -270,7 +270,7 @@ class FinetuneResult:
 
 
 def _stage_sharing_runs(params: dict) -> list[Path]:
-    """The artifact folders of the fine-tuning runs that train the stages before the final one as the run of
+    """The artifact folders of the fine-tuning runs that train the stages quantizing a group as the run of
     ``params`` does: the same key but for :data:`hawqlib.finetune.FINAL_STAGE_SETTINGS` (no distillation, no
     final stage, or neither). Listed whether or not they exist; ``staged_finetune`` takes what it finds. A run's
     stage files go once its artifact completes (``run/`` is deleted), so what is shared is the finished stages
@@ -336,7 +336,7 @@ def finetuned(model: torch.nn.Module, base: str, bit_config, order, cfg: dict, *
                 qmodel, history = finetune.direct_finetune(model, bit_config, tr_d, te_d, epochs=finetune_epochs(ft),
                                                            **kw)
             else:
-                if kw["resume"]:  # the runs whose stages before the final one are this one's ("Shared stages")
+                if kw["resume"]:  # runs whose group stages are this one's (hawqlib.finetune, "Shared stages")
                     kw["share_from"] = {d.name: d / "run" for d in _stage_sharing_runs(params)}
                 qmodel, history = finetune.staged_finetune(model, bit_config, order, tr_d, te_d,
                                                            stages=ft["stages"], epochs_per_stage=ft["epochs_per_stage"],
