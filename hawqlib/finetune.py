@@ -280,9 +280,7 @@ def staged_finetune(model: nn.Module, bit_config: BitConfig, order, train_data, 
             # next stage's "before" evaluation computes what an uninterrupted run computes, to the bit
             qmodel.to(memory_format=torch.channels_last)
             if act_step == "learned":
-                for m in qmodel.modules():
-                    if isinstance(m, QuantAct) and m.enabled:
-                        m.set_learn_step(True)
+                _learn_steps(qmodel, True)
             log_epochs = ckpt["history"]
             before = cached.get(stage, {}).get("before")
             shared = cached.get(stage, {}).get("shared_from")
@@ -307,9 +305,7 @@ def staged_finetune(model: nn.Module, bit_config: BitConfig, order, train_data, 
                 progress_write(f"stage {stage}/{len(runs)}: quantizing {len(group)} block(s) {group}"
                            if group else f"stage {stage}/{len(runs)}: final fine-tuning, all blocks quantized")
             if act_step == "learned":
-                for m in qmodel.modules():
-                    if isinstance(m, QuantAct) and m.enabled:
-                        m.set_learn_step(True)
+                _learn_steps(qmodel, True)
             loss_fn = None
             if distill is not None and not group:  # the teacher: the FP32 network, on the quantized copy's device
                 dev = next(qmodel.parameters()).device
@@ -352,15 +348,15 @@ def staged_finetune(model: nn.Module, bit_config: BitConfig, order, train_data, 
             bar.update(1)
     if bar is not None:
         bar.close()
-    for m in qmodel.modules():  # a learned step is a plain buffer again (exports read plain tensors)
-        if isinstance(m, QuantAct):
-            m.set_learn_step(False)
+    _learn_steps(qmodel, False)  # a learned step is a plain buffer again (exports read plain tensors)
     return qmodel, history
 
 
-def _shared_view(plan: dict) -> dict:
-    """``plan`` (as JSON reads it back) without the settings that act on the final stage alone."""
-    return {k: v for k, v in json.loads(json.dumps(plan)).items() if k not in FINAL_STAGE_SETTINGS}
+def _learn_steps(qmodel: nn.Module, learn: bool) -> None:
+    """Train the step of every switched-on activation quantizer (``learn=True``), or fix every step again."""
+    for m in qmodel.modules():
+        if isinstance(m, QuantAct) and (m.enabled or not learn):
+            m.set_learn_step(learn)
 
 
 def _shared_config(config) -> dict | None:
@@ -368,7 +364,8 @@ def _shared_config(config) -> dict | None:
     settings left out (None when it is not a fine-tuning stage's config)."""
     try:
         c = json.loads(json.dumps(config))
-        c["extra"]["hawqlib.finetune"]["plan"] = _shared_view(c["extra"]["hawqlib.finetune"]["plan"])
+        plan = c["extra"]["hawqlib.finetune"]["plan"]
+        c["extra"]["hawqlib.finetune"]["plan"] = {k: v for k, v in plan.items() if k not in FINAL_STAGE_SETTINGS}
     except (TypeError, KeyError, AttributeError):
         return None
     return c
