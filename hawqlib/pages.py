@@ -108,7 +108,10 @@ def seeds_table(runs: Mapping, *, level: str = "run"):
     frame = pd.DataFrame(rows, columns=[level, "seed", *SEED_COLUMNS]).set_index([level, "seed"])
     sty = table(frame, {"top-1 (%)": "{:.2f}", "from packed file (%)": "{:.2f}", "wall time (min)": "{:.1f}",
                         "torch threads": "{:.0f}"}, text=["artifact"])
-    return sty.set_properties(subset=["artifact"], **{"white-space": "nowrap"})  # a folder name is one word
+    sty = sty.set_properties(subset=["artifact"], **{"white-space": "nowrap"})  # a folder name is one word
+    # A run's label wraps beside its seeds, so that the folder names fit the text column.
+    return sty.set_table_styles([{"selector": "tbody th.level0", "props": "white-space: normal; min-width: 8em;"}],
+                                overwrite=False)
 
 
 def run_minutes(result) -> float:

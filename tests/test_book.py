@@ -21,7 +21,7 @@ import nbformat
 import pytest
 
 import hawqlib
-from hawqlib import book, pages
+from hawqlib import book, pages, profiles
 
 from _book_smoke import ROOT, smoke_book
 
@@ -438,6 +438,9 @@ def test_pasted_values_match_the_notebooks(built):
     top1 = float(glued["baseline_top1"]["application/papermill.record/text/plain"])
     intro = (built.html / "intro.html").read_text(encoding="utf-8")
     assert f"{top1:.2f}%" in intro.replace("</span>", "")
+    # a profile's value reads as a value in the prose, not as code
+    smoke = profiles.get("smoke")["description"]
+    assert re.search(rf'<strong class="profile-value">{re.escape(smoke)}</strong>', intro)
     reproduce = (built.html / "reproduce.html").read_text(encoding="utf-8")
     timings = json.loads((built.executed / "timings.json").read_text())["notebooks"]
     assert set(timings) == set(book.NOTEBOOKS)

@@ -1,6 +1,7 @@
 """The per-seed table and the missing-run note every result page shares (hawqlib.pages)."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +30,9 @@ def test_seeds_table_lists_every_seed_stored_or_not(tmp_path):
     assert frame.loc[("hawq", 0), "artifact"] == "finetune-aaa"
     html = seeds_table(runs).to_html()
     assert "91.75" in html and "not stored yet" in html and "60.0" in html
+    # the run labels may wrap (the folder names then fit the text column); the folder names may not
+    assert re.search(r"tbody th\.level0 \{\s*white-space: normal;", html)
+    assert re.search(r"_col4 \{[^}]*white-space: nowrap;\s*\}", html)
 
 
 def test_missing_runs_names_the_seeds_the_command_and_the_measured_time(tmp_path):

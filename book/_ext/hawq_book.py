@@ -67,7 +67,7 @@ def _lookup(spec: str):
 
 
 class ProfileRole(SphinxRole):
-    """``{profile}`cpu:baseline.lr``` -> the value, formatted for prose."""
+    """``{profile}`cpu:baseline.lr``` -> the value, formatted for prose (bold text, like a glued number)."""
 
     def run(self):
         try:
@@ -75,7 +75,7 @@ class ProfileRole(SphinxRole):
         except (ValueError, KeyError) as exc:
             msg = self.inliner.reporter.error(f"profile role: {exc}", line=self.lineno)
             return [nodes.problematic(self.rawtext, self.rawtext)], [msg]
-        return [nodes.literal(text, text, classes=["profile-value"])], []
+        return [nodes.strong(text, text, classes=["profile-value"])], []
 
 
 class BookProfileRole(SphinxRole):
@@ -98,7 +98,7 @@ class BookProfileRole(SphinxRole):
             msg = self.inliner.reporter.error(f"book-profile role: executed notebooks come from profiles {found}",
                                               line=self.lineno)
             return [nodes.problematic(self.rawtext, self.rawtext)], [msg]
-        return [nodes.literal(found[0], found[0], classes=["profile-value"])], []
+        return [nodes.literal(found[0], found[0])], []  # a profile's name, as the prose writes names
 
 
 def _table(header: list[str], rows: list[list[str]], widths=None) -> nodes.table:
