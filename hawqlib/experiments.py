@@ -50,8 +50,9 @@ class RunSpec:
     schedule: dict = field(default_factory=dict)
 
 
-GROUPS = ("table", "ablation", "attempts")
-"""The groups of runs :func:`run_names` can select: the ResNet20 table's, the ablation's and the gap attempts'."""
+GROUPS = ("table", "ablation", "attempts", "longer")
+"""The groups of runs :func:`run_names` can select: the ResNet20 table's, the ablation's, the gap attempts' and
+the longer schedules' (``finetune.longer``)."""
 
 
 def _catalogue(profile: dict) -> list[tuple[str, str | None, tuple]]:
@@ -63,7 +64,7 @@ def _catalogue(profile: dict) -> list[tuple[str, str | None, tuple]]:
     """
     F, X = profile["finetune"], profile["ablation"]
     head = profile["allocation"]["measure"]
-    return ([("hawq", None, ("staged", "hawq", "omega", head, {})),
+    runs = ([("hawq", None, ("staged", "hawq", "omega", head, {})),
              ("hawq-strict", "table", ("staged", "hawq", "omega", "model", {}))]
             + [(f"W{u['weight_bits']}A{u['act_bits']}", "table",
                 ("direct", u["weight_bits"], u["act_bits"], None, {})) for u in F["uniform"]]
@@ -71,6 +72,17 @@ def _catalogue(profile: dict) -> list[tuple[str, str | None, tuple]]:
             + [(f"order-{k}", "ablation", ("staged", "hawq", k, head, {})) for k in X["orders"] if k != "omega"]
             + [(name, "attempts", ("staged", "hawq", "omega", head, dict(schedule)))
                for name, schedule in F.get("attempts", {}).items()])
+    # The longer schedules: a staged run of the table or the ablation again, its schedule replaced.
+    recipes = {name: recipe for name, _, recipe in runs}
+    for label, longer in F.get("longer", {}).items():
+        for run in longer["runs"]:
+            recipe = recipes.get(run)
+            if recipe is None or recipe[0] != "staged" or recipe[4]:
+                valid = [n for n, (kind, *_, sched) in recipes.items() if kind == "staged" and not sched]
+                raise ValueError(f"finetune.longer[{label!r}] names run {run!r}, which is not a staged run of the "
+                                 f"table or the ablation; valid: {', '.join(valid)}")
+            runs.append((f"{run}@{label}", "longer", recipe[:4] + (dict(longer["schedule"]),)))
+    return runs
 
 
 def run_names(profile: dict, group: str | None = None) -> list[str]:
@@ -144,8 +156,9 @@ def run_specs(model: torch.nn.Module, spectra, profile: dict,
         description = (f"HAWQ {target_name} ({budget}) / A{A['act_bits']}: S-order allocation, Omega order"
                        + (f", with {describe_schedule(schedule)}" if schedule else "")
                        if x == "hawq" and y == "omega"
-                       else f"{x} allocation at the same budget, Omega order" if y == "omega"
-                       else f"HAWQ allocation, {y} fine-tuning order")
+                       else (f"{x} allocation at the same budget, Omega order" if y == "omega"
+                             else f"HAWQ allocation, {y} fine-tuning order")
+                       + (f", with {describe_schedule(schedule)}" if schedule else ""))
         order = tuple(pipeline.order_blocks(model, spectra, bits[x, measure], y, seed=X["seed"]))
         return RunSpec(name, description, bits[x, measure], order, schedule=schedule)
 
@@ -175,7 +188,9 @@ def describe_schedule(schedule: dict) -> str:
     if schedule.get("distill"):
         d = schedule["distill"]
         words.append(f"distillation from the FP32 baseline (alpha {d['alpha']:g}, T {d['temperature']:g})")
-    other = sorted(set(schedule) - {"final_epochs", "act_step", "distill"})
+    if "stages" in schedule or "epochs_per_stage" in schedule:
+        words.append(f"{schedule.get('stages', '?')} stages of {schedule.get('epochs_per_stage', '?')} epochs")
+    other = sorted(set(schedule) - {"final_epochs", "act_step", "distill", "stages", "epochs_per_stage"})
     words += [f"{k} = {schedule[k]!r}" for k in other]
     return ", ".join(words)
 

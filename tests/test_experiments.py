@@ -34,7 +34,7 @@ def test_run_specs_name_every_row_of_the_table_and_the_ablation(cpu_specs):
     net, spectra, P, specs = cpu_specs
     assert list(specs) == experiments.run_names(P)
     assert list(specs) == ["hawq", "hawq-strict", "W4A4", "W2A4", "alloc-reverse", "alloc-random", "order-reverse",
-                           "order-random", "hawq+final", "hawq+lsq", "hawq+kd"]
+                           "order-random", "hawq+final", "hawq+lsq", "hawq+kd", "hawq@paper", "order-reverse@paper"]
     hawq = specs["hawq"]
     # the gap attempts: the headline run's bits and order, with fine-tuning settings replaced
     for n, schedule in P["finetune"]["attempts"].items():
@@ -166,6 +166,22 @@ def test_finetune_command_runs_the_named_rows_in_order(cpu_specs, monkeypatch, c
     assert [(n, seed) for _, n, seed, _ in done] == [("hawq", 0), ("alloc-reverse", 0), ("hawq", 1),
                                                       ("alloc-reverse", 1), ("hawq", 2), ("alloc-reverse", 2),
                                                       ("hawq+final", 0)]
+
+
+def test_the_longer_schedules_repeat_a_run_with_only_its_schedule_replaced(cpu_specs):
+    net, spectra, P, specs = cpu_specs
+    longer = P["finetune"]["longer"]["paper"]
+    assert longer["schedule"] == {k: profiles.get("paper")["finetune"][k] for k in ("stages", "epochs_per_stage")}
+    assert experiments.run_names(P, "longer") == ["hawq", "hawq@paper", "order-reverse@paper"]
+    for run in ("hawq", "order-reverse"):
+        short, long = specs[run], specs[f"{run}@paper"]
+        assert long.bit_config is short.bit_config and long.order == short.order and not long.direct
+        assert long.schedule == longer["schedule"] and "8 stages of 10 epochs" in long.description
+        assert experiments.epochs(P, long) == 80 and experiments.seeds(P, long.name) == [0, 1, 2]
+    P2 = {**P, "finetune": {**P["finetune"], "longer": {"x": {"schedule": {"stages": 8}, "runs": ["W2A4"]}}}}
+    with pytest.raises(ValueError, match=r"finetune.longer\['x'\] names run 'W2A4', which is not a staged run.*"
+                                         r"valid: hawq, hawq-strict, alloc-reverse"):
+        experiments.run_names(P2)
 
 
 def test_an_attempt_must_change_real_fine_tuning_settings(cpu_specs):
