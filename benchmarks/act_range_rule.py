@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from hawqlib import data as D
+from hawqlib.repro import data as D
 from hawqlib.finetune import direct_finetune
 from hawqlib.quant import BitConfig, QuantAct, calibrate_activations, quantize_model
 from hawqlib.train import evaluate

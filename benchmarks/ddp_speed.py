@@ -35,8 +35,8 @@ def _worker(what: str, steps: int, blocks: int, samples: int, max_iter: int) -> 
 
     from hawqlib import distributed, hessian, quant
     from hawqlib.blocks import quant_blocks
-    from hawqlib.data import cifar10_loaders
-    from hawqlib.study import Study
+    from hawqlib.repro.data import cifar10_loaders
+    from hawqlib.repro.study import Study
     from hawqlib.train import train
 
     distributed.setup()
@@ -54,7 +54,7 @@ def _worker(what: str, steps: int, blocks: int, samples: int, max_iter: int) -> 
               weight_decay=F["weight_decay"], progress=False)
     else:
         H = P["hessian"]
-        from hawqlib.pipeline import hessian_batch
+        from hawqlib.repro.pipeline import hessian_batch
 
         batch = hessian_batch(samples, H["data_seed"])
         chosen = quant_blocks(model, "layer")[:blocks]

@@ -47,7 +47,7 @@ import warnings
 import torch
 from torch import nn
 
-from hawqlib import data as D
+from hawqlib.repro import data as D
 from hawqlib import hessian as H
 from hawqlib.blocks import quant_blocks
 from hawqlib.models import resnet20

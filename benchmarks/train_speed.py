@@ -7,7 +7,7 @@ start of the epoch to its end, data loading and augmentation (random crop with 4
 random horizontal flip, normalization) included. Every variant starts from the same initial
 weights:
 
-- ``hawqlib``: :func:`hawqlib.train.train` on a :class:`hawqlib.data.TensorLoader` (batches cut
+- ``hawqlib``: :func:`hawqlib.train.train` on a :class:`hawqlib.repro.data.TensorLoader` (batches cut
   from in-memory uint8 tensors, augmentation done per batch, channels_last), one epoch, no
   checkpoint, no progress bar;
 - ``hawqlib NCHW``: the same with ``channels_last=False`` (and NCHW batches), to tell the
@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from hawqlib.data import CIFAR10_MEAN, CIFAR10_STD, TensorLoader, cifar10
+from hawqlib.repro.data import CIFAR10_MEAN, CIFAR10_STD, TensorLoader, cifar10
 from hawqlib.models import resnet20
 from hawqlib.train import train
 
@@ -198,7 +198,7 @@ def main(argv=None) -> dict:
               "reps": args.reps, "images_per_s": ips, "ratios": ratio, "times_s": times,
               "torch": torch.__version__, "numpy": np.__version__}
     if args.out:
-        from hawqlib.artifacts import atomic_write_json
+        from hawqlib.files import atomic_write_json
 
         atomic_write_json(args.out, result)
     return result

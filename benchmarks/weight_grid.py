@@ -21,7 +21,7 @@ import os
 
 import torch
 
-from hawqlib import data as D
+from hawqlib.repro import data as D
 from hawqlib.quant import MSE_ITERATIONS, BitConfig, quantize_tensor
 from hawqlib.train import evaluate
 

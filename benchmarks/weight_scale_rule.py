@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from hawqlib import data as D
+from hawqlib.repro import data as D
 from hawqlib.finetune import direct_finetune
 from hawqlib.models import resnet20
 from hawqlib.quant import BitConfig, quant_scale, quantize_tensor, weight_code_limit

@@ -14,8 +14,8 @@ dynamic programming over the blocks in S order, with the bit level of the last b
 in each state, the Pareto frontier of (size, perturbation) pairs of all monotone prefixes ending at
 that level (a dominated prefix can be swapped for the one dominating it in any completion, so
 pruning it loses nothing). Sizes are counted in whole bits (integers), so the budget test is exact.
-The budget measures the whole model as :mod:`hawqlib.size` counts it (``measure="model"``, the default)
-or the weights' bits alone (``measure="weights"``, the paper's "weight size reduction").
+The budget measures the weights' bits alone (``measure="weights"``, the default, the paper's "weight size
+reduction") or the whole model as :mod:`hawqlib.size` counts it (``measure="model"``).
 Pruning keeps the frontiers small, so the exact search is quick for the models of the paper.
 
 Policies (``policy=``):
@@ -25,10 +25,6 @@ Policies (``policy=``):
 - ``"random"``: a seeded random permutation of the blocks takes the place of the S order
   (``random.Random(seed)``), with the same optimizer;
 - ``"uniform"``: one bit width for every block, the largest in ``choices`` that fits the budget.
-
-:func:`~hawqlib.sensitivity.sensitivities`, :func:`~hawqlib.sensitivity.allocation_table` (from
-:mod:`hawqlib.sensitivity`) and :func:`~hawqlib.order.finetune_order` (from :mod:`hawqlib.order`) are
-importable from here too.
 
 The quantizer behind ``Q_b`` is :func:`hawqlib.quant.grids.quantize_tensor` with the same settings that
 :func:`hawqlib.quant.swap.quantize_model` uses, so the predicted perturbation is of the weights the
@@ -49,16 +45,8 @@ from .bitconfig import BitConfig, check_bits
 from .sensitivity import lambda_of, match_blocks, quant_errors
 from .size import fp32_size_bytes, model_size_bytes, size_table
 
-# finetune_order, sensitivities and allocation_table lived here before their modules were split off; the
-# notebooks and tests still call them as allocate.<name>, so they are re-exported (documented in their own
-# modules).
-from .order import finetune_order  # noqa: F401  (hawqlib.order)
-from .sensitivity import allocation_table, sensitivities  # noqa: F401  (hawqlib.sensitivity)
-
 __all__ = ["POLICIES", "MEASURES", "DEFAULT_CHOICES", "MB", "allocate_bits", "pareto_front", "ParetoPoint",
-           "block_order",
-           # re-exported from hawqlib.order and hawqlib.sensitivity (above)
-           "finetune_order", "sensitivities", "allocation_table"]
+           "block_order"]
 
 POLICIES = ("hawq", "reverse", "random", "uniform")
 #: What a budget measures: the whole model (hawqlib.size.model_size_bytes, compression_ratio) or the
@@ -262,15 +250,15 @@ def _to_config(problem: _Problem, levels):
 
 def allocate_bits(model: nn.Module, spectra, *, target_size_mb: float | None = None,
                   target_compression: float | None = None, choices=DEFAULT_CHOICES, policy: str = "hawq",
-                  act_bits: int | None = None, granularity="layer", seed: int = 0, measure: str = "model"):
+                  act_bits: int | None = None, granularity="layer", seed: int = 0, measure: str = "weights"):
     """The exact best monotone bit allocation under a size budget (see the module docstring); a ``BitConfig``.
 
     Give exactly one budget: ``target_size_mb`` (model size in MB of :data:`MB` bytes, by
     :func:`hawqlib.size.model_size_bytes`) or ``target_compression`` (FP32 size / quantized size, at least).
-    ``measure="model"`` (default) counts the whole model as :mod:`hawqlib.size` does (packed weights,
-    per-channel scales, BatchNorm, biases, activation quantizer parameters: ``compression_ratio``);
-    ``measure="weights"`` counts the weights' bits alone (``weight_compression``, 32 / mean bits, the
-    paper's "weight size reduction").
+    ``measure="weights"`` (default, as everywhere in hawqlib) counts the weights' bits alone
+    (``weight_compression``, 32 / mean bits, the paper's "weight size reduction"); ``measure="model"`` counts
+    the whole model as :mod:`hawqlib.size` does (packed weights, per-channel scales, BatchNorm, biases,
+    activation quantizer parameters: ``compression_ratio``).
     Our choice: with ``policy="uniform"`` and a single bit width in ``choices``, the budget may be
     omitted (the answer is that width everywhere; a given budget is still checked).
 
@@ -335,7 +323,7 @@ class ParetoPoint:
 
 def pareto_front(model: nn.Module, spectra, policy: str = "hawq", choices=DEFAULT_CHOICES, *,
                  granularity="layer", seed: int = 0, act_bits: int | None = None,
-                 measure: str = "model") -> list[ParetoPoint]:
+                 measure: str = "weights") -> list[ParetoPoint]:
     """Every size/perturbation trade-off the policy can reach, non-dominated, by size ascending.
 
     Point k is the best allocation (least predicted perturbation) of all monotone allocations no larger

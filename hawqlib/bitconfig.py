@@ -22,7 +22,7 @@ from typing import Sequence
 from torch import nn
 
 from .blocks import quant_blocks
-from .artifacts import atomic_write
+from .files import atomic_write
 
 __all__ = ["VALID_BITS", "check_bits", "WEIGHT_SCALE_RULES", "ACT_RANGE_RULES", "check_weight_rule",
            "check_act_rule", "BITCONFIG_FORMAT", "BitConfig"]

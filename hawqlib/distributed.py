@@ -212,8 +212,8 @@ class Shard:
     """This rank's contiguous slice of every global batch of ``data``, moved to ``device``.
 
     ``data``: a re-iterable of ``(x, y)`` batches with ``len`` and, optionally, ``set_epoch``
-    (:class:`hawqlib.data.TensorLoader`), whose global batches are read and sliced; a loader with
-    ``iter_shard(rank, world)`` (:class:`hawqlib.sources.ImageFolderLoader`) reads this rank's slice alone.
+    (:class:`hawqlib.repro.data.TensorLoader`), whose global batches are read and sliced; a loader with
+    ``iter_shard(rank, world)`` (:class:`hawqlib.repro.imagenet.ImageFolderLoader`) reads this rank's slice alone.
     ``global_n`` is the size of the global batch last yielded.
     """
 
@@ -233,7 +233,7 @@ class Shard:
 
     def __iter__(self):
         nb = self.device.type == "cuda"
-        if hasattr(self.data, "iter_shard"):  # the loader reads this rank's slice alone (hawqlib.sources)
+        if hasattr(self.data, "iter_shard"):  # the loader reads this rank's slice alone (hawqlib.repro.sources)
             for x, y, n in self.data.iter_shard(self.rank, self.world):
                 self.global_n = n
                 yield x.to(self.device, non_blocking=nb), y.to(self.device, non_blocking=nb)

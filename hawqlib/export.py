@@ -62,7 +62,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .bitconfig import BitConfig, check_bits
 from .quant import QUANT_MODULES, QuantAct, quantize_model, weight_code_limit
-from .artifacts import atomic_write_bytes
+from .files import atomic_write_bytes
 
 __all__ = ["CODE_VERSION", "save_packed", "load_packed", "read_header", "pack_bits", "unpack_bits", "PACKED_FORMAT",
            "MAGIC", "arch_of", "MAX_HEADER_BYTES", "MAX_HEADER_JSON"]

@@ -37,7 +37,7 @@ restated by the paper. Our choices, with their reasons:
 - **Shared stages** (ours, to spend no compute twice). ``final_epochs`` and ``distill`` act on the extra
   final stage alone: two runs whose plans differ only in them train the stages that quantize a group
   identically, given the same training data in the same order on the same kind of device, number of
-  processes and torch threads (which the caller vouches for: :func:`hawqlib.pipeline.finetuned` offers only runs of the same
+  processes and torch threads (which the caller vouches for: :func:`hawqlib.repro.pipeline.finetuned` offers only runs of the same
   artifact key but for those settings, so of the same data). With ``share_from``, such a stage that this run
   has not finished is taken from the first run listed there that has finished it under the same training
   config but for those settings: its ``model.pt`` (with a digest, verified) and the ``before`` record of its
@@ -68,7 +68,7 @@ from .blocks import quant_blocks
 from .progress import bar as progress_bar, write as progress_write
 from .distill import DistillationLoss, check_distill
 from .quant import QuantAct, calibrate_activations, quantize_model, set_quant_enabled
-from .artifacts import atomic_write_json
+from .files import atomic_write_json
 from .train import CheckpointError, TrainConfig, _save_checkpoint, evaluate, load_checkpoint, train
 
 __all__ = ["stage_groups", "staged_finetune", "direct_finetune", "FINETUNE_FORMAT", "ACT_STEPS"]
@@ -157,7 +157,7 @@ def staged_finetune(model: nn.Module, bit_config: BitConfig, order, train_data, 
 
     ``order``: the block names (or :class:`hawqlib.order.OmegaEntry` records), first to be quantized
     first; it must name each block of ``bit_config`` once. ``train_data``: a re-iterable of ``(x, y)`` batches
-    with ``len`` and, optionally, ``set_epoch`` (:class:`hawqlib.data.TensorLoader`). ``act_bits`` overrides
+    with ``len`` and, optionally, ``set_epoch`` (:class:`hawqlib.repro.data.TensorLoader`). ``act_bits`` overrides
     ``bit_config.act_bits``; ``weight_rule``/``act_rule`` the weight scale and activation range rules
     (:func:`hawqlib.quant.swap.quantize_model`).
     ``act_step``: ``"fitted"`` (the activation step follows the observed range, the default) or ``"learned"``

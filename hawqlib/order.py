@@ -5,8 +5,8 @@ stages, starting with the block whose quantization perturbs the loss most by the
 ``Omega_i = lambda_i ||Q(W_i) - W_i||_2^2`` (:mod:`hawqlib.sensitivity`): it gets the most fine-tuning to
 recover, while the rest of the network is still in full precision and free to adapt to it.
 :func:`finetune_order` computes that order; for the paper's ablation it also gives the exact reverse
-(smallest Omega first) and a seeded random permutation. :func:`order_blocks` returns the block names
-alone, as :func:`hawqlib.finetune.staged_finetune` and :func:`hawqlib.pipeline.finetuned` take them.
+(smallest Omega first) and a seeded random permutation. :func:`hawqlib.finetune.staged_finetune` takes its
+entries (or their names) as they come.
 """
 from __future__ import annotations
 
@@ -17,12 +17,10 @@ from torch import nn
 
 from .sensitivity import check_config_blocks, lambda_of, match_blocks, quant_errors
 
-__all__ = ["ORDER_POLICIES", "ORDERS", "OmegaEntry", "finetune_order", "order_blocks"]
+__all__ = ["ORDERS", "OmegaEntry", "finetune_order"]
 
 #: Orders of staged fine-tuning: the paper's (largest Omega first) and the ablation's.
-ORDER_POLICIES = ("omega", "reverse", "random")
-#: The same orders, by the name the notebooks and :mod:`hawqlib.pipeline` use.
-ORDERS = ORDER_POLICIES
+ORDERS = ("omega", "reverse", "random")
 
 
 @dataclass(frozen=True)
@@ -50,8 +48,8 @@ def finetune_order(model: nn.Module, spectra, bit_config, *, policy: str = "omeg
     ``policy="random"`` a ``random.Random(seed)`` shuffle of the Omega order; each record still carries
     its Omega.
     """
-    if policy not in ORDER_POLICIES:
-        raise ValueError(f"unknown order policy {policy!r}; valid: {', '.join(ORDER_POLICIES)}")
+    if policy not in ORDERS:
+        raise ValueError(f"unknown fine-tuning order {policy!r}; valid: {', '.join(ORDERS)}")
     blocks, specs = match_blocks(model, spectra, bit_config.granularity)
     check_config_blocks(blocks, bit_config)
     entries = []
@@ -66,10 +64,3 @@ def finetune_order(model: nn.Module, spectra, bit_config, *, policy: str = "omeg
         random.Random(seed).shuffle(order)
     return [entries[i] for i in order]
 
-
-def order_blocks(model: nn.Module, spectra, bit_config, kind: str = "omega", seed: int = 0) -> list[str]:
-    """The names of :func:`finetune_order` with ``policy=kind``: ``"omega"`` (paper section 3.2, largest
-    Omega_i first), its ``"reverse"``, or a ``"random"`` seeded permutation."""
-    if kind not in ORDERS:
-        raise ValueError(f"unknown fine-tuning order {kind!r}; valid: {', '.join(ORDERS)}")
-    return [e.name for e in finetune_order(model, spectra, bit_config, policy=kind, seed=seed)]

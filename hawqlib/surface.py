@@ -5,7 +5,7 @@ Near a trained minimum, moving block B_i by ``dW`` changes the loss by about ``1
 Omega_i of section 3.2). :func:`loss_surface` measures the loss itself at ``W_i + sum_k c_k d_k`` for
 directions ``d_k`` (such as the eigenvectors of :func:`hawqlib.hessian.top_eigenvalues`), all other
 weights fixed, so that the quadratic model can be compared with what the network does. The notebooks
-store it as an artifact through :func:`hawqlib.pipeline.landscape`.
+store it as an artifact through :func:`hawqlib.repro.pipeline.landscape`.
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 The loop is the plain one (SGD with momentum, a per-step learning-rate schedule, cross
 entropy), kept lean for a 2-core CPU: channels_last tensors, no per-step Python work
-beyond the model's, data batches built from in-memory tensors (:class:`hawqlib.data.TensorLoader`).
+beyond the model's, data batches built from in-memory tensors (:class:`hawqlib.repro.data.TensorLoader`).
 
 A run writes into ``checkpoint_dir``:
 
@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from . import distributed as hdist
-from .artifacts import atomic_torch_save, atomic_write_json
+from .files import atomic_torch_save, atomic_write_json
 
 __all__ = ["TrainConfig", "CheckpointError", "NonFiniteLossError", "train", "evaluate", "save_model_file", "lr_at", "load_checkpoint",
            "load_weights", "content_digest", "CHECKPOINT_FORMAT"]
@@ -186,7 +186,7 @@ def load_checkpoint(path: str | Path, model: nn.Module | None = None) -> dict:
         raise CheckpointError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint "
                               f"(format: {ckpt.get('format') if isinstance(ckpt, dict) else type(ckpt).__name__}).")
     # Checkpoints written before digests were recorded have none; an artifact's model.pt is also
-    # covered by its manifest (hawqlib.artifacts).
+    # covered by its manifest (hawqlib.repro.artifacts).
     if "sha256" in ckpt and ckpt["sha256"] != content_digest({k: v for k, v in ckpt.items() if k != "sha256"}):
         raise CheckpointError(f"{path} does not match the SHA-256 it records: corrupted on disk (a flipped bit, "
                               "a partial copy). Delete it to start that run (or stage) over, or restore it.")
@@ -226,7 +226,7 @@ def train(model: nn.Module, train_data, val_data=None, *, epochs: int | None = N
           **kwargs) -> dict:
     """Train ``model`` in place with SGD; return the log (config and per-epoch records).
 
-    ``train_data`` is a :class:`~hawqlib.data.TensorLoader` (or any re-iterable of batches with an
+    ``train_data`` is a :class:`~hawqlib.repro.data.TensorLoader` (or any re-iterable of batches with an
     optional ``set_epoch``); ``val_data`` is evaluated every ``eval_every`` epochs. Pass either a
     :class:`TrainConfig` or its fields as keywords (``epochs=``, ``lr=``, ``schedule=``, ...).
     ``callback(record)`` is called after each epoch, once its checkpoint and log are on disk; if it

@@ -16,7 +16,7 @@ Our choices, stated once: the default budget counts the weights' bits alone (``m
 paper's "weight size reduction"); the default Hessian data is the first :data:`HESSIAN_BATCHES` batches of
 ``train_data``, read once and replayed unchanged (the Hessian needs the same samples on every pass); the
 default fine-tuning schedule is the optimizer recipe of the project's ``cpu`` profile
-(:mod:`hawqlib.profiles`) at :data:`DEFAULT_STAGES` stages. The user's model is never modified.
+(:mod:`hawqlib.repro.profiles`) at :data:`DEFAULT_STAGES` stages. The user's model is never modified.
 
 Devices: the work runs on ``device`` and each batch is moved there, except two steps whose modules keep
 tensors on the CPU today: the Hessian is computed on a CPU copy of the model (the eigensolvers hold their

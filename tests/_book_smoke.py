@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from hawqlib import book
+from hawqlib.repro import book
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from hawqlib import distributed as hdist
-from hawqlib.data import TensorLoader
+from hawqlib.repro.data import TensorLoader
 from hawqlib.train import train
 
 N_TRAIN, BATCH = 41, 16   # the last global batch (9) splits unevenly (4 + 5) over two ranks

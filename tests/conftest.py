@@ -29,8 +29,8 @@ def cifar_root() -> Path:
 @pytest.fixture(autouse=True)
 def _seeded(monkeypatch):
     torch.manual_seed(0)
-    # no test leaks the profile it declared (hawqlib.paths.use_profile, which Study calls) into the next
-    from hawqlib import paths
+    # no test leaks the profile it declared (hawqlib.repro.paths.use_profile, which Study calls) into the next
+    from hawqlib.repro import paths
 
     monkeypatch.setattr(paths, "_PROFILE_IN_USE", None)
     monkeypatch.delenv("HAWQ_PROFILE", raising=False)

@@ -12,6 +12,8 @@ from torch import nn
 
 from hawqlib import allocate as al
 from hawqlib.blocks import quant_blocks
+from hawqlib.order import finetune_order
+from hawqlib.sensitivity import allocation_table, sensitivities
 from hawqlib.quant import BitConfig, quantize_tensor
 from hawqlib.size import compression_ratio, fp32_size_bytes, model_size_bytes, weight_compression
 
@@ -101,7 +103,7 @@ def test_hawq_equals_brute_force_and_fits(n_blocks, seed):
     hi = model_size_bytes(model, BitConfig.uniform(model, 8))
     for frac in (0.0, 0.15, 0.4, 0.7, 1.0):
         budget = lo + frac * (hi - lo)
-        cfg = al.allocate_bits(model, spectra, target_size_mb=budget / al.MB, choices=CHOICES)
+        cfg = al.allocate_bits(model, spectra, target_size_mb=budget / al.MB, choices=CHOICES, measure="model")
         best, feasible = brute_force(model, spectra, math.floor(budget * 8) / 8, s_order(spectra))
         assert feasible > 0
         assert model_size_bytes(model, cfg) <= budget
@@ -112,15 +114,15 @@ def test_hawq_equals_brute_force_and_fits(n_blocks, seed):
 def test_compression_budget_and_monotone_policies():
     model = tiny_model(7, 3)
     spectra = spectra_for(model, 3)
-    S = al.sensitivities(spectra)
+    S = sensitivities(spectra)
     assert S == {s.name: s.eigenvalue / s.numel for s in spectra}
     order = s_order(spectra)
     for target in (3.0, 5.0, 7.0):
-        hawq = al.allocate_bits(model, spectra, target_compression=target, choices=CHOICES)
+        hawq = al.allocate_bits(model, spectra, target_compression=target, choices=CHOICES, measure="model")
         assert compression_ratio(model, hawq) >= target
         bits = [hawq.weights[n] for n in order]
         assert bits == sorted(bits, reverse=True), "more sensitive blocks must not get fewer bits"
-        rev = al.allocate_bits(model, spectra, target_compression=target, policy="reverse")
+        rev = al.allocate_bits(model, spectra, target_compression=target, policy="reverse", measure="model")
         assert compression_ratio(model, rev) >= target
         rbits = [rev.weights[n] for n in order]
         assert rbits == sorted(rbits), "reverse: more sensitive blocks must not get more bits"
@@ -133,8 +135,8 @@ def test_compression_budget_and_monotone_policies():
 def test_random_policy_seeded_and_exact_in_its_order():
     model = tiny_model(6, 4)
     spectra = spectra_for(model, 4)
-    a = al.allocate_bits(model, spectra, target_compression=6.0, policy="random", seed=7)
-    b = al.allocate_bits(model, spectra, target_compression=6.0, policy="random", seed=7)
+    a = al.allocate_bits(model, spectra, target_compression=6.0, policy="random", seed=7, measure="model")
+    b = al.allocate_bits(model, spectra, target_compression=6.0, policy="random", seed=7, measure="model")
     assert a.weights == b.weights
     names = [s.name for s in spectra]
     orders = {tuple(al.block_order([1.0] * 6, "random", seed)) for seed in range(6)}
@@ -152,18 +154,18 @@ def test_uniform_policy_and_no_budget_case():
     spectra = spectra_for(model, 5)
     s4 = model_size_bytes(model, BitConfig.uniform(model, 4))
     s8 = model_size_bytes(model, BitConfig.uniform(model, 8))
-    cfg = al.allocate_bits(model, spectra, target_size_mb=(s4 + s8) / 2 / al.MB, policy="uniform")
+    cfg = al.allocate_bits(model, spectra, target_size_mb=(s4 + s8) / 2 / al.MB, policy="uniform", measure="model")
     assert set(cfg.weights.values()) == {4}
     flat = [Spec(s.name, s.numel, 0.0) for s in spectra]  # no predicted damage anywhere: still by bits
-    cfg = al.allocate_bits(model, flat, target_size_mb=(s4 + s8) / 2 / al.MB, policy="uniform")
+    cfg = al.allocate_bits(model, flat, target_size_mb=(s4 + s8) / 2 / al.MB, policy="uniform", measure="model")
     assert set(cfg.weights.values()) == {4}
-    assert [p.bits[spectra[0].name] for p in al.pareto_front(model, spectra, "uniform")] == list(CHOICES)
-    cfg = al.allocate_bits(model, spectra, choices=(3,), policy="uniform", act_bits=4)
+    assert [p.bits[spectra[0].name] for p in al.pareto_front(model, spectra, "uniform", measure="model")] == list(CHOICES)
+    cfg = al.allocate_bits(model, spectra, choices=(3,), policy="uniform", act_bits=4, measure="model")
     assert set(cfg.weights.values()) == {3} and cfg.act_bits == 4
     with pytest.raises(ValueError, match="exactly one of target_size_mb and target_compression"):
-        al.allocate_bits(model, spectra, policy="uniform")
+        al.allocate_bits(model, spectra, policy="uniform", measure="model")
     with pytest.raises(ValueError, match="exactly one"):
-        al.allocate_bits(model, spectra, target_size_mb=1.0, target_compression=4.0)
+        al.allocate_bits(model, spectra, target_size_mb=1.0, target_compression=4.0, measure="model")
 
 
 def test_infeasible_budget_states_smallest_size():
@@ -171,13 +173,13 @@ def test_infeasible_budget_states_smallest_size():
     spectra = spectra_for(model, 6)
     smallest = model_size_bytes(model, BitConfig.uniform(model, 2))
     with pytest.raises(ValueError) as exc:
-        al.allocate_bits(model, spectra, target_size_mb=smallest * 0.9 / al.MB)
+        al.allocate_bits(model, spectra, target_size_mb=smallest * 0.9 / al.MB, measure="model")
     msg = str(exc.value)
     assert f"{smallest / al.MB:.6f} MB" in msg
     comp = fp32_size_bytes(model) / smallest
     assert f"{comp:.2f}x" in msg
     # exactly the smallest size is feasible: every block at 2 bits
-    cfg = al.allocate_bits(model, spectra, target_size_mb=smallest / al.MB)
+    cfg = al.allocate_bits(model, spectra, target_size_mb=smallest / al.MB, measure="model")
     assert set(cfg.weights.values()) == {2}
 
 
@@ -185,26 +187,26 @@ def test_bad_inputs_name_valid_values():
     model = tiny_model(5, 0)
     spectra = spectra_for(model, 0)
     with pytest.raises(ValueError, match="valid policies: hawq, reverse, random, uniform"):
-        al.allocate_bits(model, spectra, target_compression=4.0, policy="greedy")
+        al.allocate_bits(model, spectra, target_compression=4.0, policy="greedy", measure="model")
     for bad in [(2, 9), (0, 4), (2.5,), ("4",), ()]:
         with pytest.raises(ValueError, match="1..8"):
-            al.allocate_bits(model, spectra, target_compression=4.0, choices=bad)
+            al.allocate_bits(model, spectra, target_compression=4.0, choices=bad, measure="model")
     with pytest.raises(ValueError, match="missing .*unknown"):
-        al.allocate_bits(model, spectra[:-1] + [Spec("nope", 3, 1.0)], target_compression=4.0)
+        al.allocate_bits(model, spectra[:-1] + [Spec("nope", 3, 1.0)], target_compression=4.0, measure="model")
     with pytest.raises(ValueError, match="numel"):
-        al.allocate_bits(model, [Spec(s.name, s.numel + 1, 1.0) for s in spectra], target_compression=4.0)
+        al.allocate_bits(model, [Spec(s.name, s.numel + 1, 1.0) for s in spectra], target_compression=4.0, measure="model")
     with pytest.raises(ValueError, match="positive"):
-        al.allocate_bits(model, spectra, target_compression=-2)
+        al.allocate_bits(model, spectra, target_compression=-2, measure="model")
     with pytest.raises(TypeError, match="eigenvalue"):
-        al.sensitivities([object()])
+        sensitivities([object()])
     with pytest.raises(ValueError, match="non-finite"):
-        al.sensitivities([Spec("a", 3, float("nan"))])
+        sensitivities([Spec("a", 3, float("nan"))])
 
 
 def test_pareto_front_matches_allocations():
     model = tiny_model(6, 8)
     spectra = spectra_for(model, 8)
-    front = al.pareto_front(model, spectra, "hawq", CHOICES)
+    front = al.pareto_front(model, spectra, "hawq", CHOICES, measure="model")
     sizes = [p.size_bytes for p in front]
     costs = [p.perturbation for p in front]
     assert sizes == sorted(sizes) and all(a > b for a, b in zip(costs, costs[1:])), "non-dominated, by size"
@@ -218,15 +220,15 @@ def test_pareto_front_matches_allocations():
         assert cost_of(model, spectra, cfg) == pytest.approx(p.perturbation, rel=1e-6)
         assert p.compression == pytest.approx(fp32_size_bytes(model) / p.size_bytes)
         # allocate_bits at exactly this size returns this point
-        got = al.allocate_bits(model, spectra, target_size_mb=p.size_mb)
+        got = al.allocate_bits(model, spectra, target_size_mb=p.size_mb, measure="model")
         assert got.weights == p.bits
 
 
 def test_allocation_table_rows():
     model = tiny_model(5, 9)
     spectra = spectra_for(model, 9)
-    cfg = al.allocate_bits(model, spectra, target_compression=6.0, act_bits=4)
-    rows = al.allocation_table(model, spectra, cfg)
+    cfg = al.allocate_bits(model, spectra, target_compression=6.0, act_bits=4, measure="model")
+    rows = allocation_table(model, spectra, cfg)
     err = errors(model)
     assert [r["name"] for r in rows] == [b.name for b in quant_blocks(model)]
     for r, s in zip(rows, spectra):
@@ -236,7 +238,7 @@ def test_allocation_table_rows():
         assert r["omega"] == pytest.approx(s.eigenvalue * r["quant_error"], rel=1e-12)
         assert r["size_bytes"] > 0
     # block sizes plus what lies outside the blocks add up to the model size, at any allocation
-    rows8 = al.allocation_table(model, spectra, BitConfig.uniform(model, 8, act_bits=4))
+    rows8 = allocation_table(model, spectra, BitConfig.uniform(model, 8, act_bits=4))
     rest = model_size_bytes(model, cfg) - sum(r["size_bytes"] for r in rows)
     assert rest > 0
     assert model_size_bytes(model, BitConfig.uniform(model, 8, act_bits=4)) - sum(r["size_bytes"] for r in rows8) == rest
@@ -246,8 +248,8 @@ def test_allocation_table_rows():
 def test_finetune_order_sorted_and_correct():
     model = tiny_model(7, 10)
     spectra = spectra_for(model, 10)
-    cfg = al.allocate_bits(model, spectra, target_compression=7.0)
-    order = al.finetune_order(model, spectra, cfg)
+    cfg = al.allocate_bits(model, spectra, target_compression=7.0, measure="model")
+    order = finetune_order(model, spectra, cfg)
     assert sorted(e.name for e in order) == sorted(cfg.weights)
     omegas = [e.omega for e in order]
     assert omegas == sorted(omegas, reverse=True)
@@ -258,16 +260,16 @@ def test_finetune_order_sorted_and_correct():
                                    for w in blocks[e.name].params)
         assert e.omega == pytest.approx(direct, rel=1e-6)
         assert e.bits == cfg.weights[e.name] and e.lam == lam[e.name]
-    rev = al.finetune_order(model, spectra, cfg, policy="reverse")
+    rev = finetune_order(model, spectra, cfg, policy="reverse")
     assert rev == order[::-1]
-    rnd = al.finetune_order(model, spectra, cfg, policy="random", seed=5)
-    assert rnd == al.finetune_order(model, spectra, cfg, policy="random", seed=5)
+    rnd = finetune_order(model, spectra, cfg, policy="random", seed=5)
+    assert rnd == finetune_order(model, spectra, cfg, policy="random", seed=5)
     assert sorted(rnd, key=lambda e: e.name) == sorted(order, key=lambda e: e.name)
-    assert any(al.finetune_order(model, spectra, cfg, policy="random", seed=k) != order for k in range(3))
+    assert any(finetune_order(model, spectra, cfg, policy="random", seed=k) != order for k in range(3))
     with pytest.raises(ValueError, match="valid: omega, reverse, random"):
-        al.finetune_order(model, spectra, cfg, policy="largest")
+        finetune_order(model, spectra, cfg, policy="largest")
     with pytest.raises(ValueError, match="missing"):
-        al.finetune_order(model, spectra, BitConfig({order[0].name: 4}))
+        finetune_order(model, spectra, BitConfig({order[0].name: 4}))
 
 
 def test_dp_pareto_small_exhaustive():
@@ -292,6 +294,15 @@ def test_dp_pareto_small_exhaustive():
                 assert got == pytest.approx(want, abs=1e-12)
         for s, c, lv in front:
             assert s == sum(size[i][lv[i]] for i in range(n)) and c == pytest.approx(sum(cost[i][lv[i]] for i in range(n)))
+
+
+def test_the_default_measure_is_the_papers_everywhere():
+    import inspect
+
+    from hawqlib import workflow
+    defaults = {f.__name__: inspect.signature(f).parameters["measure"].default
+                for f in (al.allocate_bits, al.pareto_front, workflow.quantize)}
+    assert set(defaults.values()) == {"weights"}, defaults
 
 
 def test_weight_measure_budget_is_the_papers_weight_compression():

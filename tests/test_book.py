@@ -21,7 +21,7 @@ import nbformat
 import pytest
 
 import hawqlib
-from hawqlib import book, pages, profiles
+from hawqlib.repro import book, bookbuild, pages, profiles
 
 from _book_smoke import ROOT, smoke_book
 
@@ -33,7 +33,7 @@ import hawq_book  # noqa: E402  (the book's Sphinx extension)
 # ----------------------------------------------------------------------------- structure, no build
 
 def test_toc_lists_every_notebook_in_book_order():
-    docs = book.toc_documents(BOOK)
+    docs = bookbuild.toc_documents(BOOK)
     executed = [d.split("/", 1)[1] for d in docs if d.startswith("executed/")]
     assert executed == list(book.NOTEBOOKS)
     for d in docs:
@@ -41,22 +41,25 @@ def test_toc_lists_every_notebook_in_book_order():
             assert (BOOK / f"{d}.md").is_file(), f"_toc.yml lists {d} but book/{d}.md does not exist"
 
 
-def test_api_reference_covers_every_module():
-    pages = {p.stem for p in (BOOK / "api").glob("hawqlib.*.md")}
-    modules = set(book.package_modules())
-    assert not modules - pages, (f"modules without an API page in book/api/: {sorted(modules - pages)} "
-                                 "(python -c 'from hawqlib import book; book.api_pages()' writes them)")
-    assert not pages - modules, f"API pages of modules that do not exist: {sorted(pages - modules)}"
-    for name in pages:
-        text = (BOOK / "api" / f"{name}.md").read_text()
+def test_api_reference_covers_every_module_on_its_floor():
+    pages = {p.stem: p for p in [*(BOOK / "api").glob("hawqlib.*.md"), *(BOOK / "api" / "companion").glob("hawqlib.*.md")]}
+    modules = set(bookbuild.package_modules())
+    assert not modules - set(pages), (f"modules without an API page: {sorted(modules - set(pages))} "
+                                      "(python -c 'from hawqlib.repro import bookbuild; bookbuild.api_pages()' writes them)")
+    assert not set(pages) - modules, f"API pages of modules that do not exist: {sorted(set(pages) - modules)}"
+    for name, page in pages.items():
+        # the method's pages in api/, the companion's (hawqlib.repro) in api/companion/
+        assert page == bookbuild.api_page(BOOK, name), f"{page} is on the wrong floor"
+        assert (page.parent.name == "companion") == name.startswith("hawqlib.repro"), name
+        text = page.read_text()
         # autodoc's reST only renders inside eval-rst: a bare {automodule} block shows as literal text.
-        assert text == book.api_page_text(name, hasattr(importlib.import_module(name), "__path__")), name
+        assert text == bookbuild.api_page_text(name, hasattr(importlib.import_module(name), "__path__")), name
         assert "```{eval-rst}\n.. automodule:: " + name + "\n" in text
 
 
 def test_config_and_toc_sit_at_the_top_of_the_repository():
-    assert book.book_file(BOOK, "_config.yml") == ROOT / "_config.yml"
-    assert book.book_file(BOOK, "_toc.yml") == ROOT / "_toc.yml"
+    assert bookbuild.book_file(BOOK, "_config.yml") == ROOT / "_config.yml"
+    assert bookbuild.book_file(BOOK, "_toc.yml") == ROOT / "_toc.yml"
     assert not (BOOK / "_config.yml").exists() and not (BOOK / "_toc.yml").exists()
 
 
@@ -85,7 +88,7 @@ def test_table_helper_formats_columns_and_rejects_unknown_ones():
 
 def test_artifacts_of_other_profiles_go_where_git_ignores_them(monkeypatch):
     monkeypatch.delenv("HAWQ_ARTIFACTS", raising=False)
-    assert book.artifacts_for(hawqlib.profiles.DEFAULT_PROFILE) is None  # the published results
+    assert book.artifacts_for(hawqlib.repro.profiles.DEFAULT_PROFILE) is None  # the published results
     scratch = Path(book.artifacts_for("smoke"))
     assert scratch == ROOT / "data" / "scratch" / "smoke"
     ignored = subprocess.run(["git", "check-ignore", "-q", str(scratch / "x" / "manifest.json")], cwd=ROOT)
@@ -120,7 +123,7 @@ def test_shown_code_fits_the_text_column():
 
 
 def test_every_module_docstring_exists():
-    for name in book.package_modules():
+    for name in bookbuild.package_modules():
         mod = importlib.import_module(name)
         assert mod.__doc__ and mod.__doc__.strip(), f"{name} has no module docstring for the API reference"
 
@@ -129,13 +132,13 @@ def test_our_choices_collects_docstrings_and_comments():
     found = hawq_book.collect_choices()
     # The option-A shortcut is a docstring choice; the baseline schedule is a comment in profiles.py.
     assert any("option A" in it["text"] for it in found["hawqlib.models.resnet_cifar"])
-    comments = [it for it in found["hawqlib.profiles"] if it["kind"] == "comment"]
+    comments = [it for it in found["hawqlib.repro.profiles"] if it["kind"] == "comment"]
     assert any("cosine" in it["text"] for it in comments)
     assert all(hawq_book.CHOICE.search(it["text"]) for items in found.values() for it in items)
 
 
 def test_profile_lookup_pastes_values_and_rejects_unknown_keys():
-    assert hawq_book._lookup("cpu:baseline.epochs") == hawqlib.profiles.get("cpu")["baseline"]["epochs"]
+    assert hawq_book._lookup("cpu:baseline.epochs") == hawqlib.repro.profiles.get("cpu")["baseline"]["epochs"]
     assert hawq_book._fmt(5e-4) == "0.0005" and hawq_book._fmt([2, 3]) == "2, 3" and hawq_book._fmt(None) == "all"
     with pytest.raises(KeyError, match="no 'epoch'"):
         hawq_book._lookup("cpu:baseline.epoch")
@@ -279,17 +282,17 @@ def test_build_refuses_missing_or_other_profile_notebooks(tmp_path):
     dst.mkdir()
     (dst / "_toc.yml").write_text("format: jb-book\nroot: intro\nchapters:\n- file: executed/baseline\n"
                                   "- file: executed/ablation\n")
-    with pytest.raises(book.BuildError, match=r"baseline.ipynb is missing(.|\n)*ablation.ipynb is missing"):
-        book.build(dst, profile="smoke")
+    with pytest.raises(bookbuild.BuildError, match=r"baseline.ipynb is missing(.|\n)*ablation.ipynb is missing"):
+        bookbuild.build(dst, profile="smoke")
     (dst / "executed").mkdir()
     for name, profile in (("baseline", "smoke"), ("ablation", "cpu")):
         nb = nbformat.v4.new_notebook()
         nb.metadata["papermill"] = {"parameters": {"profile": profile}}
         nbformat.write(nb, dst / "executed" / f"{name}.ipynb")
-    with pytest.raises(book.BuildError, match=r"ablation.ipynb was executed at profile 'cpu', not 'smoke'"):
-        book.build(dst, profile="smoke")
-    with pytest.raises(book.BuildError, match=r"baseline.ipynb was executed at profile 'smoke', not 'cpu'"):
-        book.check_executed(dst, "cpu")
+    with pytest.raises(bookbuild.BuildError, match=r"ablation.ipynb was executed at profile 'cpu', not 'smoke'"):
+        bookbuild.build(dst, profile="smoke")
+    with pytest.raises(bookbuild.BuildError, match=r"baseline.ipynb was executed at profile 'smoke', not 'cpu'"):
+        bookbuild.check_executed(dst, "cpu")
 
 
 def _glued_notebook(path: Path, key: str, value: str) -> None:
@@ -313,17 +316,17 @@ def test_build_fails_on_unknown_glue_key_and_missing_figure(tmp_path):
     _glued_notebook(dst / "executed" / "ablation.ipynb", "ablation_gain", "1.5")
     good = "# Intro\n\nGain {glue:text}`executed/ablation.ipynb::ablation_gain:.2f`.\n"
     (dst / "intro.md").write_text(good)
-    assert book.build(dst, profile="smoke", quiet=True).is_file()
+    assert bookbuild.build(dst, profile="smoke", quiet=True).is_file()
     assert "Gain 1.50" in (dst / "_build" / "html" / "intro.html").read_text().replace("</span>", "") \
         .replace('<span class="pasted-text">', "")
     (dst / "intro.md").write_text(good.replace("ablation_gain", "ablation_gian") + "\n![a figure](missing.png)\n")
-    with pytest.raises(book.BuildError) as err:
-        book.build(dst, profile="smoke", quiet=True)
+    with pytest.raises(bookbuild.BuildError) as err:
+        bookbuild.build(dst, profile="smoke", quiet=True)
     assert "ablation_gian" in str(err.value) and "missing.png" in str(err.value)
 
 
 def test_cli_reports_errors_without_traceback(capsys):
-    from hawqlib.__main__ import main
+    from hawqlib.repro.cli import main
 
     with pytest.raises(SystemExit):
         main(["book", "--only", "nonsense"])
@@ -364,7 +367,7 @@ def built(tmp_path_factory, cifar_root):
 
 
 def test_every_toc_page_rendered(built):
-    for doc in book.toc_documents(built.book_dir):
+    for doc in bookbuild.toc_documents(built.book_dir):
         page = built.html / f"{doc}.html"
         assert page.is_file(), f"{doc} (in _toc.yml) was not rendered"
         assert _parse(page).ids, f"{page} has no content"
@@ -449,7 +452,7 @@ def test_pasted_values_match_the_notebooks(built):
 
 
 def test_executed_copies_are_from_the_smoke_profile(built):
-    for path in book.check_executed(built.book_dir, "smoke"):
+    for path in bookbuild.check_executed(built.book_dir, "smoke"):
         nb = nbformat.read(path, as_version=4)
         assert not [c for c in nb.cells if c.cell_type == "code"
                     and any(o.get("output_type") == "error" for o in c.get("outputs", []))]

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from hawqlib import book
+from hawqlib.repro import book
 
 from _book_smoke import ROOT, smoke_book
 from _browser import WIDTH, Browser, find_chromium

@@ -1,65 +1,53 @@
-"""Code versions in artifact keys: code cannot change silently under an old version, and every committed key
-is still the one the code computes (so no stored result is orphaned or recomputed by accident)."""
+"""Code versions in artifact keys follow results, not source text (``result_cases.py`` explains the rule).
+
+A computation cannot change under an unchanged version (each version's fixed case is recomputed and compared
+with the numbers recorded beside the version's value), and every committed key is still the one the code computes
+(so no stored result is orphaned, or recomputed, by accident).
+"""
 from __future__ import annotations
 
-import importlib
 import json
 from pathlib import Path
 
-import fingerprints
 import pytest
+import result_cases as rc
 
-from hawqlib import artifacts, cached_quantize, pipeline
+from hawqlib.repro import artifacts, cached_quantize, pipeline
+from hawqlib.repro.baseline import TRAIN_CODE_VERSION
 
 ROOT = Path(__file__).resolve().parents[1]
+RECORD = json.loads(rc.RECORD.read_text())
+REFRESH = ".venv/bin/python tests/result_cases.py"
 
 
-def test_code_cannot_change_under_an_unchanged_version():
-    record = json.loads(fingerprints.RECORD.read_text())
-    problems = []
-    for constant in fingerprints.VERSIONS:
-        now = {"value": fingerprints.value(constant), "sha256": fingerprints.fingerprint(constant)}
-        old = record.get(constant)
-        module, _, name = constant.rpartition(".")
-        if old is None:
-            problems.append(f"{constant} has no recorded fingerprint: run `{fingerprints.REFRESH}`")
-        elif old["value"] != now["value"]:
-            problems.append(f"{constant} was bumped ({old['value']!r} -> {now['value']!r}): record the new code "
-                            f"with `{fingerprints.REFRESH}` and commit tests/code_fingerprints.json")
-        elif old["sha256"] != now["sha256"] or old.get("sources") != fingerprints.VERSIONS[constant]:
-            problems.append(
-                f"the code that {name} (in {module}) versions changed ({', '.join(fingerprints.VERSIONS[constant])}) "
-                f"but {name} is still {now['value']!r}. If the change alters stored results, bump {name} "
-                f"(its artifacts are then recomputed); if it does not, refresh the fingerprint with "
-                f"`{fingerprints.REFRESH}` and commit tests/code_fingerprints.json")
-    stale = sorted(set(record) - set(fingerprints.VERSIONS))
-    if stale:
-        problems.append(f"recorded but no longer versioned: {stale}; run `{fingerprints.REFRESH}`")
-    assert not problems, "\n".join(problems)
+def test_every_version_has_a_recorded_case():
+    assert set(RECORD) == set(rc.CASES), f"re-record with `{REFRESH}`"
 
 
-def test_recorded_values_are_the_ones_the_package_reads():
-    for constant in fingerprints.VERSIONS:
-        module, _, name = constant.rpartition(".")
-        assert getattr(importlib.import_module(module), name) == fingerprints.value(constant), constant
+@pytest.mark.parametrize("constant", sorted(rc.CASES))
+def test_a_computation_cannot_change_under_an_unchanged_version(constant):
+    recorded = RECORD[constant]
+    now = rc.value(constant)
+    assert recorded["value"] == now, (f"{constant} was bumped ({recorded['value']!r} -> {now!r}): re-record its case "
+                                      f"with `{REFRESH}` and commit tests/result_records.json")
+    diffs = rc.differences(recorded["outputs"], rc.compute(constant))
+    assert not diffs, (f"what {constant} versions computes something else at an unchanged version {now!r}: bump it "
+                       f"(its stored artifacts are then recomputed) or undo the change. First differences:\n  "
+                       + "\n  ".join(diffs[:10]))
 
 
-def test_docstrings_and_comments_do_not_change_a_fingerprint(tmp_path, monkeypatch):
-    (tmp_path / "m.py").write_text('"""doc"""\nX = 1\n\n\ndef f(a):\n    """doc"""\n    return a + 1  # why\n')
-    monkeypatch.setattr(fingerprints, "ROOT", tmp_path)
-    monkeypatch.setitem(fingerprints.VERSIONS, "m.X", ["m.py"])
-    monkeypatch.setitem(fingerprints.VERSIONS, "m.Y", ["m.py:f"])
-    a, fa = fingerprints.fingerprint("m.X"), fingerprints.fingerprint("m.Y")
-    (tmp_path / "m.py").write_text('"""other prose"""\nX = 1\n\n\ndef f(a):\n    """more"""\n\n    return (a + 1)\n')
-    assert fingerprints.fingerprint("m.X") == a and fingerprints.fingerprint("m.Y") == fa
-    assert fingerprints.value("m.X") == 1
-    (tmp_path / "m.py").write_text('X = 1\n\n\ndef f(a):\n    return a + 2\n')
-    assert fingerprints.fingerprint("m.X") != a and fingerprints.fingerprint("m.Y") != fa
+def test_the_comparison_tells_a_changed_number_from_rounding():
+    rec = {"a": [1.0, 2.0], "b": {"c": 3, "d": "x"}}
+    assert rc.differences(rec, {"a": [1.0 + 1e-9, 2.0], "b": {"c": 3, "d": "x"}}) == []
+    assert rc.differences(rec, {"a": [1.001, 2.0], "b": {"c": 3, "d": "x"}}) == [".a[0]: recorded 1.0, now 1.001"]
+    assert rc.differences(rec, {"a": [1.0], "b": {"c": 4, "d": "x"}}) == [".a: 2 values recorded, 1 now",
+                                                                         ".b.c: recorded 3, now 4"]
+    assert rc.differences(rec, {"a": [1.0, 2.0], "b": {"c": 3}}) == [".b.d: only in the record"]
 
 
 def _code_of(kind: str):
     if kind.startswith("baseline_"):
-        return pipeline.TRAIN_CODE_VERSION
+        return TRAIN_CODE_VERSION
     if kind in ("spectrum", "traces", "landscape"):
         return pipeline._hessian_code()
     if kind == "finetune":

@@ -1,4 +1,4 @@
-"""hawqlib.data: both CIFAR-10 layouts, the verified cache, the fixed order, transforms, ImageNet, errors."""
+"""hawqlib.repro.data: both CIFAR-10 layouts, the verified cache, the fixed order, transforms, ImageNet, errors."""
 from __future__ import annotations
 
 import hashlib
@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from hawqlib import batches, data
+from hawqlib.repro import batches, data
 
 #: MD5 of the synthetic batch files written here: they stand in for torchvision's published ones.
 FAKE_MD5: dict = {}
@@ -171,21 +171,3 @@ def test_loader_rejects_bad_input():
         data.TensorLoader(torch.zeros(4, 3, 32, 32), torch.zeros(4, dtype=torch.long))
     with pytest.raises(ValueError, match="labels"):
         data.TensorLoader(torch.zeros(4, 3, 32, 32, dtype=torch.uint8), torch.zeros(3, dtype=torch.long))
-
-
-def test_imagenet_loader_on_a_synthetic_imagefolder(tmp_path):
-    rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        for wnid in ("n01440764", "n01443537"):
-            d = tmp_path / split / wnid
-            d.mkdir(parents=True)
-            for k in range(2):
-                Image.fromarray(rng.integers(0, 256, (40 + 7 * k, 50, 3), dtype=np.uint8)).save(d / f"{k}.JPEG")
-    x, y = next(iter(data.imagenet_loader(tmp_path, "val", batch_size=4, num_workers=0)))
-    assert x.shape == (4, 3, 224, 224) and sorted(y.tolist()) == [0, 0, 1, 1]
-    x, _ = next(iter(data.imagenet_loader(tmp_path, "train", model_name="inception_v3", batch_size=2, num_workers=0)))
-    assert x.shape == (2, 3, 299, 299)
-    with pytest.raises(data.DataNotFoundError, match="ImageFolder"):
-        data.imagenet_loader(tmp_path / "missing", "val")
-    with pytest.raises(ValueError, match="'train' or 'val'"):
-        data.imagenet_loader(tmp_path, "test")

@@ -188,7 +188,7 @@ def test_one_process_helpers():
 
 
 def test_cli_refuses_torchrun_with_one_line(monkeypatch, capsys):
-    from hawqlib.__main__ import main
+    from hawqlib.repro.cli import main
 
     monkeypatch.setenv("WORLD_SIZE", "2")  # train and finetune run under torchrun; the other commands do not
     assert main(["seal", "--all"]) == 1

@@ -7,9 +7,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from hawqlib import __main__ as cli
-from hawqlib import experiments, pipeline, profiles, size
+from hawqlib.repro import baseline as baseline_step
+from hawqlib.repro import cli
+from hawqlib.repro import experiments, pipeline, profiles
+from hawqlib import size
 from hawqlib.blocks import quant_blocks
+from hawqlib.order import finetune_order
 from hawqlib.models import resnet20
 
 
@@ -46,7 +49,7 @@ def test_run_specs_name_every_row_of_the_table_and_the_ablation(cpu_specs):
     assert experiments.epochs(P, hawq) == experiments.epochs(P, specs["W4A4"]) == F["stages"] * F["epochs_per_stage"]
     assert experiments.epochs(P, specs["hawq+final"]) == experiments.epochs(P, hawq) + \
         P["finetune"]["attempts"]["hawq+final"]["final_epochs"]
-    assert list(hawq.order) == pipeline.order_blocks(net, spectra, hawq.bit_config, "omega")
+    assert list(hawq.order) == [e.name for e in finetune_order(net, spectra, hawq.bit_config)]
     assert specs["order-reverse"].order == hawq.order[::-1]
     assert specs["order-reverse"].bit_config is hawq.bit_config
     assert specs["order-random"].order != hawq.order and sorted(specs["order-random"].order) == sorted(hawq.order)
@@ -104,22 +107,19 @@ def test_run_specs_builds_only_the_runs_asked_for(cpu_specs, monkeypatch):
         experiments.run_specs(net, spectra, P, ["hawq", "alloc-hawq"])
 
 
-def test_run_hands_the_spec_to_finetuned(cpu_specs, monkeypatch):
+def test_finetune_settings_are_the_profiles_with_the_runs_own_and_the_seed(cpu_specs):
     net, spectra, P, specs = cpu_specs
-    calls = []
-    monkeypatch.setattr(pipeline, "finetuned", lambda *a, **k: calls.append((a, k)) or "result")
-    assert experiments.run(net, "base", specs["W2A4"], P) == "result"
-    assert experiments.run(net, "base", specs["order-reverse"], P, seed=2, spectrum_key="spectrum-x",
-                           progress=True) == "result"
-    (a1, k1), (a2, k2) = calls
-    assert a1[1:] == ("base", specs["W2A4"].bit_config, None, P["finetune"]) and k1["direct"] is True
-    assert a2[3] == list(specs["order-reverse"].order) and k2["direct"] is False and k2["progress"] is True
-    assert a2[4] == {**P["finetune"], "seed": 2}  # the seed replaces the schedule's; nothing else changes
-    assert k2["provenance"] == {"baseline": "base", "spectrum": "spectrum-x"}
+    assert experiments.finetune_settings(P, specs["W2A4"]) == P["finetune"]
+    # the seed replaces the schedule's; nothing else changes
+    assert experiments.finetune_settings(P, specs["order-reverse"], 2) == {**P["finetune"], "seed": 2}
+    kd = experiments.finetune_settings(P, specs["hawq+kd"], 1)
+    assert kd == {**P["finetune"], **P["finetune"]["attempts"]["hawq+kd"], "seed": 1}
+    long = experiments.finetune_settings(P, specs["hawq@paper"])
+    assert long == {**P["finetune"], "stages": 8, "epochs_per_stage": 10, "seed": 0}
 
 
 def test_finetune_command_rejects_an_unknown_run_before_loading_anything(monkeypatch):
-    monkeypatch.setattr(pipeline, "baseline", lambda *a, **k: pytest.fail("the baseline was loaded"))
+    monkeypatch.setattr(baseline_step, "baseline", lambda *a, **k: pytest.fail("the baseline was loaded"))
     with pytest.raises(SystemExit, match=r"unknown run\(s\) W3A3 .*valid: hawq, hawq-strict, W4A4, W2A4, alloc-reverse"):
         cli.main(["finetune", "--profile", "smoke", "hawq", "W3A3"])
 
@@ -139,18 +139,21 @@ def test_threads_must_be_a_whole_number(bad, capsys):
 
 
 def test_finetune_command_runs_the_named_rows_in_order(cpu_specs, monkeypatch, capsys):
-    net, spectra, _, specs = cpu_specs
-    monkeypatch.setattr(pipeline, "baseline", lambda *a, **k: (net, {}, Path("/tmp/baseline_resnet20-x")))
+    net, spectra, P, specs = cpu_specs
+    monkeypatch.setattr(baseline_step, "baseline", lambda *a, **k: (net, {}, Path("/tmp/baseline_resnet20-x")))
     monkeypatch.setattr(pipeline, "spectrum", lambda *a, **k: (spectra, Path("/tmp/spectrum-x")))
     monkeypatch.setattr(experiments, "run_specs", lambda m, s, P, names: {n: specs[n] for n in names} if (m, s) == (net, spectra) else None)
     done = []
 
-    def fake_run(model, base, spec, P, *, seed, spectrum_key, **k):
-        done.append((base, spec.name, seed, spectrum_key))
+    def fake_finetuned(model, base, bit_config, order, cfg, *, provenance, **k):
+        name = next(n for n, sp in specs.items() if sp.bit_config is bit_config and sp.direct == k["direct"]
+                    and (sp.direct or list(sp.order) == order)
+                    and experiments.finetune_settings(P, sp, cfg["seed"]) == cfg)
+        done.append((base, name, cfg["seed"], provenance["spectrum"]))
         return SimpleNamespace(top1=90.0, packed_top1=90.0, packed_bytes=12345, wall_s=60.0,
-                               folder=Path(f"/tmp/finetune-{spec.name}"))
+                               folder=Path(f"/tmp/finetune-{name}"))
 
-    monkeypatch.setattr(experiments, "run", fake_run)
+    monkeypatch.setattr(pipeline, "finetuned", fake_finetuned)
     assert cli.main(["finetune", "--profile", "cpu", "W2A4", "order-reverse"]) == 0
     b, s = "baseline_resnet20-x", "spectrum-x"
     # every run's first seed first, then the second seeds, ...
@@ -202,10 +205,10 @@ PUBLISHED_ORDERS = {"finetune-f560640f5808": "omega", "finetune-66361cd8f29b": "
                     reason="the committed cpu fine-tuning artifacts are not in this checkout")
 @pytest.mark.parametrize("folder", sorted(PUBLISHED_ORDERS))
 def test_the_library_order_reproduces_each_published_row(folder):
-    """allocate.finetune_order and pipeline.order_blocks give the order each committed row was fine-tuned in."""
+    """order.finetune_order gives the order each committed row was fine-tuned in."""
     import json
 
-    from hawqlib import allocate, hessian, quant
+    from hawqlib import hessian, quant
     from hawqlib.train import load_weights
 
     m = json.loads((ART / folder / "manifest.json").read_text())["params"]
@@ -214,5 +217,4 @@ def test_the_library_order_reproduces_each_published_row(folder):
     bc = quant.BitConfig.from_dict(m["bit_config"])
     kind = PUBLISHED_ORDERS[folder]
     seed = profiles.get("cpu")["ablation"]["seed"]
-    assert pipeline.order_blocks(net, spectra, bc, kind, seed=seed) == m["order"]
-    assert [e.name for e in allocate.finetune_order(net, spectra, bc, policy=kind, seed=seed)] == m["order"]
+    assert [e.name for e in finetune_order(net, spectra, bc, policy=kind, seed=seed)] == m["order"]

@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-from hawqlib.allocate import finetune_order
+from hawqlib.order import finetune_order
 from hawqlib.blocks import quant_blocks
-from hawqlib.data import TensorLoader
+from hawqlib.repro.data import TensorLoader
 import hawqlib.finetune as ft
 from hawqlib.finetune import direct_finetune, stage_groups, staged_finetune
 from hawqlib.quant import QUANT_MODULES, BitConfig, quant_modules

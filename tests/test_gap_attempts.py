@@ -1,6 +1,6 @@
 """The attempts at closing the headline row's accuracy gap: a learned activation step (LSQ), distillation
 from the FP32 network, and the named attempt runs (hawqlib.quant.QuantAct.set_learn_step, hawqlib.distill,
-hawqlib.finetune, hawqlib.experiments)."""
+hawqlib.finetune, hawqlib.repro.experiments)."""
 from __future__ import annotations
 
 import copy
@@ -12,9 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hawqlib import experiments, export, profiles
+from hawqlib.repro import experiments, profiles
+from hawqlib import export
 from hawqlib.blocks import quant_blocks
-from hawqlib.data import TensorLoader
+from hawqlib.repro.data import TensorLoader
 from hawqlib.distill import DistillationLoss
 from hawqlib.finetune import staged_finetune
 from hawqlib.quant import BitConfig, QuantAct

@@ -17,7 +17,9 @@ import numpy as np
 import pytest
 import torch
 
-from hawqlib import distributed, sources
+from hawqlib import distributed
+from hawqlib.repro import sources
+from hawqlib.repro.imagenet import ImageFolderSource
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ("n01", "n02", "n03")
@@ -56,16 +58,16 @@ def weights(tmp_path_factory):
 
 
 def test_source_key_loaders_and_rank_slices(tree, tmp_path):
-    src = sources.ImageFolderSource(tree, "squeezenext", image_size=32)
+    src = ImageFolderSource(tree, "squeezenext", image_size=32)
     assert src.num_classes == 3
     key = src.key()
-    assert key == sources.ImageFolderSource(tree, "squeezenext", image_size=32).key()
-    assert key != sources.ImageFolderSource(tree, "squeezenext", image_size=24).key()
+    assert key == ImageFolderSource(tree, "squeezenext", image_size=32).key()
+    assert key != ImageFolderSource(tree, "squeezenext", image_size=24).key()
     copy = tmp_path / "copy"
     shutil.copytree(tree, copy)
     extra = copy / "train" / CLASSES[0] / "extra.png"
     shutil.copy(copy / "train" / CLASSES[1] / f"{CLASSES[1]}_0.png", extra)
-    assert sources.ImageFolderSource(copy, "squeezenext", image_size=32).key()["imagefolder"]["train"] != \
+    assert ImageFolderSource(copy, "squeezenext", image_size=32).key()["imagefolder"]["train"] != \
         key["imagefolder"]["train"]  # one more file: another key
 
     tr, te = src.loaders(batch_size=10, seed=3)
@@ -88,10 +90,10 @@ def test_source_key_loaders_and_rank_slices(tree, tmp_path):
 
 def test_source_errors_name_what_is_valid(tmp_path):
     with pytest.raises(FileNotFoundError, match="train/<class>"):
-        sources.ImageFolderSource(tmp_path / "nowhere")
+        ImageFolderSource(tmp_path / "nowhere")
     (tmp_path / "train" / "a").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="'val' split"):
-        sources.ImageFolderSource(tmp_path, image_size=32).split("val")
+        ImageFolderSource(tmp_path, image_size=32).split("val")
     with pytest.raises(ValueError, match="ImageNet model"):
         sources.for_model("resnet50", None)
     assert isinstance(sources.for_model("resnet20", None), sources.CIFAR10Source)

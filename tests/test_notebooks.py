@@ -24,7 +24,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from hawqlib import book
+from hawqlib.repro import book
 
 from _book_smoke import ROOT, smoke_book
 

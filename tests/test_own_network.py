@@ -1,5 +1,5 @@
 """The "HAWQ on your own network" chapter's pieces: the small ViT, its profile section, and the cached front-door
-step (:mod:`hawqlib.cached_quantize`) that stores and reloads a :func:`hawqlib.quantize` result."""
+step (:mod:`hawqlib.repro.cached_quantize`) that stores and reloads a :func:`hawqlib.quantize` result."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,9 @@ import torch
 from torch import nn
 
 import hawqlib
-from hawqlib import artifacts as store, cached_quantize, models, pipeline, profiles
+from hawqlib.repro import artifacts as store, cached_quantize, profiles
+from hawqlib import models
+from hawqlib.repro.baseline import baseline_params
 from hawqlib.blocks import quant_blocks
 from hawqlib.hessian.gauss_newton import gauss_newton_exact
 from hawqlib.quant import QUANT_MODULES
@@ -142,6 +144,6 @@ def test_cached_step_names_missing_settings():
 
 def test_the_chapter_baseline_key_uses_the_vit(cifar_root):
     P = profiles.get("smoke")["own_network"]
-    params = pipeline.baseline_params(P["baseline"], P["model"], cifar_root)
+    params = baseline_params(P["baseline"], P["model"], cifar_root)
     assert params["model"] == "vit_cifar" and params["train"] == P["baseline"]
     assert store.artifact_dir(f"baseline_{P['model']}", params).name.startswith("baseline_vit_cifar-")

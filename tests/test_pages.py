@@ -1,16 +1,16 @@
-"""The per-seed table and the missing-run note every result page shares (hawqlib.pages)."""
+"""The per-seed table and the missing-run note every result page shares (hawqlib.repro.pages)."""
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hawqlib import pages
-from hawqlib.pages import SEED_COLUMNS, missing_runs, run_minutes, seeds_table
+from hawqlib.repro import pages
+from hawqlib.repro.pages import SEED_COLUMNS, missing_runs, run_minutes, seeds_table
 
 
 @dataclass
-class _Run:  # the fields of hawqlib.experiments' results the page helpers read
+class _Run:  # the fields of hawqlib.repro.experiments' results the page helpers read
     top1: float
     packed_top1: float
     wall_s: float
@@ -62,7 +62,7 @@ def test_run_minutes_is_the_median_epoch_times_the_epochs_so_a_pause_does_not_co
 
 
 def test_smoke_note_marks_smoke_pages_only_and_is_written_once():
-    from hawqlib import profiles
+    from hawqlib.repro import profiles
 
     assert pages.smoke_note(profiles.get("smoke")).startswith("*Smoke profile")
     assert pages.smoke_note(profiles.get("smoke")).rstrip().endswith("not results.*")

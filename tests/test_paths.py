@@ -1,4 +1,4 @@
-"""Where artifacts and caches go: never the package's location (hawqlib.paths)."""
+"""Where artifacts and caches go: never the package's location (hawqlib.repro.paths)."""
 from __future__ import annotations
 
 import shutil
@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from hawqlib import artifacts, data, paths
+from hawqlib.repro import artifacts, data, paths
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -15,7 +15,7 @@ def test_outside_a_checkout_the_store_is_under_the_working_directory(tmp_path, m
     monkeypatch.delenv("HAWQ_ARTIFACTS", raising=False)
     monkeypatch.delenv("HAWQ_CACHE", raising=False)
     monkeypatch.chdir(tmp_path)
-    assert paths.is_checkout(Path(paths.__file__).resolve().parents[1])  # the package is imported from a checkout
+    assert paths.is_checkout(Path(paths.__file__).resolve().parents[2])  # the package is imported from a checkout
     assert artifacts.artifacts_root() == tmp_path.resolve() / "hawq-artifacts"
     assert data.cache_dir() == tmp_path.resolve() / "hawq-cache"
     assert artifacts.artifact_dir("spectrum", {"a": 1}).parent == tmp_path.resolve() / "hawq-artifacts"
@@ -71,7 +71,7 @@ def test_an_installed_package_finds_the_checkout_from_the_working_directory(tmp_
     """A copy of the package outside any checkout (as in site-packages) never writes beside itself."""
     site = tmp_path / "site"
     site.mkdir()
-    shutil.copy(ROOT / "hawqlib" / "paths.py", site / "paths.py")  # the module alone: no package, no torch
+    shutil.copy(ROOT / "hawqlib" / "repro" / "paths.py", site / "paths.py")  # the module alone: no package, no torch
     work = tmp_path / "work"
     work.mkdir()
     code = ("import sys; sys.path.insert(0, sys.argv[1]); import paths; "

@@ -1,4 +1,4 @@
-"""The notebook steps of hawqlib.pipeline: artifacts load what was computed, inputs are checked."""
+"""The notebook steps of hawqlib.repro.pipeline: artifacts load what was computed, inputs are checked."""
 from __future__ import annotations
 
 import warnings
@@ -7,9 +7,12 @@ import pytest
 import torch
 from torch import nn
 
-from hawqlib import allocate, hessian, pipeline, quant
-from hawqlib.artifacts import artifact_dir, compute_recording, read_manifest, replay, verify
-from hawqlib.artifacts.manifest import _write_sealed
+from hawqlib import hessian, quant
+from hawqlib.repro import pipeline
+from hawqlib.repro.artifacts import (artifact_dir, artifact_threads, artifact_wall_s, compute_recording, read_manifest,
+                                    replay, verify)
+from hawqlib.repro.artifacts.manifest import _write_sealed
+from hawqlib.repro.imagenet import imagenet_batch
 from hawqlib.blocks import quant_blocks
 from hawqlib.models import resnet20
 
@@ -152,26 +155,13 @@ def test_landscape_is_an_artifact(artifacts, monkeypatch, cifar_root):
         pipeline.landscape(net, "r20", cfg, "nope", [d], coords, directions_key="rand0")
 
 
-def test_order_blocks(artifacts):
-    net, data = _tiny()
-    spectra = hessian.top_eigenvalues(net, nn.CrossEntropyLoss(), data, "layer", **CFG, progress=False)
-    bc = quant.BitConfig.uniform(net, 2)
-    omega = pipeline.order_blocks(net, spectra, bc, "omega")
-    assert omega == [e.name for e in allocate.finetune_order(net, spectra, bc)]
-    assert pipeline.order_blocks(net, spectra, bc, "reverse") == omega[::-1]
-    rnd = pipeline.order_blocks(net, spectra, bc, "random", seed=3)
-    assert sorted(rnd) == sorted(omega) and rnd == pipeline.order_blocks(net, spectra, bc, "random", seed=3)
-    with pytest.raises(ValueError, match="valid: omega, reverse, random"):
-        pipeline.order_blocks(net, spectra, bc, "sideways")
-
-
 def test_imagenet_batch_synthetic_is_seeded():
-    (x, y), key = pipeline.imagenet_batch("resnet50", 3, 7, image_size=16)
-    (x2, y2), key2 = pipeline.imagenet_batch("resnet50", 3, 7, image_size=16)
+    (x, y), key = imagenet_batch("resnet50", 3, 7, image_size=16)
+    (x2, y2), key2 = imagenet_batch("resnet50", 3, 7, image_size=16)
     assert x.shape == (3, 3, 16, 16) and torch.equal(x, x2) and torch.equal(y, y2) and key == key2
     assert int(y.max()) < 1000
     with pytest.raises(ValueError, match="image_size"):
-        pipeline.imagenet_batch("resnet50", 3)
+        imagenet_batch("resnet50", 3)
 
 
 FT = {"stages": 2, "epochs_per_stage": 1, "final_epochs": 0, "lr": 0.01, "momentum": 0.9, "nesterov": True,
@@ -191,8 +181,8 @@ def test_finetuned_stores_model_history_and_packed_file(artifacts, cifar_root, m
     assert r.size_bytes <= r.packed_bytes <= 1.02 * r.size_bytes + 4096
     assert (r.folder / "model.hawq").stat().st_size == r.packed_bytes
     assert not (r.folder / "run").exists()     # the resume state is dropped once the artifact is complete
-    assert pipeline.artifact_threads(r.folder) == torch.get_num_threads()
-    assert pipeline.artifact_threads(r.folder / "run") is None and pipeline.artifact_wall_s(r.folder / "run") == 0.0
+    assert artifact_threads(r.folder) == torch.get_num_threads()
+    assert artifact_threads(r.folder / "run") is None and artifact_wall_s(r.folder / "run") == 0.0
     assert {p.name for p in r.folder.iterdir()} >= {"manifest.json", "qmodel.pt", "history.json", "model.hawq",
                                                      "bit_config.json"}
     # every result file's digest is in the manifest; the packed file records its architecture

@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from hawqlib import artifacts, experiments, pipeline, profiles, quant
+from hawqlib.repro import artifacts, pipeline, profiles
+from hawqlib.repro.baseline import baseline
+from hawqlib import quant
 from hawqlib.blocks import quant_blocks
 from hawqlib.models import resnet20
 
@@ -19,9 +21,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _digest_in_a_new_process(seed: int) -> str:
-    code = ("import hashlib, sys, torch; from hawqlib import pipeline; "
+    code = ("import hashlib, sys, torch; from hawqlib.repro.baseline import initial_model; "
             "torch.manual_seed(int(sys.argv[2]) + 1000); torch.rand(7);"  # whatever the process did before
-            "net = pipeline.initial_model('resnet20', int(sys.argv[1])); "
+            "net = initial_model('resnet20', int(sys.argv[1])); "
             "h = hashlib.sha256(); [h.update(t.detach().numpy().tobytes()) for t in net.state_dict().values()]; "
             "print(h.hexdigest())")
     out = subprocess.run([sys.executable, "-c", code, str(seed), str(len(str(seed)) * 17)], cwd=ROOT,
@@ -43,13 +45,13 @@ def test_baseline_builds_its_model_under_the_profile_seed(monkeypatch, tmp_path)
         raise RuntimeError("stop here")
 
     monkeypatch.setenv("HAWQ_ARTIFACTS", str(tmp_path))
-    from hawqlib import baseline as baseline_step
+    from hawqlib.repro import baseline as baseline_step
 
     monkeypatch.setattr(baseline_step, "baseline_params", lambda cfg, model, root, weights=None: {"k": 1})
     monkeypatch.setattr(baseline_step, "initial_model", fake)
     cfg = dict(profiles.get("smoke")["baseline"], seed=5)
     with pytest.raises(RuntimeError, match="stop here"):
-        pipeline.baseline(cfg)
+        baseline(cfg)
     assert seen == [("resnet20", 5)]
 
 
@@ -77,22 +79,3 @@ def test_manifest_records_provenance_and_load_only_never_computes(tmp_path, monk
     assert machine["cpus"] == os.cpu_count() and machine["torch_threads"] == torch.get_num_threads()
     again = pipeline.finetuned(net, "r20", bc, order, FT, data_root=cifar_root, load_only=True)
     assert again is not None and again.folder == r.folder and again.top1 == r.top1
-
-
-def test_run_seeds_loads_only_unless_the_profile_or_force_says_compute(monkeypatch):
-    P = profiles.get("cpu")
-    spec = experiments.RunSpec("hawq", "d", quant.BitConfig({"conv1": 2}), ("conv1",))
-    calls = []
-    monkeypatch.setattr(pipeline, "finetuned", lambda *a, **k: calls.append((a[4]["seed"], k["load_only"],
-                                                                              k["provenance"])) or None)
-    monkeypatch.delenv("FORCE", raising=False)
-    assert experiments.run_seeds(None, "b", spec, P, spectrum_key="s") == {0: None, 1: None, 2: None}
-    assert calls == [(s, True, {"baseline": "b", "spectrum": "s"}) for s in (0, 1, 2)]
-    calls.clear()
-    monkeypatch.setenv("FORCE", "1")
-    experiments.run_seeds(None, "b", spec, P)
-    assert [c[1] for c in calls] == [False] * 3
-    calls.clear()
-    monkeypatch.delenv("FORCE")
-    experiments.run_seeds(None, "b", spec, profiles.get("smoke"))
-    assert [c[:2] for c in calls] == [(0, False), (1, False)]

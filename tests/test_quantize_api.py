@@ -11,7 +11,7 @@ from torch import nn
 
 import hawqlib
 from hawqlib import size
-from hawqlib.__main__ import main
+from hawqlib.repro.cli import main
 from hawqlib.blocks import quant_blocks
 from hawqlib.export import load_packed
 from hawqlib.quant import QUANT_MODULES, BitConfig, quantize_model

@@ -6,7 +6,7 @@ import statistics
 
 import pytest
 
-from hawqlib.seedstats import TARGET_VERDICTS, against, against_text, paired, summarize
+from hawqlib.repro.seedstats import TARGET_VERDICTS, against, against_text, paired, summarize
 
 
 def test_summary_is_the_sample_mean_and_standard_deviation():

@@ -1,4 +1,4 @@
-"""hawqlib.study.Study: the shared recipes delegate to the pipeline and key the very same artifacts."""
+"""hawqlib.repro.study.Study: the shared recipes delegate to the pipeline and key the very same artifacts."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,11 +8,13 @@ import pytest
 import torch
 from torch import nn
 
-from hawqlib import experiments, pipeline, profiles
-from hawqlib.artifacts import is_complete, read_manifest
+from hawqlib.repro import baseline as baseline_step
+from hawqlib.repro import experiments, pipeline, profiles
+from hawqlib.repro.artifacts import is_complete, read_manifest
 from hawqlib.blocks import quant_blocks
+from hawqlib.order import ORDERS, finetune_order
 from hawqlib.models import resnet20
-from hawqlib.study import Study
+from hawqlib.repro.study import Study
 
 
 @pytest.fixture
@@ -29,7 +31,7 @@ def _fake_baseline(monkeypatch, net):
         calls.append((cfg, model, getattr(data_root, "root", data_root), progress))
         return net, {"epochs": [{"val_top1": 12.5}]}, Path(f"/nowhere/baseline_{model}-0123456789ab")
 
-    monkeypatch.setattr(pipeline, "baseline", baseline)
+    monkeypatch.setattr(baseline_step, "baseline", baseline)
     return calls
 
 
@@ -80,8 +82,8 @@ def test_allocation_orders_and_runs_delegate(r20, monkeypatch):
     bc = study.allocation()
     assert bc.to_dict() == experiments.allocation(net, spectra, P, "hawq").to_dict()
     orders = study.orders(bc)
-    assert set(orders) == set(pipeline.ORDERS)
-    assert orders["omega"] == pipeline.order_blocks(net, spectra, bc, "omega", seed=P["ablation"]["seed"])
+    assert set(orders) == set(ORDERS)
+    assert orders["omega"] == [e.name for e in finetune_order(net, spectra, bc, seed=P["ablation"]["seed"])]
     assert study.run_names("table") == experiments.run_names(P, "table")
 
     built = []
@@ -98,3 +100,21 @@ def test_allocation_orders_and_runs_delegate(r20, monkeypatch):
     assert kw["provenance"] == {"baseline": base, "spectrum": sfolder.name}
     assert [k[1]["load_only"] for k in ft] == [False, False, False]
     assert study.specs(["W4A4"])["W4A4"].direct
+
+
+def test_run_seeds_loads_only_unless_the_profile_or_force_says_compute(r20, monkeypatch):
+    calls = []
+    monkeypatch.setattr(pipeline, "finetuned", lambda *a, **k: calls.append((a[4]["seed"], k["load_only"],
+                                                                              k["provenance"])) or None)
+    monkeypatch.delenv("FORCE", raising=False)
+    study = Study("cpu")  # the published profile only loads: its runs take hours
+    assert study.run_seeds("hawq") == {0: None, 1: None, 2: None}
+    assert calls == [(s, True, {"baseline": study.base, "spectrum": "spectrum-abcdef012345"}) for s in (0, 1, 2)]
+    calls.clear()
+    monkeypatch.setenv("FORCE", "1")
+    study.run_seeds("hawq")
+    assert [c[1] for c in calls] == [False] * 3
+    calls.clear()
+    monkeypatch.delenv("FORCE")
+    Study("smoke").run_seeds("hawq")
+    assert [c[:2] for c in calls] == [(0, False), (1, False)]

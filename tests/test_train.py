@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import hawqlib.models as M
-from hawqlib.data import TensorLoader, cifar10
+from hawqlib.repro.data import TensorLoader, cifar10
 from hawqlib.train import CheckpointError, TrainConfig, evaluate, load_checkpoint, load_weights, train
 
 TIMING = ("images_per_s", "wall_s", "eval_s")
@@ -218,7 +218,7 @@ def test_bad_arguments():
 
 def test_command_line_says_where_files_go(cifar_root, tmp_path, monkeypatch, capsys):
     """``python -m hawqlib train`` (smoke profile, 1 epoch on 1,024 images) prints its folder and files."""
-    from hawqlib.__main__ import main
+    from hawqlib.repro.cli import main
 
     monkeypatch.setenv("HAWQ_ARTIFACTS", str(tmp_path))
     monkeypatch.delenv("FORCE", raising=False)

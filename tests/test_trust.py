@@ -17,8 +17,9 @@ import torch
 from _trust_helpers import ENV, ROOT, cli, tiny
 from torch import nn
 
-from hawqlib import hessian, pipeline
-from hawqlib.artifacts import MANIFEST, ArtifactError, FolderBusyError, read_manifest, seal, verify
+from hawqlib import hessian
+from hawqlib.repro import pipeline
+from hawqlib.repro.artifacts import MANIFEST, ArtifactError, FolderBusyError, artifact_wall_s, read_manifest, seal, verify
 from hawqlib.train import CheckpointError, NonFiniteLossError, content_digest, train
 
 
@@ -88,7 +89,7 @@ def test_edited_truncated_or_legacy_manifest_is_an_error_not_a_restart(artifacts
     with pytest.raises(ArtifactError, match="changed after it was written"):
         _spectrum(net, batch)
     with pytest.raises(ArtifactError):
-        pipeline.artifact_wall_s(folder)
+        artifact_wall_s(folder)
     path.write_text(good[: len(good) // 2])  # truncated: an error, never a silent recompute
     with pytest.raises(ArtifactError, match="manifest.json is unreadable"):
         _spectrum(net, batch)
@@ -211,7 +212,7 @@ def test_a_non_finite_validation_loss_stops_the_run(tmp_path):
 _HOLDER = """
 import sys, time
 from pathlib import Path
-from hawqlib import pipeline
+from hawqlib.repro import pipeline
 go, release = Path(sys.argv[1]), Path(sys.argv[2])
 def compute(folder):
     go.write_text("computing")

@@ -22,7 +22,8 @@ from _trust_helpers import ENV, cli, tiny
 from PIL import Image
 from torch import nn
 
-from hawqlib import batches, data, export
+from hawqlib.repro import batches, data
+from hawqlib import export
 from hawqlib.quant import BitConfig, quantize_model
 
 

@@ -1,12 +1,12 @@
 """Sphinx extension for the HAWQ companion book: values pulled from the code, never typed into prose.
 
-- role ``{profile}`` ```cpu:baseline.epochs``` pastes one profile parameter (:mod:`hawqlib.profiles`);
+- role ``{profile}`` ```cpu:baseline.epochs``` pastes one profile parameter (:mod:`hawqlib.repro.profiles`);
   an unknown profile or key is a build error.
 - role ``{book-profile}`` pastes the profile the executed notebooks ran at (from
   ``executed/timings.json``); notebooks from mixed profiles are a build error.
 - directive ``{profile-table}`` ``section`` tabulates one profile section for every profile.
 - directive ``{timings-table}`` tabulates ``executed/timings.json`` (notebook wall times written by
-  :mod:`hawqlib.book`) and the machine they ran on; a missing file is a build error.
+  :mod:`hawqlib.repro.book`) and the machine they ran on; a missing file is a build error.
 - docstrings' norm bars (``|w|``) stay text on the API pages (:class:`NormBars`).
 - MathJax is served from the build itself (``_static/mathjax``, copied from the
   ``sphinx-mathjax-offline`` package), so formulas are typeset without network access.
@@ -52,7 +52,7 @@ def _fmt(value) -> str:
 
 
 def _lookup(spec: str):
-    from hawqlib import profiles
+    from hawqlib.repro import profiles
 
     if ":" not in spec:
         raise ValueError(f"expected 'profile:section.key', got {spec!r}")
@@ -140,7 +140,7 @@ class ProfileTable(SphinxDirective):
     has_content = False
 
     def run(self):
-        from hawqlib import profiles
+        from hawqlib.repro import profiles
 
         section = self.arguments[0]
         flat = {}
@@ -172,7 +172,7 @@ class TimingsTable(SphinxDirective):
             return [self.state.document.reporter.error(
                 f"timings-table: cannot read {path} ({exc}); run `python -m hawqlib book` first",
                 line=self.lineno)]
-        from hawqlib.book import NOTEBOOKS
+        from hawqlib.repro.book import NOTEBOOKS
 
         order = [n for n in NOTEBOOKS if n in entries] + sorted(set(entries) - set(NOTEBOOKS))
         rows, total, machines = [], 0.0, {}

@@ -9,7 +9,7 @@ from typing import Sequence
 
 import torch
 
-from ..artifacts import atomic_write_json
+from ..files import atomic_write_json
 
 _SPECTRA_FORMAT = "hawqlib.spectra/1"
 

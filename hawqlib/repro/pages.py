@@ -1,0 +1,147 @@
+"""How an executed notebook reads as a page of the book: cell tags, and tables a reader can scan.
+
+Cell tags, as myst-nb renders them:
+
+- ``parameters`` (the profile papermill replaces) and papermill's ``injected-parameters``: the runner
+  (:mod:`hawqlib.repro.book`) adds ``remove-cell`` to both in the executed copy (:func:`reader_copy`); they
+  only carry the profile, which the page states in prose.
+- ``hide-input``: the code is folded behind a toggle, its output shown. For cells that only
+  ``glue`` values or lay out a figure.
+- ``remove-input``: the output alone, for a cell whose code says nothing a reader needs.
+- ``remove-stderr``: drop a cell's stderr (library warnings the page explains in prose, or not at all).
+
+Code that computes a result stays visible.
+
+Tables: :func:`table` returns a pandas ``Styler`` with one number format per column and text columns
+left-aligned; the book's stylesheet (``book/_static/hawq.css``) gives it the theme's table look,
+keeps numbers on one line and lets headers wrap between words.
+
+A page computed at the ``smoke`` profile opens its verdicts with :func:`smoke_note`, so that a test build is
+never read as results.
+
+Result pages list every fine-tuning seed of their runs the same way: :func:`seeds_table` (one line per seed,
+stored or not) and :func:`missing_runs` (what is not stored yet, and the command that computes it).
+"""
+from __future__ import annotations
+
+from typing import Iterable, Mapping
+
+__all__ = ["READER_TAGS", "reader_copy", "smoke_note", "table", "seeds_table", "missing_runs", "run_minutes"]
+
+#: Tag on a cell of the source notebook -> tag the runner adds in the executed copy.
+READER_TAGS = {"parameters": "remove-cell", "injected-parameters": "remove-cell"}
+
+
+def reader_copy(nb) -> int:
+    """Add the :data:`READER_TAGS` to the cells of the executed notebook ``nb`` (in place); return how many changed."""
+    n = 0
+    for cell in nb.cells:
+        tags = cell.setdefault("metadata", {}).setdefault("tags", [])
+        add = [READER_TAGS[t] for t in tags if t in READER_TAGS and READER_TAGS[t] not in tags]
+        if add:
+            tags.extend(dict.fromkeys(add))
+            n += 1
+    return n
+
+
+def smoke_note(profile: Mapping) -> str:
+    """The italic sentence a verdict starts with at the ``smoke`` profile (``profile``: a profile's dict,
+    :func:`hawqlib.repro.profiles.get`), saying its numbers are not results; ``""`` at any other profile."""
+    if profile["name"] != "smoke":
+        return ""
+    return ("*Smoke profile: a schedule of minutes on a small subset of the data, run to check that the "
+            "pipeline works; its numbers are not results.* ")
+
+
+def table(df, formats: Mapping[str, str] | None = None, *, text: Iterable[str] = (), index: bool = True,
+          caption: str | None = None, na_rep: str = "-"):
+    """``df`` as a Styler for a page: ``formats`` maps a column to a format (``"{:.2f}"``, ``"{:+.2f}"``).
+
+    Columns in ``text`` (and any column of strings) are left-aligned and may wrap; every other cell is
+    a number on one line. ``index=False`` hides the index. Put units in the column names
+    (``"top-1 (%)"``, ``"size (KiB)"``), not in the cells.
+    """
+    formats = dict(formats or {})
+    unknown = set(formats) - set(df.columns)
+    if unknown:
+        raise KeyError(f"formats for columns the table does not have: {sorted(map(str, unknown))}")
+    from pandas.api.types import is_numeric_dtype
+
+    text_cols = [c for c in df.columns if c in set(text) or not is_numeric_dtype(df[c]) and c not in formats]
+    sty = df.style.format(formats, na_rep=na_rep) if formats else df.style.format(na_rep=na_rep)
+    sty = sty.set_table_attributes('class="dataframe hawq-table"')
+    if text_cols:
+        sty = sty.set_properties(subset=text_cols, **{"text-align": "left", "white-space": "normal"})
+    if not index:
+        sty = sty.hide(axis="index")
+    if caption:
+        sty = sty.set_caption(caption)
+    return sty
+
+
+#: The columns of :func:`seeds_table`, after its two index levels.
+SEED_COLUMNS = ("top-1 (%)", "from packed file (%)", "wall time (min)", "torch threads", "artifact")
+
+
+def seeds_table(runs: Mapping, *, level: str = "run"):
+    """One line per seed of ``runs`` (``{row label: {seed: result, or None when not stored}}``, results as
+    :meth:`hawqlib.repro.study.Study.run_seeds` returns them): its accuracy, the accuracy of its packed file, the
+    wall time its fine-tuning took (a stage it took from another run counts as that run spent it,
+    :mod:`hawqlib.finetune`), the torch threads it ran with and its artifact folder; a seed not
+    stored reads ``"not stored yet"``. A :func:`table` indexed by (``level``, seed).
+    """
+    import pandas as pd
+
+    from .artifacts import artifact_threads
+
+    rows = []
+    for label, by_seed in runs.items():
+        for seed, r in by_seed.items():
+            row = {level: label, "seed": seed}
+            if r is None:
+                row["artifact"] = "not stored yet"
+            else:
+                row.update({"top-1 (%)": r.top1, "from packed file (%)": r.packed_top1,
+                            "wall time (min)": r.wall_s / 60, "torch threads": artifact_threads(r.folder),
+                            "artifact": r.folder.name})
+            rows.append(row)
+    frame = pd.DataFrame(rows, columns=[level, "seed", *SEED_COLUMNS]).set_index([level, "seed"])
+    sty = table(frame, {"top-1 (%)": "{:.2f}", "from packed file (%)": "{:.2f}", "wall time (min)": "{:.1f}",
+                        "torch threads": "{:.0f}"}, text=["artifact"])
+    sty = sty.set_properties(subset=["artifact"], **{"white-space": "nowrap"})  # a folder name is one word
+    # A run's label wraps beside its seeds, so that the folder names fit the text column.
+    return sty.set_table_styles([{"selector": "tbody th.level0", "props": "white-space: normal; min-width: 8em;"}],
+                                overwrite=False)
+
+
+def run_minutes(result) -> float:
+    """Minutes ``result`` (a :meth:`hawqlib.repro.study.Study.run_seeds` result) takes on this machine: its median epoch
+    (training plus evaluation, from its history) times its number of epochs. Unlike the summed wall time of its
+    manifest, a pause that stretched fewer than half of its epochs does not move it; without a per-epoch
+    history it is the summed wall time.
+    """
+    import statistics
+
+    epochs = (getattr(result, "history", None) or {}).get("epochs") or []
+    if not epochs:
+        return result.wall_s / 60
+    return statistics.median(e.get("wall_s", 0.0) + e.get("eval_s", 0.0) for e in epochs) * len(epochs) / 60
+
+
+def missing_runs(runs: Mapping, profile: str, *, what: str = "them") -> str:
+    """Markdown naming the seeds of ``runs`` (as for :func:`seeds_table`, keyed by run name) not stored yet,
+    with the ``python -m hawqlib finetune`` command that computes them and how long the stored runs take here
+    (:func:`run_minutes`, measured from their histories); ``""`` when every seed is stored. ``what`` names the
+    runs in the sentence (``"them"``, or e.g. ``"them (each longer than a row of the table)"``).
+    """
+    missing = [f"{name} (seed {seed})" for name, by_seed in runs.items() for seed, r in by_seed.items() if r is None]
+    if not missing:
+        return ""
+    minutes = [run_minutes(r) for by_seed in runs.values() for r in by_seed.values() if r is not None]
+    names = " ".join(dict.fromkeys(name for name, by_seed in runs.items() if None in by_seed.values()))
+    took = (f"; at their median epoch times here, the stored runs take {min(minutes):.0f} to {max(minutes):.0f} "
+            f"minutes each" if len(minutes) > 1 else
+            f"; at its median epoch time here, the stored run takes {minutes[0]:.0f} minutes" if minutes else "")
+    paused = (" (the wall times in the table also count any time a run was paused)" if minutes else "")
+    return (f"**Not stored yet, so not in the tables:** {', '.join(missing)}. `python -m hawqlib finetune "
+            f"--profile {profile} {names}` computes {what} and this page then loads them{took}{paused}.")
