@@ -77,7 +77,7 @@ def test_profiles_hold_the_chapter_settings_as_data():
         P = profiles.get(name)
         O = P["own_network"]
         assert O["model"] in models.names()
-        assert set(O["baseline"]) == set(P["baseline"])  # pipeline.baseline reads the same table
+        assert set(O["baseline"]) == set(P["baseline"])  # baseline.baseline reads the same table
         assert set(O["quantize"]) == set(cached_quantize.SETTINGS_KEYS)
         assert O["quantize"]["measure"] == "weights" and O["quantize"]["hessian"]["method"] == "auto"
     smoke, cpu = profiles.get("smoke")["own_network"], profiles.get("cpu")["own_network"]

@@ -119,7 +119,7 @@ def quantized(model: torch.nn.Module, base: str, settings: dict, *, data_root=No
               force: bool | None = None, load_only: bool = False) -> QuantizedRun | None:
     """:func:`hawqlib.quantize` on the FP32 ``model`` (CIFAR-10), stored as an artifact; a :class:`QuantizedRun`.
 
-    ``base``: the key of ``model``'s weights (the baseline's folder name, :func:`hawqlib.repro.pipeline.baseline`).
+    ``base``: the key of ``model``'s weights (the baseline's folder name, :func:`hawqlib.repro.baseline.baseline`).
     ``settings``: :data:`SETTINGS_KEYS` (a profile's ``own_network.quantize`` section). ``force=None`` reads
     ``FORCE``. ``load_only=True`` returns None instead of computing when no complete artifact matches.
     """
