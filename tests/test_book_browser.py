@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from hawqlib.repro import book
+from hawqlib.repro import bookbuild
 
 from _book_smoke import ROOT, smoke_book
 from _browser import WIDTH, Browser, find_chromium
@@ -44,7 +44,7 @@ def _is_chapter(doc: str) -> bool:
 def pages(chromium, tmp_path_factory, cifar_root) -> dict[str, dict]:
     run = smoke_book(tmp_path_factory.mktemp("smoke_book"), cifar_root)
     assert run.returncode == 0, f"the smoke book failed:\n{run.output[-6000:]}"
-    docs = book.toc_documents(run.book_dir)
+    docs = bookbuild.toc_documents(run.book_dir)
     if SHOTS.exists():
         shutil.rmtree(SHOTS)
     t0 = time.perf_counter()
@@ -84,8 +84,8 @@ def test_math_is_typeset_offline(pages):
 def test_api_pages_are_rendered_by_autodoc(pages):
     assert not _bad(pages, "raw_rst"), f"raw reStructuredText or autodoc markup: {_bad(pages, 'raw_rst')}"
     api = [d for d in pages if d.startswith("api/hawqlib.")]
-    assert len(api) == len(book.package_modules())
-    packages = {m for m in book.package_modules() if (ROOT / m.replace(".", "/") / "__init__.py").is_file()}
+    assert len(api) == len(bookbuild.package_modules())
+    packages = {m for m in bookbuild.package_modules() if (ROOT / m.replace(".", "/") / "__init__.py").is_file()}
     empty = [d for d in api if d.removeprefix("api/") not in packages and pages[d]["signatures"] == 0]
     assert not empty, f"API pages without a single documented signature: {empty}"
 
