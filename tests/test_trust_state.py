@@ -330,3 +330,25 @@ def test_a_pickle_where_weights_belong_is_one_line_without_torchs_advice(tmp_pat
     assert r.returncode == 1 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
     assert "weights_only" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_a_pickle_in_an_artifact_under_a_forged_manifest_is_one_line_and_runs_nothing(tmp_path, monkeypatch):
+    from hawqlib.repro import pipeline
+    from hawqlib.repro.artifacts import manifest
+
+    monkeypatch.setenv("HAWQ_ARTIFACTS", str(tmp_path / "artifacts"))
+    monkeypatch.setenv("HAWQ_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("FORCE", raising=False)
+    net, batch = tiny()
+    cfg = {"method": "autograd", "solver": "lanczos", "tol": 1e-6, "max_iter": 50, "seed": 0}
+    _, folder = pipeline.spectrum(net, "tiny", cfg, "layer", data=batch, data_key="tiny", vectors=True)
+    marker = tmp_path / "pwned"
+    torch.save({"w": _Payload(marker)}, folder / "vectors.pt")
+    m = manifest.read_manifest(folder)  # the manifest re-sealed over the pickle, as a forger would
+    m["files"] = manifest._file_records(folder, manifest.result_files(folder))
+    manifest._write_sealed(folder, m)
+    before = _snapshot(folder)
+    with pytest.raises(ValueError, match=r"vectors\.pt is not a weights-only torch file") as err:
+        pipeline.spectrum(net, "tiny", cfg, "layer", data=batch, data_key="tiny", vectors=True)
+    assert "weights_only" not in str(err.value) and "\n" not in str(err.value)
+    assert not marker.exists() and _snapshot(folder) == before
