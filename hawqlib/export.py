@@ -4,18 +4,10 @@ The paper's compression figures are arithmetic on bit counts; this module writes
 that :func:`hawqlib.size.model_size_bytes` can be checked against a file on disk, and reads them
 back into a model that computes exactly what the fake-quantized model computes.
 
-File format ``hawqlib.packed/2`` (:data:`PACKED_FORMAT`; our design), little-endian, written atomically:
-
-====================  ======================================================================
-bytes                 content
-====================  ======================================================================
-8                     magic ``b"HAWQPACK"``
-4 (uint32)            preamble version (1, ``VERSION``)
-4 (uint32)            ``H``: length of the header
-H                     header: zlib-compressed UTF-8 JSON ``{"format", "bit_config", "arch",
-                      "entries"}``; ``entries`` lists the payload records in order
-rest                  payload: the records, back to back
-====================  ======================================================================
+The container (preamble, digested header, records; ``hawqlib.packed/3``, our design) is
+:mod:`hawqlib.packfile`'s: every file verifies itself, and a flipped bit anywhere is a ValueError naming
+the file and the header or the record, raised before any model is built; files of the previous format
+``hawqlib.packed/2`` load with an :class:`UnverifiedPackedWarning`.
 
 Payload records (one per entry ``[kind, name, shape, bits]``):
 
@@ -28,11 +20,18 @@ Payload records (one per entry ``[kind, name, shape, bits]``):
   ``y = a x + b``; ``a`` and ``b`` are taken from PyTorch's own eval-mode BatchNorm kernel (by
   evaluating it on ones and zeros), so the restored BatchNorm (``weight = a``, ``bias = b``,
   running mean 0, running variance 1, ``eps = 0``) reproduces its output bit for bit.
+- ``"bn0"`` a BatchNorm ``name`` without affine parameters: its running mean and variance (float32 per
+  channel) and its ``eps`` (float64), restored as they are (the same kernel then computes the same output).
 - ``"f"`` a float32 parameter ``name`` (biases, weights outside the BitConfig).
+- ``"b"`` a float32 buffer ``name`` of any other module (saved in a state dict, so part of the model).
 - ``"act"`` the activation quantizer ``name``: scale (float32) and zero point (int32).
 
-These are exactly the numbers :mod:`hawqlib.size` counts, so the file exceeds
-``model_size_bytes`` only by the 16-byte preamble and the compressed header.
+Every parameter and persistent buffer of the model is in a record (those of the quantized modules, the
+BatchNorms and the activation quantizers through their records); a parameter or buffer the format cannot
+hold (not float32, such as an integer buffer of another module) makes :func:`save_packed` refuse, naming
+the module. The records are exactly the numbers :mod:`hawqlib.size` counts (plus any such buffers), so the
+file exceeds ``model_size_bytes`` only by the 48-byte preamble and the compressed header. Any device: the
+numbers are read off the model where it lives, and copied to the CPU only to be written.
 
 :func:`load_packed` trusts nothing in a file: the header is bounded (:data:`MAX_HEADER_BYTES` on disk,
 :data:`MAX_HEADER_JSON` decompressed), every field is checked (a ValueError names the field), every
@@ -45,13 +44,10 @@ quantized modules carry their stored scales (``fixed_scale``), so the weight gri
 """
 from __future__ import annotations
 
-import io
-import json
-from collections import Counter
 import math
 import os
 import struct
-import zlib
+from collections import Counter
 from typing import Callable
 
 import numpy as np
@@ -60,41 +56,23 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .bitconfig import BitConfig, check_bits
+from .bitconfig import BitConfig
+from .packfile import (MAGIC, MAX_HEADER_BYTES, MAX_HEADER_JSON, PACKED_FORMAT, UnverifiedPackedWarning, entry_size,
+                       pack_bits, read_packed, unpack_bits, write_packed)
 from .quant import QUANT_MODULES, QuantAct, quantize_model, weight_code_limit
-from .files import atomic_write_bytes
 
 __all__ = ["CODE_VERSION", "save_packed", "load_packed", "read_header", "pack_bits", "unpack_bits", "PACKED_FORMAT",
-           "MAGIC", "arch_of", "MAX_HEADER_BYTES", "MAX_HEADER_JSON"]
+           "MAGIC", "arch_of", "MAX_HEADER_BYTES", "MAX_HEADER_JSON", "UnverifiedPackedWarning"]
 
-MAGIC = b"HAWQPACK"
-VERSION = 1
-PACKED_FORMAT = "hawqlib.packed/2"
-#: Bumped whenever the numbers this module computes change (part of artifact cache keys).
+#: Bumped whenever the numbers this module computes change (part of artifact cache keys). The digests of
+#: ``hawqlib.packed/3`` change the bytes of the file, not the numbers a model restored from it computes.
 CODE_VERSION = 2
 
 
-def pack_bits(values: np.ndarray, bits: int) -> bytes:
-    """Pack unsigned integers ``0 <= v < 2**bits`` into ``ceil(len * bits / 8)`` bytes (LSB first)."""
-    bits = check_bits(bits)
-    raw = np.asarray(values).reshape(-1)
-    if raw.size and (int(raw.min()) < 0 or int(raw.max()) >= 2 ** bits):
-        bad = int(raw.max()) if int(raw.max()) >= 2 ** bits else int(raw.min())
-        raise ValueError(f"value {bad} does not fit in {bits} unsigned bits (0..{2 ** bits - 1})")
-    v = raw.astype(np.uint8)
-    if bits == 8:
-        return v.tobytes()
-    planes = (v[:, None] >> np.arange(bits, dtype=np.uint8)) & 1
-    return np.packbits(planes.reshape(-1), bitorder="little").tobytes()
+def _cpu_bytes(t: torch.Tensor, dtype=torch.float32) -> bytes:
+    """The bytes of ``t`` as ``dtype``, wherever it lives (copied to the CPU only to be written)."""
+    return t.detach().to(device="cpu", dtype=dtype).contiguous().numpy().tobytes()
 
-
-def unpack_bits(data: bytes, bits: int, count: int) -> np.ndarray:
-    """Inverse of :func:`pack_bits`: ``count`` unsigned integers of ``bits`` bits (uint8 array)."""
-    buf = np.frombuffer(data, dtype=np.uint8)
-    if bits == 8:
-        return buf[:count].copy()
-    planes = np.unpackbits(buf, count=count * bits, bitorder="little").reshape(count, bits)
-    return (planes << np.arange(bits, dtype=np.uint8)).sum(axis=1, dtype=np.uint8)
 
 
 @torch.no_grad()
@@ -103,21 +81,24 @@ def _bn_affine(bn: _BatchNorm):
     c = bn.num_features
     shape = (1, c) + (1,) * {nn.BatchNorm1d: 0, nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}.get(type(bn), 2)
     w = bn.weight if bn.affine else None
-    zeros = torch.zeros(c, dtype=bn.running_mean.dtype)
+    like = {"dtype": bn.running_mean.dtype, "device": bn.running_mean.device}  # where the model lives
+    zeros = torch.zeros(c, **like)
     # y(1) with zero mean and zero bias is a; y(0) with the real mean and bias is b.
-    a = F.batch_norm(torch.ones(shape), zeros, bn.running_var, w, zeros if bn.affine else None, False, 0.0, bn.eps)
-    b = F.batch_norm(torch.zeros(shape), bn.running_mean, bn.running_var, w, bn.bias, False, 0.0, bn.eps)
+    a = F.batch_norm(torch.ones(shape, **like), zeros, bn.running_var, w, zeros if bn.affine else None, False, 0.0,
+                     bn.eps)
+    b = F.batch_norm(torch.zeros(shape, **like), bn.running_mean, bn.running_var, w, bn.bias, False, 0.0, bn.eps)
     return a.reshape(c).float(), b.reshape(c).float()
 
 
 def _walk(qmodel: nn.Module):
-    """Yield ``(kind, name, object)`` for every record of the format, in module order."""
+    """Yield ``(kind, name, object)`` for every record of the format, in module order: every parameter and
+    persistent buffer is in one (a quantized module's, a BatchNorm's and an activation quantizer's own
+    tensors through its record)."""
     counted = set()
     for name, m in qmodel.named_modules():
         prefix = name + "." if name else ""
         if isinstance(m, _BatchNorm):
-            yield "bn", name, m
-            counted.update(id(p) for p in m.parameters(recurse=False))
+            yield ("bn" if m.affine else "bn0"), name, m
             continue
         if isinstance(m, QuantAct):
             yield "act", name, m
@@ -129,28 +110,47 @@ def _walk(qmodel: nn.Module):
             if id(p) not in counted:
                 counted.add(id(p))
                 yield "f", prefix + pname, p
+        if isinstance(m, QUANT_MODULES):
+            continue  # its buffers (switch, fixed scale) are its "q" record's
+        for bname, b in m.named_buffers(recurse=False):
+            if b is not None and bname not in m._non_persistent_buffers_set and id(b) not in counted:
+                counted.add(id(b))
+                yield "b", prefix + bname, b
+
+
+def _check_float32(kind: str, name: str, t: torch.Tensor) -> None:
+    if t.dtype != torch.float32:
+        module = name.rpartition(".")[0] or "(the model itself)"
+        what = "parameter" if kind == "f" else "buffer"
+        raise ValueError(f"save_packed cannot hold the {t.dtype} {what} {name!r} of module {module!r}: the packed "
+                         "format stores float32 parameters and buffers besides the quantized weights, BatchNorms and "
+                         "activation quantizers; make it float32, or a non-persistent buffer its constructor rebuilds")
 
 
 def _records(qmodel: nn.Module):
     """Yield (entry, payload bytes) in module order."""
     for kind, name, m in _walk(qmodel):
-        if kind == "bn":
+        if kind in ("bn", "bn0"):
             if m.running_mean is None or m.running_var is None:
                 raise ValueError(f"BatchNorm {name!r} tracks no running statistics: it has no inference form to export")
+            if kind == "bn0":
+                yield (["bn0", name, [m.num_features], 32], _cpu_bytes(m.running_mean) + _cpu_bytes(m.running_var)
+                       + struct.pack("<d", float(m.eps)))
+                continue
             a, b = _bn_affine(m)
-            yield ["bn", name, [m.num_features], 32], a.numpy().tobytes() + b.numpy().tobytes()
+            yield ["bn", name, [m.num_features], 32], _cpu_bytes(a) + _cpu_bytes(b)
         elif kind == "act":
             if not m.has_range():
                 raise ValueError(f"activation quantizer {name!r} has no range yet: calibrate or fine-tune first")
-            yield (["act", name, [], m.bits],
-                   m.scale.detach().float().numpy().tobytes() + m.zero_point.to(torch.int32).numpy().tobytes())
+            yield ["act", name, [], m.bits], _cpu_bytes(m.scale) + _cpu_bytes(m.zero_point, torch.int32)
         elif kind == "q":
             k, scale = m.int_weight()
             u = (k.to(torch.int16) + weight_code_limit(m.weight_bits)) // 2
-            payload = pack_bits(u.to(torch.uint8).numpy(), m.weight_bits) + scale.float().numpy().tobytes()
+            payload = pack_bits(u.to(device="cpu", dtype=torch.uint8).numpy(), m.weight_bits) + _cpu_bytes(scale)
             yield ["q", name, list(m.weight.shape), m.weight_bits], payload
         else:
-            yield ["f", name, list(m.shape), 32], m.detach().float().contiguous().numpy().tobytes()
+            _check_float32(kind, name, m)
+            yield [kind, name, list(m.shape), 32], _cpu_bytes(m)
 
 
 def arch_of(model: nn.Module) -> str | None:
@@ -180,89 +180,17 @@ def save_packed(qmodel: nn.Module, path: str | os.PathLike, *, arch: str | None 
         from .models import names
         if arch not in names():
             raise ValueError(f"unknown arch {arch!r}; valid: {', '.join(names())}")
-    entries, body = [], io.BytesIO()
+    entries, records = [], []
     for entry, payload in _records(qmodel):
         entries.append(entry)
-        body.write(payload)
-    header = {"format": PACKED_FORMAT, "bit_config": cfg.to_dict(), "arch": arch, "entries": entries}
-    hbytes = zlib.compress(json.dumps(header, separators=(",", ":")).encode(), 9)
-    data = MAGIC + struct.pack("<II", VERSION, len(hbytes)) + hbytes + body.getvalue()
-    atomic_write_bytes(path, data)
-    return len(data)
-
-
-#: Bounds on the header: compressed bytes on disk and decompressed JSON (a ResNet50 needs well under both).
-MAX_HEADER_BYTES = 1 << 20
-MAX_HEADER_JSON = 16 << 20
-_BITS = {"q": range(1, 9), "act": range(1, 33), "bn": range(32, 33), "f": range(32, 33)}
-
-
-def _read(path):
-    where = repr(os.fspath(path))
-    with open(path, "rb") as f:
-        data = f.read()
-    if data[:8] != MAGIC:
-        raise ValueError(f"{where} is not a hawqlib packed model (bad magic {data[:8]!r})")
-    if len(data) < 16:
-        raise ValueError(f"{where} is truncated inside its 16-byte preamble ({len(data)} bytes)")
-    version, hlen = struct.unpack("<II", data[8:16])
-    if version != VERSION:
-        raise ValueError(f"unsupported packed format version {version}; this hawqlib reads version {VERSION}")
-    if hlen > min(MAX_HEADER_BYTES, len(data) - 16):
-        raise ValueError(f"{where}: header length {hlen} is beyond the file ({len(data) - 16} bytes after the "
-                         f"preamble) or the {MAX_HEADER_BYTES}-byte bound")
-    try:
-        z = zlib.decompressobj()
-        text = z.decompress(data[16:16 + hlen], MAX_HEADER_JSON)
-        if z.unconsumed_tail:
-            raise ValueError(f"{where}: header expands beyond {MAX_HEADER_JSON} bytes (corrupt or a zlib bomb)")
-        if not z.eof:
-            raise ValueError(f"{where}: header is truncated (its zlib stream does not end)")
-        header = json.loads(text)
-    except (zlib.error, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"corrupt header in {where}: {e}") from None
-    _check_header(header, where)
-    return header, memoryview(data)[16 + hlen:]
-
-
-def _check_header(header, where: str) -> None:
-    """ValueError naming the first malformed field of a decoded header."""
-    if not isinstance(header, dict):
-        raise ValueError(f"{where}: header is not a JSON object")
-    if header.get("format") != PACKED_FORMAT:
-        raise ValueError(f"{where}: header field 'format' is {header.get('format')!r}; expected {PACKED_FORMAT!r}")
-    if not isinstance(header.get("bit_config"), dict):
-        raise ValueError(f"{where}: header field 'bit_config' must be an object")
-    arch = header.get("arch")
-    if arch is not None and not isinstance(arch, str):
-        raise ValueError(f"{where}: header field 'arch' must be a model name or null, got {arch!r}")
-    entries = header.get("entries")
-    if not isinstance(entries, list) or not entries:
-        raise ValueError(f"{where}: header field 'entries' must be a non-empty list of records")
-    for i, e in enumerate(entries):
-        ok = isinstance(e, list) and len(e) == 4 and e[0] in _BITS and isinstance(e[1], str)
-        ok = ok and isinstance(e[2], list) and all(type(d) is int and d >= 0 for d in e[2])
-        ok = ok and type(e[3]) is int and e[3] in _BITS[e[0]]
-        ok = ok and (len(e[2]) >= 1 and e[2][0] >= 1 if e[0] == "q" else len(e[2]) == 1 if e[0] == "bn" else True)
-        if not ok:
-            raise ValueError(f"{where}: header field 'entries[{i}]' is {e!r}; a record is [kind, name, shape, bits] "
-                             f"with kind in {sorted(_BITS)}, shape a list of sizes and bits 1..8 for 'q'")
+        records.append(payload)
+    return write_packed(path, {"bit_config": cfg.to_dict(), "arch": arch, "entries": entries}, records)
 
 
 def read_header(path: str | os.PathLike) -> dict:
-    """The decoded header of a packed file (format, bit_config, arch, entries)."""
-    return _read(path)[0]
+    """The decoded header of a packed file (format, bit_config, arch, entries), its digests verified."""
+    return read_packed(path, warn=False)[0]
 
-
-def _entry_size(kind: str, shape: list, bits: int) -> int:
-    n = math.prod(shape)
-    if kind == "q":
-        return math.ceil(n * bits / 8) + 4 * shape[0]
-    if kind == "bn":
-        return 8 * shape[0]
-    if kind == "act":
-        return 8
-    return 4 * n
 
 
 def _finite(t: torch.Tensor, name: str, where: str) -> torch.Tensor:
@@ -293,7 +221,7 @@ def load_packed(path: str | os.PathLike, model: nn.Module | Callable[[], nn.Modu
     one; None uses the ``arch`` recorded by :func:`save_packed`. In eval mode the result's
     outputs equal those of the fake-quantized model that was saved, bit for bit.
     """
-    header, payload = _read(path)
+    header, payload = read_packed(path)
     where = repr(os.fspath(path))
     if model is None:
         if not header.get("arch"):
@@ -315,17 +243,19 @@ def load_packed(path: str | os.PathLike, model: nn.Module | Callable[[], nn.Modu
     _check_accounted(header["entries"], qmodel, where)
     mods = dict(qmodel.named_modules())
     params = dict(qmodel.named_parameters())
+    buffers = dict(qmodel.named_buffers())
     off = 0
     for kind, name, shape, bits in header["entries"]:
-        size = _entry_size(kind, shape, bits)
+        size = entry_size(kind, shape, bits)
         chunk = payload[off:off + size]
         if len(chunk) != size:
             raise ValueError(f"packed file {os.fspath(path)!r} is truncated at entry {name!r}")
         off += size
-        if kind == "f":
-            p = params.get(name)
+        if kind in ("f", "b"):
+            p = (params if kind == "f" else buffers).get(name)
             if p is None or list(p.shape) != shape:
-                raise ValueError(f"parameter {name!r} of shape {shape} does not match the model")
+                raise ValueError(f"{where}: {'parameter' if kind == 'f' else 'buffer'} {name!r} of shape {shape} "
+                                 "does not match the model")
             p.copy_(_finite(torch.frombuffer(bytearray(chunk), dtype=torch.float32).view(shape), name, where))
             continue
         m = mods.get(name)
@@ -340,10 +270,24 @@ def load_packed(path: str | os.PathLike, model: nn.Module | Callable[[], nn.Modu
             if bool((scale < 0).any()):
                 raise ValueError(f"{where}: record {name!r} holds a negative scale")
             m.weight.copy_(k.float().view(shape) * scale.view(-1, *([1] * (len(shape) - 1))))
-            m.fixed_scale = scale.clone()
+            m.fixed_scale = scale.to(m.weight.device)
+        elif kind == "bn0":
+            if not isinstance(m, _BatchNorm) or m.num_features != shape[0] or m.affine:
+                raise ValueError(f"{where}: BatchNorm {name!r} without affine parameters, {shape[0]} channels, does "
+                                 "not match the model's")
+            c = shape[0]
+            mv = _finite(torch.frombuffer(bytearray(chunk[:8 * c]), dtype=torch.float32).view(2, c), name, where)
+            eps = struct.unpack("<d", bytes(chunk[8 * c:]))[0]
+            if bool((mv[1] < 0).any()) or not (math.isfinite(eps) and eps >= 0):
+                raise ValueError(f"{where}: record {name!r} holds a negative variance or eps")
+            m.running_mean.copy_(mv[0])
+            m.running_var.copy_(mv[1])
+            m.eps = eps
         elif kind == "bn":
             if not isinstance(m, _BatchNorm) or m.num_features != shape[0] or not m.affine:
-                raise ValueError(f"BatchNorm {name!r} with {shape[0]} channels does not match the model")
+                why = "" if not isinstance(m, _BatchNorm) or m.affine else " (the model's has no affine parameters)"
+                raise ValueError(f"{where}: BatchNorm {name!r} with {shape[0]} channels does not match the "
+                                 f"model{why}")
             ab = _finite(torch.frombuffer(bytearray(chunk), dtype=torch.float32).view(2, shape[0]), name, where)
             m.weight.copy_(ab[0])
             m.bias.copy_(ab[1])

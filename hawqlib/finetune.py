@@ -29,6 +29,8 @@ restated by the paper. Our choices, with their reasons:
   interrupted one continues from its last epoch, and the run ends with exactly the weights of an
   uninterrupted run (CPU, same seed). Each checkpoint records the stage plan, the bit config and a digest
   of the starting weights, so a checkpoint of another plan is refused rather than silently continued.
+  ``history.json`` records the SHA-256 of its content as checkpoints do (:func:`_verified_history`); an
+  edited or corrupted one, or a checkpoint without its digest, is refused, naming the folder to delete.
 - **Beyond the paper** (off by default, for the ResNet20 chapter's attempts at closing its accuracy gap):
   ``final_epochs`` adds a stage with every block quantized; ``act_step="learned"`` trains each activation
   step from its calibrated value (LSQ, :meth:`hawqlib.quant.QuantAct.set_learn_step`) from stage 1 on;
@@ -69,7 +71,7 @@ from .progress import bar as progress_bar, write as progress_write
 from .distill import DistillationLoss, check_distill
 from .quant import QuantAct, calibrate_activations, quantize_model, set_quant_enabled
 from .files import atomic_write_json
-from .train import CheckpointError, TrainConfig, _save_checkpoint, evaluate, load_checkpoint, train
+from .train import CheckpointError, TrainConfig, _save_checkpoint, content_digest, evaluate, load_checkpoint, train
 
 __all__ = ["stage_groups", "staged_finetune", "direct_finetune", "FINETUNE_FORMAT", "ACT_STEPS"]
 
@@ -384,14 +386,12 @@ def _share_stage(share_from: dict, stage: int, config: dict, qmodel: nn.Module):
         if not src.exists():
             continue
         try:
-            old = json.loads((Path(other) / "history.json").read_text())
-            if not isinstance(old, dict) or not isinstance(old.get("stages"), list):
-                raise CheckpointError("its history.json is not a fine-tuning history")
-            rec = {s.get("stage"): s for s in old["stages"] if isinstance(s, dict)}.get(stage)
-            ckpt = load_checkpoint(src, qmodel)
-            if "sha256" not in ckpt:
-                raise CheckpointError(f"{src} records no digest to verify it by")
-        except (OSError, ValueError, CheckpointError) as exc:  # ValueError: bad JSON or bad UTF-8
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # a history without a digest is still verified against checkpoints
+                old = _verified_history(Path(other) / "history.json")
+            rec = {s["stage"]: s for s in old["stages"]}.get(stage)
+            ckpt = load_checkpoint(src, qmodel)  # refused without a digest
+        except (OSError, ValueError, CheckpointError) as exc:
             warnings.warn(f"not sharing stage {stage} of {label} ({other}): {exc}", stacklevel=3)
             continue
         if rec is None or _shared_config(ckpt.get("config")) != want:
@@ -415,14 +415,46 @@ def _read_cached(hist_path: Path, plan: dict) -> dict:
     """The stage records of ``history.json`` when it belongs to ``plan`` ({} when there is none)."""
     if not hist_path.exists():
         return {}
-    try:
-        old = json.loads(hist_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{hist_path} is unreadable ({exc}); delete it or use resume=False") from exc
+    old = _verified_history(hist_path)
     if old.get("plan") != json.loads(json.dumps(plan)):
         raise CheckpointError(f"{hist_path} belongs to another fine-tuning plan (groups, epochs, bit config, "
                               "settings or starting weights differ); use another checkpoint_dir or resume=False")
-    return {s["stage"]: s for s in old.get("stages", [])}
+    return {s["stage"]: s for s in old["stages"]}
+
+
+def _verified_history(hist_path: Path) -> dict:
+    """``history.json`` (its ``sha256`` removed) once its digest verifies (:func:`hawqlib.train.content_digest`, as
+    checkpoints'); one written before histories recorded a digest only when every finished stage it records is
+    that stage's digest-verified ``model.pt`` to the epoch (our choice: the runs resumed from then keep their
+    place; the "before" points such a file records cannot be checked), with a warning. Else CheckpointError."""
+    over = f"delete {hist_path.parent} to start the run over (or use resume=False)"
+    try:
+        old = json.loads(hist_path.read_text())
+    except (OSError, ValueError) as exc:  # ValueError: bad JSON or bad UTF-8
+        raise CheckpointError(f"{hist_path} is unreadable ({exc}); {over}") from None
+    if not isinstance(old, dict):
+        raise CheckpointError(f"{hist_path} is not a fine-tuning history (a JSON object); {over}")
+    digest = old.pop("sha256", None)
+    if digest is not None and digest != content_digest(old):
+        raise CheckpointError(f"{hist_path} does not match the SHA-256 it records: edited or corrupted; {over}")
+    stages = old.get("stages")
+    if not isinstance(stages, list) or not all(isinstance(r, dict) and type(r.get("stage")) is int
+                                               and isinstance(r.get("epochs"), list) for r in stages):
+        raise CheckpointError(f"{hist_path}: field 'stages' is not a list of stage records; {over}")
+    if digest is None:
+        for r in stages:
+            if not r["epochs"]:
+                continue  # recorded before the stage trained: its "before" point alone
+            ckpt = load_checkpoint(hist_path.parent / f"stage_{r['stage']}" / "model.pt")
+            mine = [{k: v for k, v in e.items() if k not in ("stage", "global_epoch")} if isinstance(e, dict) else e
+                    for e in r["epochs"]]
+            if json.loads(json.dumps(ckpt["history"])) != mine:
+                raise CheckpointError(f"{hist_path} records no SHA-256, and its stage {r['stage']} does not match "
+                                      f"that stage's checkpoint; {over}")
+        warnings.warn(f"{hist_path} was written before fine-tuning histories recorded a SHA-256; accepted because "
+                      "every stage it records matches its digest-verified checkpoint (it is rewritten with a digest "
+                      "at the next stage)", stacklevel=3)
+    return old
 
 
 def _on_main(fn, *args):
@@ -432,10 +464,13 @@ def _on_main(fn, *args):
 
 
 def _write_history(path: Path, plan: dict, stages: list) -> None:
+    """Write the resume state, with the SHA-256 of its content (:func:`hawqlib.train.content_digest`, as
+    checkpoints record theirs) under ``sha256``."""
     if not hdist.is_main():
         return
-    atomic_write_json(path, {"plan": plan, "stages": stages,
-                             "epochs": [r for s in stages for r in s.get("epochs", [])]})
+    hist = json.loads(json.dumps({"plan": plan, "stages": stages,
+                                  "epochs": [r for s in stages for r in s.get("epochs", [])]}))
+    atomic_write_json(path, {**hist, "sha256": content_digest(hist)})
 
 
 def direct_finetune(model: nn.Module, bit_config: BitConfig, train_data, val_data=None, *, epochs: int,

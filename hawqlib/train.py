@@ -11,7 +11,7 @@ A run writes into ``checkpoint_dir``:
 - ``model.pt``: the final weights alone, when the run completes.
 
 Every checkpoint records a SHA-256 of its own content (:func:`content_digest`), verified when it is
-read; on resume its fields are range-checked (epoch, history, finite weights). A non-finite loss stops
+read (one without it is refused: delete it to start over); on resume its fields are range-checked (epoch, history, finite weights). A non-finite loss stops
 the run with :class:`NonFiniteLossError` before the step is taken; so do weights that a NaN or infinite
 gradient made non-finite under a finite loss (checked at the end of every epoch) and a non-finite
 validation loss: no NaN epoch is ever saved.
@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from . import distributed as hdist
-from .files import atomic_torch_save, atomic_write_json
+from .files import atomic_torch_save, atomic_write_json, load_weights_only
 
 __all__ = ["TrainConfig", "CheckpointError", "NonFiniteLossError", "train", "evaluate", "save_model_file", "lr_at", "load_checkpoint",
            "load_weights", "content_digest", "CHECKPOINT_FORMAT"]
@@ -174,19 +174,24 @@ def _fingerprint(model: nn.Module) -> dict:
     return {k: list(v.shape) for k, v in model.state_dict().items() if k not in optional}
 
 
-def load_checkpoint(path: str | Path, model: nn.Module | None = None) -> dict:
-    """Read a training checkpoint; with ``model``, check it holds that architecture's weights."""
+def load_checkpoint(path: str | Path, model: nn.Module | None = None, *, require_digest: bool = True) -> dict:
+    """Read a training checkpoint; with ``model``, check it holds that architecture's weights.
+
+    A checkpoint that records no digest is refused (``require_digest=False`` reads one whose file something
+    else vouches for, such as an artifact's manifest)."""
     path = Path(path)
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"{path} is not a readable checkpoint ({type(exc).__name__}: {exc}). "
-                              "Delete it to start the run over.") from exc
+        ckpt = load_weights_only(path)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is not a readable checkpoint ({exc}). Delete it to start the run over.") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint "
                               f"(format: {ckpt.get('format') if isinstance(ckpt, dict) else type(ckpt).__name__}).")
-    # Checkpoints written before digests were recorded have none; an artifact's model.pt is also
-    # covered by its manifest (hawqlib.repro.artifacts).
+    # Checkpoints written before digests were recorded have none: refused unless something else vouches for the
+    # file (an artifact's model.pt is covered by its manifest, hawqlib.repro.artifacts).
+    if "sha256" not in ckpt and require_digest:
+        raise CheckpointError(f"{path} records no SHA-256 to verify it by (written before checkpoints recorded one, "
+                              "or edited): it is not resumed from. Delete it (or the run's folder) to start over.")
     if "sha256" in ckpt and ckpt["sha256"] != content_digest({k: v for k, v in ckpt.items() if k != "sha256"}):
         raise CheckpointError(f"{path} does not match the SHA-256 it records: corrupted on disk (a flipped bit, "
                               "a partial copy). Delete it to start that run (or stage) over, or restore it.")
@@ -203,9 +208,10 @@ def load_checkpoint(path: str | Path, model: nn.Module | None = None) -> dict:
     return ckpt
 
 
-def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
-    """Load weights from a ``model.pt`` or ``checkpoint.pt`` written by :func:`train` into ``model``."""
-    ckpt = load_checkpoint(path, model)
+def load_weights(model: nn.Module, path: str | Path, *, require_digest: bool = True) -> nn.Module:
+    """Load weights from a ``model.pt`` or ``checkpoint.pt`` written by :func:`train` into ``model``
+    (``require_digest``: see :func:`load_checkpoint`)."""
+    ckpt = load_checkpoint(path, model, require_digest=require_digest)
     model.load_state_dict(ckpt["model"])
     return model
 
@@ -282,7 +288,12 @@ def train(model: nn.Module, train_data, val_data=None, *, epochs: int | None = N
                                       f"(checkpoint vs now: {diff}); use another checkpoint_dir or resume=False.")
             _check_resume(ckpt_path, ckpt, config.epochs)
             model.load_state_dict(ckpt["model"])
-            opt.load_state_dict(ckpt["optimizer"])
+            try:  # a digest vouches for the bytes, not for what they hold
+                opt.load_state_dict(ckpt["optimizer"])
+            except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as exc:
+                raise CheckpointError(f"{ckpt_path}: field 'optimizer' is not this run's SGD state ({type(exc).__name__}: "
+                                      f"{exc}). Delete the checkpoint to start the run over.") from None
+            _check_optimizer(ckpt_path, opt)
             start_epoch, log["epochs"] = ckpt["epoch"], ckpt["history"]
             if "rng_state" in ckpt:  # absent in checkpoints written before it was saved
                 torch.set_rng_state(ckpt["rng_state"])
@@ -411,6 +422,19 @@ def _read_resume(path: Path, model: nn.Module) -> dict | None:
     return hdist.on_main(lambda: load_checkpoint(path, model) if path.exists() else None)
 
 
+def _check_optimizer(path: Path, opt: torch.optim.Optimizer) -> None:
+    """The loaded SGD state holds numbers for its settings and one momentum buffer per parameter, of its shape."""
+    for group in opt.param_groups:
+        bad = [k for k in ("lr", "momentum", "weight_decay", "dampening") if not isinstance(group.get(k), (int, float))]
+        for p in group["params"]:
+            buf = opt.state.get(p, {}).get("momentum_buffer")
+            if buf is not None and not (isinstance(buf, torch.Tensor) and buf.shape == p.shape):
+                bad.append("momentum_buffer")
+        if bad:
+            raise CheckpointError(f"{path}: field 'optimizer' holds malformed {sorted(set(bad))}. Delete the "
+                                  "checkpoint to start the run over.")
+
+
 def _check_resume(path: Path, ckpt: dict, epochs: int) -> None:
     """Range-check what a resume takes from a checkpoint: epoch, history, optimizer state, finite weights."""
     epoch, hist = ckpt.get("epoch"), ckpt.get("history")
@@ -423,6 +447,11 @@ def _check_resume(path: Path, ckpt: dict, epochs: int) -> None:
                               "Delete the checkpoint to start the run over.")
     if not isinstance(ckpt.get("optimizer"), dict):
         raise CheckpointError(f"{path}: field 'optimizer' is missing. Delete the checkpoint to start the run over.")
+    rng, want = ckpt.get("rng_state"), torch.get_rng_state()
+    if "rng_state" in ckpt and not (isinstance(rng, torch.Tensor) and rng.dtype == want.dtype
+                                    and rng.shape == want.shape):
+        raise CheckpointError(f"{path}: field 'rng_state' is not a CPU random state (a {want.dtype} tensor of shape "
+                              f"{tuple(want.shape)}). Delete the checkpoint to start the run over.")
     bad = [k for k, v in ckpt["model"].items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
         raise CheckpointError(f"{path}: weights {bad[:3]} hold NaN or infinity. Delete the checkpoint to start "

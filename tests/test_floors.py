@@ -113,7 +113,7 @@ PARTS = {
     "METHOD": ["__init__.py", "workflow.py", "hessian/*.py", "quant/*.py", "bitconfig.py", "blocks.py",
                "sensitivity.py", "allocate.py", "order.py", "finetune.py", "size.py", "export.py"],
     "BEYOND": BEYOND,
-    "SUPPORT": ["train.py", "distributed.py", "surface.py", "files.py", "progress.py", "__main__.py"],
+    "SUPPORT": ["train.py", "distributed.py", "surface.py", "files.py", "packfile.py", "progress.py", "__main__.py"],
     "MODEL": ["models/*.py"],
     "COMPANION": ["repro/**/*.py"],
 }

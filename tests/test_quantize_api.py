@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -124,6 +125,12 @@ def cnn_run(tmp_path_factory):
                                       finetune=dict(stages=2, epochs_per_stage=1, lr=0.02), packed_path=packed,
                                       progress=False)
     return model, before, qmodel, report, tr, va
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def test_cnn_allocation_and_quantized_model(cnn_run):
@@ -308,7 +315,10 @@ def test_command_quantizes_a_factory_model_with_its_weights(tmp_path, monkeypatc
     rc = main(["quantize", "usernet:net", "--data", "usernet:data", "--target-compression", "8", "--stages", "1",
                "--epochs-per-stage", "1", "--out", str(out), "--quiet"])
     history = json.loads((out / "report.json").read_text())["history"]
-    assert rc == 0 and len(history["stages"]) == 1 and (out / "run" / "history.json").is_file()  # resumable
+    # resumable while it runs; the resume folder goes once the results are written
+    assert rc == 0 and len(history["stages"]) == 1 and not (out / "run").exists()
+    assert all((out / f).stat().st_mode & 0o777 == 0o666 & ~_umask() for f in ("model.hawq", "bit_config.json",
+                                                                              "report.json"))
     with pytest.raises(SystemExit, match="must be 'module:callable'"):
         main(["quantize", "usernet.net", "--data", "usernet:data", "--target-compression", "8", "--out", str(out)])
     with pytest.raises(SystemExit, match="quantize: .*(torch sees no CUDA device|fine-tuning runs on the CPU only)"):

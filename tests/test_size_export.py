@@ -178,3 +178,74 @@ def test_export_errors(trained_qmodel, tmp_path):
     from hawqlib.models import resnet20 as r20
     with pytest.raises(ValueError, match="does not match"):
         load_packed(path, lambda: r20(num_classes=100))
+
+
+# ------------------------------------------------------------------- every tensor of the model, on any device
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
+
+
+class _Shift(torch.nn.Module):
+    """A module whose persistent float buffer changes its output (dropped, the restored model would differ)."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.register_buffer("shift", torch.zeros(1, c, 1, 1))
+
+    def forward(self, x):
+        return x + self.shift
+
+
+def _net_with_every_kind():
+    torch.manual_seed(3)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4, affine=False), _Shift(4),
+                              torch.nn.BatchNorm2d(4), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.Flatten(), torch.nn.Linear(4, 5))
+    with torch.no_grad():
+        net[2].shift.normal_()
+    return net
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_every_parameter_and_buffer_round_trips_on_any_device(device, tmp_path):
+    net = _net_with_every_kind()
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(8, 3, 6, 6, generator=g)
+    q = quantize_model(net, BitConfig.uniform(net, 4, act_bits=8)).to(device)
+    with torch.no_grad():
+        q.train()(x.to(device))                       # BN statistics (the non-affine one's too), activation ranges
+    q.eval()
+    save_packed(q, tmp_path / "m.hawq")               # where the model lives: no CPU copy needed
+    assert {e[0] for e in read_header(tmp_path / "m.hawq")["entries"]} == {"q", "bn", "bn0", "b", "f", "act"}
+    restored = load_packed(tmp_path / "m.hawq", _net_with_every_kind)
+    with torch.no_grad():
+        if device == "cpu":
+            assert torch.equal(restored(x), q(x))     # bit for bit
+        else:                                         # another device's kernels: rounding apart
+            assert torch.allclose(restored(x), q(x.to(device)).cpu(), atol=1e-5)
+        assert torch.equal(restored[2].shift, q[2].shift.cpu())
+
+
+def test_a_tensor_the_format_cannot_hold_is_refused_at_save_time_naming_its_module(tmp_path):
+    net = _net_with_every_kind()
+    net[2].register_buffer("steps", torch.zeros(3, dtype=torch.int64))
+    q = quantize_model(net, BitConfig.uniform(net, 4))
+    with pytest.raises(ValueError, match="int64 buffer '2.steps' of module '2'"):
+        save_packed(q, tmp_path / "m.hawq")
+    assert not (tmp_path / "m.hawq").exists()
+    net = _net_with_every_kind()
+    net[2].register_buffer("steps", torch.zeros(3, dtype=torch.int64), persistent=False)  # rebuilt: not part of it
+    save_packed(quantize_model(net, BitConfig.uniform(net, 4)), tmp_path / "m.hawq")
+
+
+def test_a_batchnorm_without_affine_parameters_is_not_confused_with_one_that_has_them(tmp_path):
+    net = _net_with_every_kind()
+    q = quantize_model(net, BitConfig.uniform(net, 4))
+    save_packed(q.eval(), tmp_path / "m.hawq")
+
+    def affine_everywhere():
+        n = _net_with_every_kind()
+        n[1] = torch.nn.BatchNorm2d(4)
+        return n
+    with pytest.raises(ValueError, match=r"missing records \['bn 1'\], records the model lacks \['bn0 1'\]"):
+        load_packed(tmp_path / "m.hawq", affine_everywhere)

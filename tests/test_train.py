@@ -12,7 +12,7 @@ from torch import nn
 
 import hawqlib.models as M
 from hawqlib.repro.data import TensorLoader, cifar10
-from hawqlib.train import CheckpointError, TrainConfig, evaluate, load_checkpoint, load_weights, train
+from hawqlib.train import CheckpointError, TrainConfig, content_digest, evaluate, load_checkpoint, load_weights, train
 
 TIMING = ("images_per_s", "wall_s", "eval_s")
 
@@ -107,10 +107,10 @@ def test_resume_needs_the_saved_random_state(uninterrupted, interrupted, tmp_pat
     full_model, _, _ = uninterrupted
     folder, _ = interrupted
     ckpt = torch.load(folder / "checkpoint.pt", weights_only=True)
-    del ckpt["rng_state"], ckpt["sha256"]  # as a checkpoint written before either was recorded
+    del ckpt["rng_state"], ckpt["sha256"]  # as a checkpoint written before the random state was recorded
     work = tmp_path / "norng"
     work.mkdir()
-    torch.save(ckpt, work / "checkpoint.pt")
+    torch.save({**ckpt, "sha256": content_digest(ckpt)}, work / "checkpoint.pt")  # one without a digest is refused
     resumed, _ = run(work)
     assert not same_weights(resumed, full_model)
 

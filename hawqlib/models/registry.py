@@ -42,6 +42,7 @@ from torch import nn
 from .resnet_cifar import resnet20
 from .squeezenext import SQUEEZENEXT_VARIANTS, SqueezeNext, load_pytorchcv_state_dict, squeezenext
 from .vit import vit_cifar
+from ..files import load_weights_only
 
 __all__ = ["get", "names", "default_classes", "WeightsError", "WeightsNotFoundError", "find_pretrained", "pretrained_dirs",
            "load_weights_file", "load_state_dict_checked"]
@@ -289,10 +290,10 @@ def load_weights_file(model: nn.Module, path: str | os.PathLike, *, hash_algorit
     if hash_algorithm:
         _verify_hash(path, hash_algorithm)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # unpickling errors come in many types
-        raise WeightsError(f"{path} is not a readable weights file ({type(exc).__name__}: {exc}); only state "
-                           "dicts and hawqlib checkpoints are read (torch.load with weights_only=True)") from exc
+        obj = load_weights_only(path)
+    except ValueError as exc:  # names what was refused, never torch's advice to load the file unsafely
+        raise WeightsError(f"{exc}: not a readable weights file; only state dicts and hawqlib checkpoints are "
+                           "read") from None
     return load_state_dict_checked(model, obj, source=str(path), assign=assign)
 
 

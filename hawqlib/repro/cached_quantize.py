@@ -42,7 +42,7 @@ from ..workflow import FinetuneSchedule, quantize
 
 # The artifact machinery (hawqlib.repro.artifacts), imported in this one place.
 from . import artifacts
-from ..files import atomic_torch_save, atomic_write_json
+from ..files import atomic_torch_save, atomic_write_json, load_weights_only
 from .artifacts import cached, read_json
 
 __all__ = ["STEP_VERSION", "KIND", "SETTINGS_KEYS", "QuantizedRun", "code_versions", "quantized"]
@@ -169,7 +169,7 @@ def quantized(model: torch.nn.Module, base: str, settings: dict, *, data_root=No
         m = artifacts.read_manifest(folder)
         bit_config = BitConfig.load(folder / "bit_config.json")
         qmodel = quant.quantize_model(model, bit_config)
-        qmodel.load_state_dict(torch.load(folder / "qmodel.pt", map_location="cpu", weights_only=True))
+        qmodel.load_state_dict(load_weights_only(folder / "qmodel.pt"))
         return {"qmodel": qmodel.eval(), "report": read_json(folder / "report.json"), "bit_config": bit_config,
                 "post_training": read_json(folder / "post_training.json"),
                 **{k: m[k] for k in ("packed_top1", "finetune_s", "hessian_s")}}

@@ -159,8 +159,10 @@ def _act_bits(text: str) -> int | None:
 
 def _quantize(args: argparse.Namespace) -> int:
     import json
+    import shutil
     from pathlib import Path
 
+    from ..files import atomic_write
     from .. import workflow
     from ..models import load_weights_file
 
@@ -189,7 +191,9 @@ def _quantize(args: argparse.Namespace) -> int:
     except (TypeError, ValueError) as exc:
         raise SystemExit(f"quantize: {exc}") from None
     report.bit_config.save(out / "bit_config.json")
-    (out / "report.json").write_text(json.dumps(report.to_dict(), indent=1) + "\n")
+    atomic_write(out / "report.json", lambda f: f.write(json.dumps(report.to_dict(), indent=1) + "\n"), mode="w")
+    if schedule is not False:  # the resume state served its purpose once the results are written
+        shutil.rmtree(out / "run", ignore_errors=True)
     print(report.summary())
     print(f"written: {out / 'model.hawq'} (restore: hawqlib.load_packed(path, {args.model.split(':')[1]}())), "
           f"{out / 'bit_config.json'}, {out / 'report.json'}")
@@ -218,8 +222,9 @@ def _add_quantize(sub) -> None:
     q.add_argument("--lr", type=float, help="SGD learning rate, cosine within each stage (default 0.01)")
     q.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: where the model is)")
     q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--out", required=True, help="folder for model.hawq, bit_config.json, report.json "
-                                                "and the resumable fine-tuning checkpoints (run/)")
+    q.add_argument("--out", required=True, help="folder for model.hawq, bit_config.json and report.json; while "
+                                                "fine-tuning, its run/ folder holds the checkpoints that an "
+                                                "interrupted command resumes from (removed on success)")
     q.add_argument("--threads", type=_threads, default=0, help="torch threads (default: torch's choice)")
     q.add_argument("--quiet", action="store_true", help="no progress bars")
     q.set_defaults(func=_quantize)

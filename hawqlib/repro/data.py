@@ -15,10 +15,16 @@ types the format holds (no code runs from a data folder). In class folders, hidd
 naming it.
 
 The images are decoded once into a cache file (:func:`hawqlib.repro.paths.cache_dir`: ``data/cache/`` in a
-checkout, ignored by git). The cache is keyed by the source's content listing (every file's name, size
-and modification time), so editing, adding or removing an image rebuilds it, as does ``FORCE=1``; all of its fields are
-inside the SHA-256 it records, verified on every load; a corrupt or partial cache is rebuilt,
-never used. One process builds a given cache at a time (the others wait for it).
+checkout, ignored by git). The cache is keyed by the source's content: a SHA-256 over every source file's
+name and the SHA-256 of its bytes (:func:`_content_key`), computed once per process for each listing of names,
+sizes and modification times, so editing an image (even one that keeps its size and time stamp, as ``cp -p``
+and ``rsync -a`` from another copy do), adding or removing one rebuilds the cache, as does ``FORCE=1``;
+an edit made while a process runs is seen by the next process. All of the cache's fields are inside the
+SHA-256 it records, verified on every load; a corrupt or partial cache is rebuilt, never used. One process
+builds a given cache at a time (the others wait for it). In the ImageFolder layout a split folder may hold
+only the ten class folders (and hidden files), and every image must be an 8-bit RGB PNG as CIFAR-10's are:
+anything else (an eleventh class folder, a grayscale or RGBA image) is an error naming it, never ignored
+or converted.
 
 Image order is fixed and documented: by class label, then by original CIFAR file name.
 This order is the same for both layouts, so the same seed gives the same batches whichever
@@ -40,7 +46,7 @@ import torch
 from .batches import CIFAR10_CLASSES, DataIntegrityError
 from .batches import batch_files as _batch_files, decode_batches as _decode_batches
 from .paths import cache_dir, project_root  # noqa: F401  (hawqlib.repro.paths: where files go, never site-packages)
-from ..files import atomic_write, atomic_write_json
+from ..files import atomic_write, atomic_write_json, file_sha256
 from .artifacts import folder_lock, remove_orphan_tmp
 
 __all__ = [
@@ -56,7 +62,7 @@ CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-_CACHE_VERSION = 2  # the cache's own format and keying; the data digest does not depend on it
+_CACHE_VERSION = 3  # the cache's own format and keying (3: keyed by content); the data digest does not depend on it
 
 
 class DataNotFoundError(FileNotFoundError):
@@ -184,10 +190,14 @@ def _decode_imagefolder(folder: Path, split: str):
         for name in files:
             try:
                 with Image.open(d / name) as im:
-                    arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+                    mode = im.mode
+                    arr = np.asarray(im, dtype=np.uint8) if mode == "RGB" else None
             except Exception as exc:  # PIL raises many types for a bad file
                 raise DataIntegrityError(f"{d / name} is not a readable image ({type(exc).__name__}: {exc}); "
                                          "replace it with the original CIFAR-10 file or remove it") from None
+            if mode != "RGB":
+                raise DataIntegrityError(f"{d / name} is a {mode!r} image; CIFAR-10's images are 8-bit RGB: replace it "
+                                         "with the original file (nothing is converted silently)")
             if arr.shape != (32, 32, 3):
                 raise DataIntegrityError(f"{d / name}: expected a 32x32 RGB image, got shape {arr.shape}")
             h.update(f"{split}/{cls}/{name}".encode())
@@ -200,26 +210,57 @@ def _decode_imagefolder(folder: Path, split: str):
 
 # --------------------------------------------------------------------------- cache
 
+def _sources(layout: str, folder: Path, split: str) -> list[tuple[str, Path]]:
+    """``(name, path)`` of every file the decode reads, in its order; an extra folder in an ImageFolder split
+    is an error naming it (a class CIFAR-10 lacks would be left out silently otherwise)."""
+    if layout == "batches":
+        return [(fn, folder / fn) for fn in _batch_files(split)]
+    out = []
+    root = folder / split
+    extra = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith(".")
+                   and e.name not in CIFAR10_CLASSES) if root.is_dir() else []
+    if extra:
+        raise DataIntegrityError(f"{root} holds folders that are not CIFAR-10 classes: {extra}; a split holds "
+                                 f"exactly {', '.join(CIFAR10_CLASSES)}: move the others out")
+    for cls in CIFAR10_CLASSES:
+        d = root / cls
+        if d.is_dir():
+            out += [(f"{cls}/{n}", d / n) for n in _class_files(d)]
+    return out
+
+
 def _listing(layout: str, folder: Path, split: str) -> str:
-    """SHA-256 of the source's content listing: every file the decode reads, with its size and mtime."""
+    """SHA-256 of the source's listing: every file the decode reads, with its size and mtime (cheap: no reads)."""
     h = hashlib.sha256(f"{layout}|{folder.resolve()}|{split}".encode())
     rows = []
-    if layout == "batches":
-        for fn in _batch_files(split):
-            try:
-                st = (folder / fn).stat()
-                rows.append(f"{fn}|{st.st_size}|{st.st_mtime_ns}")
-            except OSError:
-                rows.append(f"{fn}|missing")
-    else:
-        for cls in CIFAR10_CLASSES:
-            d = folder / split / cls
-            if d.is_dir():
-                with os.scandir(d) as it:
-                    ents = [(e.name, e.stat()) for e in it if not e.name.startswith(".") and e.is_file()]
-                rows += [f"{cls}/{n}|{st.st_size}|{st.st_mtime_ns}" for n, st in sorted(ents)]
+    for name, path in _sources(layout, folder, split):
+        try:
+            st = path.stat()
+            rows.append(f"{name}|{st.st_size}|{st.st_mtime_ns}")
+        except OSError:
+            rows.append(f"{name}|missing")
     h.update("\n".join(rows).encode())
     return h.hexdigest()
+
+
+_CONTENT: dict = {}  # listing -> content key, computed once per process for each listing
+
+
+def _content_key(layout: str, folder: Path, split: str) -> str:
+    """SHA-256 over every source file's name and the SHA-256 of its bytes: the decode cache's key, so an edit
+    that keeps a file's size and modification time is still seen. Computed once per process and listing
+    (:func:`_listing`); its cost on the 60,000 PNGs is in ``benchmarks/cache_digest.py``."""
+    listing = _listing(layout, folder, split)
+    if listing not in _CONTENT:
+        h = hashlib.sha256(f"{layout}|{split}".encode())
+        for name, path in _sources(layout, folder, split):
+            try:
+                digest = file_sha256(path)
+            except OSError:
+                digest = "missing"
+            h.update(f"{name}|{digest}\n".encode())
+        _CONTENT[listing] = h.hexdigest()
+    return _CONTENT[listing]
 
 
 def _cache_paths(listing: str, split: str) -> tuple[Path, Path]:
@@ -268,7 +309,7 @@ def cifar10(split: str = "train", root: str | os.PathLike | None = None, *, down
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     layout, folder = find_cifar10(root, download=download)
-    listing = _listing(layout, folder, split)
+    listing = _content_key(layout, folder, split)
     data_path, meta_path = _cache_paths(listing, split)
     rebuild = rebuild or (force_recompute() and data_path not in _REBUILT)
     if not rebuild:

@@ -60,7 +60,14 @@ def project_root() -> Path:
 def _store(env: str, in_checkout: str, elsewhere: str) -> Path:
     given = os.environ.get(env)
     if given:
-        return Path(given)
+        path = Path(given).expanduser()
+        for above in (path, *path.parents):  # a file where a folder must be (created if absent) is one line
+            if above.exists() and not above.is_dir():
+                raise ValueError(f"{env}={given} names a path through the file {above}; it must name a folder "
+                                 "(created if absent): unset it or point it at a folder")
+            if above.exists():
+                break
+        return path
     checkout = find_checkout()
     return checkout / "data" / in_checkout if checkout is not None else Path.cwd() / elsewhere
 

@@ -17,7 +17,7 @@ import torch
 from . import artifacts
 from .. import distributed as hdist
 from . import sources
-from ..files import atomic_torch_save, atomic_write_json
+from ..files import atomic_torch_save, atomic_write_json, load_weights_only
 from .artifacts import cached as _cached, read_json as _read_json
 from ..blocks import quant_blocks
 from ..surface import loss_surface
@@ -128,7 +128,7 @@ def spectrum(model: torch.nn.Module, base: str, cfg: dict, granularity="layer", 
     def load(folder):
         results = hessian.load_spectra(folder / "spectrum.json")
         if vectors:
-            vecs = torch.load(folder / "vectors.pt", map_location="cpu", weights_only=True)
+            vecs = load_weights_only(folder / "vectors.pt")
             for r in results:
                 r.vector = vecs[r.name]
         return results
@@ -356,7 +356,7 @@ def finetuned(model: torch.nn.Module, base: str, bit_config, order, cfg: dict, *
     def load(folder):
         m = artifacts.read_manifest(folder)
         qmodel = quant.quantize_model(model, bit_config)
-        qmodel.load_state_dict(torch.load(folder / "qmodel.pt", map_location="cpu", weights_only=True))
+        qmodel.load_state_dict(load_weights_only(folder / "qmodel.pt"))
         qmodel.eval()
         return {"qmodel": qmodel, "history": _read_json(folder / "history.json"),
                 "wall_s": m["wall_s"], **{k: m[k] for k in ("top1", "top5", "packed_top1", "size_bytes",
