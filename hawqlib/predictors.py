@@ -146,38 +146,37 @@ def single_block_damage(model: nn.Module, bits: Sequence[int], batch, *, granula
 
 
 def _ranks(v: torch.Tensor) -> torch.Tensor:
-    """Ranks 1..n of ``v`` (average ranks for ties)."""
-    order = torch.argsort(v, stable=True)
-    r = torch.empty(len(v), dtype=torch.float64)
-    sv = v[order]
-    i = 0
-    while i < len(v):
-        j = i
-        while j + 1 < len(v) and sv[j + 1] == sv[i]:
-            j += 1
-        r[order[i:j + 1]] = (i + j) / 2 + 1
-        i = j + 1
-    return r
+    """Ranks 1..n along the last dimension of ``v`` (average ranks for ties)."""
+    below = (v[..., :, None] > v[..., None, :]).sum(-1)
+    equal = (v[..., :, None] == v[..., None, :]).sum(-1)
+    return (below + (equal + 1) / 2).double()
+
+
+def _spearman_rows(a: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    ra, rm = _ranks(a), _ranks(m)
+    ra, rm = ra - ra.mean(-1, keepdim=True), rm - rm.mean(-1, keepdim=True)
+    den = ra.norm(dim=-1) * rm.norm(dim=-1)
+    return torch.where(den > 0, (ra * rm).sum(-1) / den.clamp_min(1e-300), torch.full_like(den, math.nan))
+
+
+def _kendall_rows(a: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    n = a.shape[-1]
+    iu = torch.triu_indices(n, n, 1)
+    da = torch.sign(a[..., :, None] - a[..., None, :])[..., iu[0], iu[1]]
+    dm = torch.sign(m[..., :, None] - m[..., None, :])[..., iu[0], iu[1]]
+    den = ((da != 0).sum(-1).double() * (dm != 0).sum(-1).double()).sqrt()
+    return torch.where(den > 0, (da * dm).sum(-1) / den.clamp_min(1e-300), torch.full_like(den, math.nan))
 
 
 def spearman(a, b) -> float:
     """Spearman's rank correlation of two equal-length sequences (Pearson's on average ranks; NaN if one is
     constant)."""
-    ra, rb = _ranks(torch.as_tensor(a, dtype=torch.float64)), _ranks(torch.as_tensor(b, dtype=torch.float64))
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    den = float(ra.norm() * rb.norm())
-    return float((ra * rb).sum()) / den if den > 0 else math.nan
+    return float(_spearman_rows(torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)))
 
 
 def kendall(a, b) -> float:
     """Kendall's tau-b of two equal-length sequences (ties counted as in tau-b; NaN if one is constant)."""
-    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
-    da = torch.sign(a[:, None] - a[None, :])
-    db = torch.sign(b[:, None] - b[None, :])
-    iu = torch.triu_indices(len(a), len(a), 1)
-    da, db = da[iu[0], iu[1]], db[iu[0], iu[1]]
-    den = math.sqrt(float((da != 0).sum()) * float((db != 0).sum()))
-    return float((da * db).sum()) / den if den > 0 else math.nan
+    return float(_kendall_rows(torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)))
 
 
 @dataclass(frozen=True)
@@ -204,16 +203,15 @@ def rank_agreement(predicted: Sequence[float], damage: torch.Tensor, *, n_boot: 
         raise ValueError(f"n_boot must be a positive int and level in (0, 1); got {n_boot!r}, {level!r}")
     g = torch.Generator().manual_seed(seed)
     mean = damage.mean(1)
-    sp, kd = [], []
-    for _ in range(n_boot):
-        m = damage[:, torch.randint(damage.shape[1], (damage.shape[1],), generator=g)].mean(1)
-        sp.append(spearman(predicted, m))
-        kd.append(kendall(predicted, m))
+    pred = torch.as_tensor(predicted, dtype=torch.float64)
+    idx = torch.randint(damage.shape[1], (n_boot, damage.shape[1]), generator=g)
+    means = damage[:, idx].mean(2).T  # (n_boot, blocks): the mean damage of each resample
+    sp, kd = _spearman_rows(pred, means), _kendall_rows(pred.expand_as(means), means)
     lo, hi = (1 - level) / 2, (1 + level) / 2
 
     def q(v, p):
-        t = torch.tensor([u for u in v if not math.isnan(u)], dtype=torch.float64)
-        return float(torch.quantile(t, p)) if len(t) else math.nan
+        v = v[~torch.isnan(v)]
+        return float(torch.quantile(v, p)) if len(v) else math.nan
 
     return RankAgreement(spearman(predicted, mean), q(sp, lo), q(sp, hi), kendall(predicted, mean), q(kd, lo),
                          q(kd, hi))

@@ -135,3 +135,29 @@ def test_predictor_values_follow_their_formulas():
         assert v["eigenvalue"][i][0] == pytest.approx(lam[i] / b.numel)
     with pytest.raises(ValueError, match="one value per block"):
         pr.predictor_values(blocks, (2,), lam[:2], tr, fi)
+
+
+# --------------------------------------------------------------------------- the companion's step
+
+
+def test_the_held_out_images_are_disjoint_from_the_hessian_sample(cifar_root):
+    from hawqlib.repro import damage, pipeline
+
+    hx, _ = pipeline.hessian_batch(16, 0, cifar_root)
+    x, y = damage.heldout_batch(8, 16, 0, cifar_root)
+    assert x.shape[0] == y.shape[0] == 8
+    assert not any(torch.equal(a, b) for a in x for b in hx)
+    # the Hessian's sample with 8 more images holds both
+    bx, _ = pipeline.hessian_batch(24, 0, cifar_root)
+    assert all(any(torch.equal(a, b) for b in bx) for a in torch.cat([x, hx]))
+    with pytest.raises(ValueError, match="n \\+ after"):
+        damage.heldout_batch(8, 50000, 0, cifar_root)
+
+
+def test_an_unknown_allocation_kind_names_the_valid_ones():
+    from hawqlib.repro import damage, profiles
+
+    net = small_net()
+    P = profiles.get("smoke")
+    with pytest.raises(ValueError, match="valid: trace, v3, greedy"):
+        damage.allocation(net, [], P, "hessian", "base")
