@@ -30,12 +30,22 @@ def cpu_specs():
     """The cpu profile's run specs for ResNet20 with a made-up spectrum (the allocations take seconds)."""
     net, spectra = _model_and_spectra()
     P = profiles.get("cpu")
-    return net, spectra, P, experiments.run_specs(net, spectra, P)
+    return net, spectra, P, experiments.run_specs(net, spectra, P, _paper_names(P))
+
+
+def _paper_names(P):
+    """The runs whose bits need no stored artifact (all but the allocations beyond the paper)."""
+    beyond = set(experiments.run_names(P, "sensitivity")) - {"hawq"}
+    return [n for n in experiments.run_names(P) if n not in beyond]
 
 
 def test_run_specs_name_every_row_of_the_table_and_the_ablation(cpu_specs):
     net, spectra, P, specs = cpu_specs
-    assert list(specs) == experiments.run_names(P)
+    assert list(specs) == _paper_names(P)
+    assert experiments.run_names(P, "sensitivity") == ["hawq", "alloc-trace", "alloc-v3", "alloc-greedy",
+                                                       "hawq-size-reverse"]
+    with pytest.raises(ValueError, match="pass base="):
+        experiments.run_specs(net, spectra, P, ["alloc-v3"])
     assert list(specs) == ["hawq", "hawq-strict", "W4A4", "W2A4", "alloc-reverse", "alloc-random", "order-reverse",
                            "order-random", "hawq+final", "hawq+lsq", "hawq+kd", "hawq@paper", "order-reverse@paper"]
     hawq = specs["hawq"]
@@ -142,7 +152,7 @@ def test_finetune_command_runs_the_named_rows_in_order(cpu_specs, monkeypatch, c
     net, spectra, P, specs = cpu_specs
     monkeypatch.setattr(baseline_step, "baseline", lambda *a, **k: (net, {}, Path("/tmp/baseline_resnet20-x")))
     monkeypatch.setattr(pipeline, "spectrum", lambda *a, **k: (spectra, Path("/tmp/spectrum-x")))
-    monkeypatch.setattr(experiments, "run_specs", lambda m, s, P, names: {n: specs[n] for n in names} if (m, s) == (net, spectra) else None)
+    monkeypatch.setattr(experiments, "run_specs", lambda m, s, P, names, **kw: {n: specs[n] for n in names} if (m, s) == (net, spectra) else None)
     done = []
 
     def fake_finetuned(model, base, bit_config, order, cfg, *, provenance, **k):

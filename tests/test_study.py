@@ -88,7 +88,7 @@ def test_allocation_orders_and_runs_delegate(r20, monkeypatch):
 
     built = []
     real_specs = experiments.run_specs
-    monkeypatch.setattr(experiments, "run_specs", lambda *a: built.append(a[3]) or real_specs(*a))
+    monkeypatch.setattr(experiments, "run_specs", lambda *a, **kw: built.append(a[3]) or real_specs(*a, **kw))
     ft = []
     monkeypatch.setattr(pipeline, "finetuned", lambda *a, **k: ft.append((a, k)) or f"r{k['direct']}")
     assert study.run("hawq") == "rFalse"

@@ -46,7 +46,7 @@ __all__ = ["NOTEBOOKS", "NotebookError", "available", "kernel_spec_dir", "artifa
 
 #: The notebooks, in book order. Each is ``notebooks/<name>.ipynb`` and becomes ``book/executed/<name>``.
 NOTEBOOKS = ("baseline", "hessian_spectrum", "loss_landscape", "bit_allocation", "resnet20_cifar10",
-             "ablation", "imagenet_models", "own_network")
+             "ablation", "sensitivity_predictors", "imagenet_models", "own_network")
 
 #: The kernel name the runner registers (in a private folder) for this interpreter.
 KERNEL_NAME = "hawqlib-python"

@@ -20,7 +20,12 @@ background (``python -m hawqlib finetune``) store and load the very same artifac
 - the attempts at closing the headline row's accuracy gap (``finetune.attempts``, e.g. ``"hawq+final"``): the
   ``hawq`` run with some fine-tuning settings replaced (a final stage, a learned activation step,
   distillation: :func:`hawqlib.finetune.staged_finetune`). They are not the paper's recipe and have their own
-  budget, so they form their own group.
+  budget, so they form their own group;
+- the allocations beyond the paper (``sensitivity.runs``, e.g. ``"alloc-v3"``; the chapter "Which sensitivity
+  predicts the damage"): another allocation rule at the headline budget (:func:`hawqlib.repro.damage.allocation`:
+  trace-sorted, HAWQ-V3's least perturbation, the measured-damage greedy) or HAWQ's at another allocation's
+  achieved size, fine-tuned in its own Omega order. Their bits read stored traces and the measured damage, so
+  :func:`run_specs` needs the baseline's key (``base``) for them.
 
 Random allocations and orders use the profile's ``ablation.seed``. Each run is fine-tuned with one or
 more seeds (``finetune.seeds``, by run name; default ``[finetune.seed]``): the seed changes the data order
@@ -53,9 +58,9 @@ class RunSpec:
     schedule: dict = field(default_factory=dict)
 
 
-GROUPS = ("table", "ablation", "attempts", "longer")
-"""The groups of runs :func:`run_names` can select: the ResNet20 table's, the ablation's, the gap attempts' and
-the longer schedules' (``finetune.longer``)."""
+GROUPS = ("table", "ablation", "attempts", "longer", "sensitivity")
+"""The groups of runs :func:`run_names` can select: the ResNet20 table's, the ablation's, the gap attempts', the
+longer schedules' (``finetune.longer``) and the allocations beyond the paper (``sensitivity.runs``)."""
 
 
 def _catalogue(profile: dict) -> list[tuple[str, str | None, tuple]]:
@@ -85,6 +90,9 @@ def _catalogue(profile: dict) -> list[tuple[str, str | None, tuple]]:
                 raise ValueError(f"finetune.longer[{label!r}] names run {run!r}, which is not a staged run of the "
                                  f"table or the ablation; valid: {', '.join(valid)}")
             runs.append((f"{run}@{label}", "longer", recipe[:4] + (dict(longer["schedule"]),)))
+    # The allocations beyond the paper (hawqlib.repro.damage.allocation), each in its own Omega order.
+    runs += [(name, "sensitivity", ("staged", kind, "omega", head, {}))
+             for name, kind in profile.get("sensitivity", {}).get("runs", {}).items()]
     return runs
 
 
@@ -132,12 +140,14 @@ def allocation(model: torch.nn.Module, spectra, profile: dict, policy: str,
 
 
 def run_specs(model: torch.nn.Module, spectra, profile: dict,
-              names: list[str] | None = None) -> dict[str, RunSpec]:
+              names: list[str] | None = None, *, base: str | None = None, data_root=None) -> dict[str, RunSpec]:
     """The runs ``names`` of ``profile`` (default: every one, see :func:`run_names`) by name, in that order.
 
     ``spectra`` are the baseline's block spectra at the profile's allocation granularity. Only the
     runs asked for are built (an allocation re-quantizes every block at every bit choice, so each
-    costs seconds); an unknown name raises ``ValueError`` listing the valid ones.
+    costs seconds); an unknown name raises ``ValueError`` listing the valid ones. The ``sensitivity`` group's
+    runs need ``base`` (the baseline's key: their bits read its stored traces and measured damage, on
+    ``data_root``).
     """
     A, X = profile["allocation"], profile["ablation"]
     recipes = {name: recipe for name, _, recipe in _catalogue(profile)}
@@ -153,13 +163,22 @@ def run_specs(model: torch.nn.Module, spectra, profile: dict,
         if kind == "direct":
             bc = quant.BitConfig.uniform(model, x, act_bits=y, granularity=A["granularity"])
             return RunSpec(name, f"direct W{x}A{y}: every block at once", bc, None, direct=True)
-        if (x, measure) not in bits:
+        if (x, measure) not in bits and x not in allocate.POLICIES:  # beyond the paper: hawqlib.repro.damage
+            if base is None:
+                raise ValueError(f"run {name!r} ({x} allocation) reads the baseline's stored traces and measured "
+                                 "damage: pass base= (the baseline's key) to run_specs")
+            from . import damage
+
+            bits[x, measure] = damage.allocation(model, spectra, profile, x, base, data_root=data_root)
+        elif (x, measure) not in bits:
             bits[x, measure] = allocation(model, spectra, profile, x, measure)
         budget = ("weights only, the paper's measure" if measure == "weights" else "whole model, strict")
         description = (f"HAWQ {target_name} ({budget}) / A{A['act_bits']}: S-order allocation, Omega order"
                        + (f", with {describe_schedule(schedule)}" if schedule else "")
                        if x == "hawq" and y == "omega"
-                       else (f"{x} allocation at the same budget, Omega order" if y == "omega"
+                       else (f"HAWQ allocation at the size the {x.split(':', 1)[1]} allocation reached, Omega order"
+                             if x.startswith("hawq-size:") else
+                             f"{x} allocation at the same budget, Omega order" if y == "omega"
                              else f"HAWQ allocation, {y} fine-tuning order")
                        + (f", with {describe_schedule(schedule)}" if schedule else ""))
         order = tuple(e.name for e in finetune_order(model, spectra, bits[x, measure], policy=y, seed=X["seed"]))

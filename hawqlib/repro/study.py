@@ -137,7 +137,8 @@ class Study:
         names = self.run_names() if names is None else list(names)
         todo = [n for n in names if n not in self._specs]
         if todo:
-            self._specs.update(experiments.run_specs(self.model, self.spectra, self.P, todo))
+            self._specs.update(experiments.run_specs(self.model, self.spectra, self.P, todo, base=self.base,
+                                                     data_root=self.source))
         return {n: self._specs[n] for n in names}
 
     def run(self, name: str, seed: int | None = None, *, force: bool | None = None,
