@@ -108,7 +108,8 @@ def test_the_import_reader_sees_a_forbidden_import(tmp_path, monkeypatch):
 #: The method's core as the README counts it (the front door, Hessian, quantizers, allocation, order, staged
 #: fine-tuning, size, export), what goes beyond the paper (the exact Gauss-Newton route and its proof,
 #: distillation, the successors' allocations and the damage predictors), its support, the models and the companion.
-BEYOND = ["hessian/gauss_newton.py", "distill.py", "allocators.py", "predictors.py"]
+BEYOND = ["hessian/gauss_newton.py", "hessian/identity.py", "hessian/proof.py", "distill.py", "allocators.py",
+          "predictors.py"]
 PARTS = {
     "METHOD": ["__init__.py", "workflow.py", "hessian/*.py", "quant/*.py", "bitconfig.py", "blocks.py",
                "sensitivity.py", "allocate.py", "order.py", "finetune.py", "size.py", "export.py"],

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 
 import pytest
 import torch
@@ -190,7 +189,8 @@ def test_auto_proof_falls_back_when_a_hidden_smooth_op_breaks_the_identity():
     data = data_vec()
     with pytest.warns(RuntimeWarning, match="falling back to autograd"):
         res = H.top_eigenvalues(model, nn.CrossEntropyLoss(), data, progress=False, tol=1e-9, max_iter=300)
-    assert res[0].method == "autograd" and "proof error" in res[0].note
+    # the every-sample check sees the functional GELU as it runs (the proof would see it too)
+    assert res[0].method == "autograd" and "GeluBackward" in res[0].note
     e = top_abs(exact_hessian(model, nn.CrossEntropyLoss(), data, quant_blocks(model)[0]))
     assert abs(res[0].eigenvalue - e) <= RTOL * abs(e)
     # the last layer is followed by no nonlinearity at all: its identity holds and it stays Gauss-Newton

@@ -70,7 +70,16 @@ def vectors(n=20, classes=4, seed=0):
 
 # --------------------------------------------------------------------------- 1-2: proof and verification
 
-def test_proof_on_spread_samples_is_not_fooled_by_blank_first_images():
+@pytest.fixture
+def blind_identity(monkeypatch):
+    """The every-sample check made blind (it accepts every operation), so that the second, independent line
+    (the numeric proof) and the autograd verification are tested alone."""
+    import hawqlib.hessian.identity as identity
+
+    monkeypatch.setattr(identity, "_why_not_linear", lambda node, deps: None)
+
+
+def test_proof_on_spread_samples_is_not_fooled_by_blank_first_images(blind_identity):
     model, data = small_cnn(SmoothAct), images(blank=8)
     ce = nn.CrossEntropyLoss()
     blocks = quant_blocks(model)
@@ -85,13 +94,21 @@ def test_proof_on_spread_samples_is_not_fooled_by_blank_first_images():
         H.top_eigenvalues(model, ce, data, [blocks[0]], method="gauss-newton", **TIGHT)
 
 
-def test_forced_gauss_newton_without_proof_is_caught_by_the_verification():
+def test_forced_gauss_newton_without_proof_is_refused_by_the_every_sample_check():
+    model, data = small_cnn(SmoothAct), images()
+    b = quant_blocks(model)[0]
+    with pytest.raises(H.HessianError, match="block '0'.*not linear or piecewise linear.*SigmoidBackward"):
+        H.top_eigenvalues(model, nn.CrossEntropyLoss(), data, [b], method="gauss-newton", prove=False, **TIGHT)
+
+
+def test_forced_gauss_newton_without_proof_is_caught_by_the_autograd_verification(blind_identity):
     model, data = small_cnn(SmoothAct), images()
     ce = nn.CrossEntropyLoss()
     b = quant_blocks(model)[0]
     exact = dense_top(model, ce, data, b)
     with pytest.warns(RuntimeWarning, match="block '0'.*fails its exact verification"):
-        r = H.top_eigenvalues(model, ce, data, [b], method="gauss-newton", prove=False, **TIGHT)[0]
+        r = H.top_eigenvalues(model, ce, data, [b], method="gauss-newton", prove=False, verify="autograd",
+                              **TIGHT)[0]
     assert not close(r.eigenvalue, exact)  # the wrong answer is flagged, not hidden
     assert not r.converged and r.residual > 1e-3 and r.method == "gauss-newton"
 

@@ -27,7 +27,7 @@ def chunk_loss(model, spec: LossSpec, x, y, name: str) -> tuple[torch.Tensor, to
     """The user's loss on one chunk (a finite scalar, targets checked) and the model's outputs."""
     out = model(x)
     spec.check_targets(out, y, f"block {name!r}")
-    loss = spec.fn(out, y)
+    loss = spec.loss(out, y)
     if not torch.is_tensor(loss) or loss.numel() != 1:
         shape = tuple(loss.shape) if torch.is_tensor(loss) else type(loss).__name__
         raise HessianError(f"block {name!r}: loss_fn must return a scalar (the batch mean, or sum), got {shape}; "

@@ -28,9 +28,10 @@ the data, and the autograd graph lives for one chunk only. Groups are packed fro
 a second group's backward passes stop early. A single layer whose storage alone exceeds the budget is
 still processed, alone.
 
-Whether the identity holds is decided structurally here (:func:`gauss_newton_exact`) and proved on
-the run by :mod:`hawqlib.hessian.orchestrate`; every eigenpair found on this route is then verified
-with an exact autograd product.
+Whether the identity holds is decided structurally here (:func:`gauss_newton_exact`), checked on every
+sample during the pass (:mod:`~hawqlib.hessian.identity`) and proved numerically on a spread sample
+(:mod:`~hawqlib.hessian.proof`); every eigenpair found on this route is then verified with one fresh
+float64 product of this route's operator (or, on request, an autograd product).
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..blocks import Block
+from .identity import IdentityRecord
 from .inputs import Data, check_finite, model_float
 from .losses import LossSpec
 from .results import HessianError
@@ -174,19 +176,24 @@ class GNStore:
             return n * k * numel * itemsize
         return n * (k * out_numel + in_numel) * itemsize
 
-    def matvec(self, v: torch.Tensor, rows: int | None = None, block_rows: int = 512) -> torch.Tensor:
-        """H v (flat, the weight's dtype) over the first ``rows`` samples (all by default)."""
+    def matvec(self, v: torch.Tensor, rows: int | None = None, block_rows: int = 512,
+               dtype: torch.dtype | None = None) -> torch.Tensor:
+        """H v (flat) over the first ``rows`` samples (all by default), in the stored dtype, or with the stored
+        values cast to ``dtype`` piece by piece (float64: the verification of a returned eigenpair)."""
         rows = self.n if rows is None else rows
+        dt = dtype or (self.R.dtype if self.kind == "jacobian" else self.X.dtype)
+        v = v.to(dt)
         if self.kind == "jacobian":
             R = self.R[:rows].reshape(rows * self.k, self.numel)
             # our choice: R^T (R v) a slab of rows at a time, each slab read while still in cache (one pass
             # over R from memory instead of two; the same order of sums)
             step = max(1, _SLAB_BYTES // (self.numel * R.element_size()))
             if step >= R.shape[0]:
+                R = R.to(dt)
                 return (R.T @ (R @ v)) / rows
             out = torch.zeros_like(v)
             for i in range(0, R.shape[0], step):
-                slab = R[i:i + step]
+                slab = R[i:i + step].to(dt)
                 out.addmv_(slab.T, slab @ v)
             return out / rows
         # the layer map is linear in W: its vector-Jacobian product is the weight gradient of one backward
@@ -195,7 +202,7 @@ class GNStore:
         out = torch.zeros_like(v)
         for i in range(0, rows, block_rows):
             j = min(rows, i + block_rows)
-            x, G = self.X[i:j], self.G[i:j]
+            x, G = self.X[i:j].to(dt), self.G[i:j].to(dt)
             with torch.enable_grad():
                 a = _layer_map(self.mod, x, W)
             u = torch.bmm(G.reshape(j - i, self.k, -1), a.detach().reshape(j - i, -1, 1))  # (n, k, 1)
@@ -219,9 +226,12 @@ def _whitening(logits: torch.Tensor, factors: torch.Tensor | None = None) -> tor
     return Fm.to(logits.dtype)
 
 
-def gn_pass(model, spec: LossSpec, data: Data, blocks: list[Block], on_forward, on_grad):
+def gn_pass(model, spec: LossSpec, data: Data, blocks: list[Block], on_forward, on_grad) -> IdentityRecord:
     """One pass over the data: per chunk, a forward with probes on each block's output, then one
-    backward pass per whitened class direction k, handing d<logits, F[:, :, k]>/d(output) to ``on_grad``."""
+    backward pass per whitened class direction k, handing d<logits, F[:, :, k]>/d(output) to ``on_grad``.
+    Returns the :class:`~hawqlib.hessian.identity.IdentityRecord` of every chunk's forward: the blocks
+    for which an operation between their output and the logits was not (piecewise) linear."""
+    record = IdentityRecord()
     probes: dict[int, torch.Tensor] = {}
     inputs: dict[int, torch.Tensor] = {}
     calls: dict[int, int] = {}
@@ -252,14 +262,15 @@ def gn_pass(model, spec: LossSpec, data: Data, blocks: list[Block], on_forward, 
                 if calls.get(i, 0) != 1:
                     raise HessianError(f"block {b.name!r}: its layer ran {calls.get(i, 0)} times in one forward "
                                        "(the Gauss-Newton route needs exactly one call)")
+            record.scan(z, probes, n0)
             spec.check_targets(z, y, f"blocks {names}")
             check_finite(z.detach(), names, "model output")
             if w != 0.0:  # a chunk of ignored targets only has no loss (0/0) and no Hessian
-                loss = spec.fn(z.detach(), y)
+                loss = spec.loss(z.detach(), y)
                 if not torch.is_tensor(loss) or loss.numel() != 1:
                     raise HessianError(f"blocks {names}: loss_fn must return a scalar (the batch mean, or sum)")
                 check_finite(loss.detach(), names, "loss")
-            Fm = _whitening(z.detach(), spec.sample_factors(y, z.shape[1], data.n, data.total))
+            Fm = _whitening(z.detach(), spec.sample_factors(y, z.shape[1], data.n, data.total, data.plain))
             n = len(x)
             on_forward(n0, n, {i: inputs[i] for i in range(len(blocks))}, Fm)
             plist = [probes[i] for i in range(len(blocks))]
@@ -272,6 +283,7 @@ def gn_pass(model, spec: LossSpec, data: Data, blocks: list[Block], on_forward, 
     finally:
         for h in handles:
             h.remove()
+    return record
 
 
 def plan_groups(blocks, rec, order, n, C, itemsize, max_memory):
@@ -299,7 +311,8 @@ def plan_groups(blocks, rec, order, n, C, itemsize, max_memory):
 
 
 def gn_capture(model, spec: LossSpec, data: Data, blocks: list[Block], kinds: dict, rec: dict, C: int):
-    """Build the Gauss-Newton stores of a group of blocks (one pass over the data)."""
+    """Build the Gauss-Newton stores of a group of blocks (one pass over the data); ``(stores, record)``
+    with the pass's :class:`~hawqlib.hessian.identity.IdentityRecord`."""
     device, dtype = model_float(model)
     stores = {i: GNStore(b, kinds[i], data.n, C - 1, rec[i][0], rec[i][1], dtype, device)
               for i, b in enumerate(blocks)}
@@ -328,7 +341,7 @@ def gn_capture(model, spec: LossSpec, data: Data, blocks: list[Block], kinds: di
                     torch.bmm(g, cur_in[i].view(n, *cur_in[i].shape[2:]).transpose(1, 2),
                               out=s.R[n0:n0 + n].view(n, s.k * s.mod.out_channels, -1))
 
-    gn_pass(model, spec, data, blocks, on_forward, on_grad)
-    return stores
+    record = gn_pass(model, spec, data, blocks, on_forward, on_grad)
+    return stores, record
 
 

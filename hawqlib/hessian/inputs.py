@@ -75,14 +75,19 @@ class Data:
         self.fingerprint: list | None = None
         self.shard: tuple[int, int] | None = None
         self.norms: list[float] = []
+        ys, counted = [], 0
         for _, y in self._chunks():
             self.norms.append(spec.chunk_norm(y))
+            ys.append(y if spec.summed(y) else None)  # kept only where the weight needs the targets
+            counted += spec.counted(y)
         self.n, self.nchunks = self._n, len(self.norms)
         if self.n == 0:
             raise HessianError("data is empty: it yielded no samples; the Hessian of a loss needs at least one "
                                "(inputs, targets) sample")
+        #: no target of all the data is ignored: the chunks' Gauss-Newton factors are then all 1 (plain mean)
+        self.plain = counted == self.n
         self.total = spec.total(self.norms) if need_loss or sum(self.norms) else 0.0
-        self.weights = [spec.chunk_weight(z, self.total) for z in self.norms]
+        self.weights = [spec.chunk_weight(z, self.total, y) for z, y in zip(self.norms, ys)]
 
     def _chunks(self):
         fp, n = [], 0
@@ -195,17 +200,24 @@ def resolve_blocks(model: nn.Module, blocks) -> list[Block]:
 
 @contextlib.contextmanager
 def model_state(model: nn.Module):
-    """Eval mode inside; on exit every module's mode, every requires_grad flag and every .grad are restored."""
+    """Eval mode inside; on exit, errors included, every module's mode, every buffer's values (BatchNorm's
+    running statistics, even where a model's ``train()`` keeps a layer training and a check's forward
+    updated them), every requires_grad flag and every .grad are restored."""
     modes = [(m, m.training) for m in model.modules()]
     params = list(model.parameters())
     flags = [p.requires_grad for p in params]
     grads = [p.grad for p in params]
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
     try:
         model.eval()
         yield
     finally:
         for m, t in modes:
             m.training = t
+        with torch.no_grad():
+            for b, saved in buffers:
+                if b.shape == saved.shape:
+                    b.copy_(saved)
         for p, f, g in zip(params, flags, grads):
             p.requires_grad_(f)
             p.grad = g

@@ -70,6 +70,28 @@ class LossSpec:
     def _weighted(self, y) -> bool:
         return self.kind in ("ce", "nll") and torch.is_tensor(y) and not y.is_floating_point()
 
+    def summed(self, y) -> bool:
+        """Whether a chunk's share of the loss is taken as its *sum* over the normalizer of all the data,
+        not as ``loss_fn``'s value times Z_c / Z: a class-weighted mean over class indices, where a chunk
+        whose counted targets all have weight 0 has Z_c = 0, yet (with label smoothing) a loss."""
+        return self.reduction == "mean" and self.weight is not None and self._weighted(y)
+
+    def loss(self, out, y):
+        """The chunk's value to weight by :meth:`chunk_weight`: ``loss_fn(out, y)``, or for a :meth:`summed`
+        chunk the same loss with ``reduction="sum"`` (PyTorch's numerator of the weighted mean)."""
+        if not self.summed(y):
+            return self.fn(out, y)
+        if self.kind == "ce":
+            return F.cross_entropy(out, y, weight=self.weight, ignore_index=self.ignore_index, reduction="sum",
+                                   label_smoothing=self.smoothing)
+        return F.nll_loss(out, y, weight=self.weight, ignore_index=self.ignore_index, reduction="sum")
+
+    def counted(self, y) -> int:
+        """Samples of the chunk whose target is not ignored (all of them for other targets)."""
+        if self._weighted(y):
+            return int((y != self.ignore_index).sum())
+        return len(y)
+
     def chunk_norm(self, y) -> float:
         """Z_c: the normalizer of the chunk's mean (its sample count, or sum of class weights)."""
         n = len(y)
@@ -86,18 +108,23 @@ class LossSpec:
                                "weight 0), so the mean loss is 0/0; pass data with at least one counted target")
         return z
 
-    def chunk_weight(self, z_c: float, total: float) -> float:
-        """The factor of a chunk's ``loss_fn`` value in the loss over all samples."""
+    def chunk_weight(self, z_c: float, total: float, y=None) -> float:
+        """The factor of a chunk's :meth:`loss` value in the loss over all samples (``y``: the chunk's targets)."""
         if self.reduction == "sum":
             return 1.0
+        if y is not None and self.summed(y):
+            return 1.0 / total if total and self.counted(y) else 0.0
         return z_c / total if total else 0.0
 
     # ------------------------------------------------------------------ Gauss-Newton factors
-    def sample_factors(self, y, C: int, n_total: int, total: float):
-        """Per-sample factors f_n with H = (1/N) sum_n f_n J_n^T (diag p - p p^T) J_n, or None if all are 1."""
+    def sample_factors(self, y, C: int, n_total: int, total: float, plain_data: bool = False):
+        """Per-sample factors f_n with H = (1/N) sum_n f_n J_n^T (diag p - p p^T) J_n, or None if all are 1.
+
+        ``plain_data``: no target of *all* the data is ignored (Z = N). Whether a chunk is plain depends on
+        all the data: a chunk without ignored targets still has factors N / Z when others have some."""
         if self.kind != "ce":
             return None
-        plain = (self.weight is None and self.reduction == "mean" and torch.is_tensor(y)
+        plain = (plain_data and self.weight is None and self.reduction == "mean" and torch.is_tensor(y)
                  and not y.is_floating_point() and not bool((y == self.ignore_index).any()))
         if plain:  # c_n = (1 - eps) + eps = 1, Z = N
             return None

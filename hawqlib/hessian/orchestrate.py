@@ -11,15 +11,21 @@ Order of work, shared by both entry points (:func:`_prepare`):
    over chunks;
 2. routes: Gauss-Newton where :func:`~hawqlib.hessian.gauss_newton.gauss_newton_exact` allows it and the
    layer runs once per forward, autograd elsewhere (``method="auto"``);
-3. the proof (:func:`_prove`): on a float64 copy of the model and the spread sample, the Gauss-Newton
-   and autograd products in ``PROOF_DIRECTIONS`` random directions per layer must agree to
-   ``PROOF_RTOL``; under ``"auto"`` a failure falls back to autograd with a warning, under a forced
-   ``"gauss-newton"`` it raises unless ``prove=False``;
-4. eigenvalues: the solver on the chosen route, then one exact autograd product with the returned
-   vector on all the data gives the reported residual; ``converged`` means that residual <= ``tol``.
-   A Gauss-Newton result that fails it is recomputed on the autograd route (``"auto"``, unless the
-   residual is at the rounding level of the dtype, ``VERIFY_FLOOR``) or reported as not converged
-   (forced); either way with a warning naming the block;
+3. the identity H_i = G_i, on two independent lines: (a) on *every* sample, during every chunk's
+   forward of the Gauss-Newton pass (:mod:`~hawqlib.hessian.identity`: no operation between the
+   layer's output and the logits other than linear or piecewise linear); (b) numerically, on a float64
+   copy of the model and the spread sample (:func:`~hawqlib.hessian.proof.prove`): the Gauss-Newton and
+   autograd products in ``PROOF_DIRECTIONS`` random directions per layer must agree to ``PROOF_RTOL``.
+   Under ``"auto"`` a block failing either goes to the autograd route with a warning; under a forced
+   ``"gauss-newton"`` either raises (``prove=False`` skips (b) only). Traces on the Gauss-Newton route
+   are covered by the same two lines;
+4. eigenvalues: the solver on the chosen route, then the verification of the returned pair
+   (``verify``): by default one fresh product in float64 of the route's own operator (proved exact in
+   3) on all the data gives the reported residual; ``verify="autograd"`` uses one autograd product
+   instead whatever the route (a Gauss-Newton result failing it is then recomputed on the autograd
+   route under ``"auto"``, unless the residual is at the rounding level of the dtype,
+   ``VERIFY_FLOOR``). ``converged`` means that residual <= ``tol``; a pair failing it is reported as
+   not converged with a warning naming the block;
 5. under a process group of several ranks (``torchrun``, :mod:`hawqlib.distributed`): the autograd route
    alone (``"auto"`` picks it, a forced ``"gauss-newton"`` is refused: its per-layer storage is built from
    all the data and is not sharded). Every rank reads all the data (for the checks and the chunk
@@ -31,7 +37,6 @@ Order of work, shared by both entry points (:func:`_prepare`):
 """
 from __future__ import annotations
 
-import copy
 import math
 import warnings
 
@@ -41,23 +46,32 @@ from torch import nn
 from .. import distributed as hdist
 from .autograd import AutogradOperator, block_products, flat_operator
 from .gauss_newton import gauss_newton_exact, gn_capture, gn_pass, jac_rows, patches, plan_groups
-from .inputs import (Data, check_finite, check_operator, model_float, model_state, probe_layers,
-                     resolve_blocks, spread_indices)
+from .inputs import Data, check_finite, check_operator, model_float, model_state, probe_layers, resolve_blocks, spread_indices
 from .losses import LossSpec
+from .proof import PROOF_DIRECTIONS, PROOF_RTOL, identity_failed, proof_failed
+from .proof import prove as prove_identity
 from .results import BlockSpectrum, BlockTrace, HessianError
 from .solvers import lanczos, power_iteration, ritz_residual
 
-__all__ = ["top_eigenvalues", "traces", "METHODS", "SOLVERS", "PROOF_RTOL", "PROOF_DIRECTIONS", "VERIFY_FLOOR"]
+__all__ = ["top_eigenvalues", "traces", "METHODS", "SOLVERS", "VERIFY", "PROOF_RTOL", "PROOF_DIRECTIONS",
+           "VERIFY_FLOOR"]
 
 METHODS = ("auto", "autograd", "gauss-newton")
 SOLVERS = ("lanczos", "power")
-#: relative tolerance of the on-the-run proof that a Gauss-Newton product equals the autograd one
-PROOF_RTOL = 1e-4
-#: random directions per layer in the proof (our choice: two, so one unlucky direction cannot pass it)
-PROOF_DIRECTIONS = 2
+#: how returned eigenpairs are verified: ``"operator"`` (default, also ``True``), one fresh float64 product of
+#: the route proved exact; ``"autograd"``, one autograd product on all the data whatever the route
+VERIFY = ("operator", "autograd")
 #: a verified residual below VERIFY_FLOOR units of rounding of the model's dtype is rounding, not a wrong
 #: route (our choice): a Gauss-Newton result failing tol only by that much is not recomputed on autograd
 VERIFY_FLOOR = 1000
+
+
+def _check_verify(verify):
+    if verify is True:
+        return "operator"
+    if verify is False or verify in VERIFY:
+        return verify
+    raise ValueError(f"unknown verify {verify!r}; valid: True (= 'operator'), 'autograd', False")
 
 
 def _check_args(method, solver, tol, max_iter, check_samples):
@@ -108,61 +122,21 @@ def _prepare(model, loss_fn, data, blocks, method, chunk_size, check_samples, se
     return spec, data, idx, routes, notes, shapes, order, C
 
 
-def _prove(model, spec: LossSpec, data: Data, blocks, kinds, idx, seed: int) -> list[float]:
-    """Per block, the largest relative difference between the Gauss-Newton and the autograd product H_i v
-    over ``PROOF_DIRECTIONS`` random unit ``v`` (drawn from ``seed + 1``), on the samples at ``idx``.
-
-    In float64 on a copy of the model (our choice): the proof is of the *identity* H_i = G_i, which holds
-    sample by sample, so a sample spread over the data suffices; in float32 both products carry rounding
-    errors as large as the tolerance for a random ``v``, where in float64 an exact identity agrees to
-    rounding level and a broken one (a smooth operation) differs by orders of magnitude more."""
-    f64 = model_float(model)[1] == torch.float64
-    ref = model if f64 else copy.deepcopy(model).double()
-    fn = spec.fn if f64 or not isinstance(spec.fn, nn.Module) else copy.deepcopy(spec.fn).double()
-    rspec = LossSpec(fn)
-    rblocks = resolve_blocks(ref, [b.module_names[0] for b in blocks])
-    sub = data.subset(idx, torch.float64)
-    if sub.total == 0.0:  # every sampled target ignored: nothing to prove here; the verification still runs
-        return [0.0] * len(blocks)
-    x, _ = sub.take(range(sub.n))
-    _, rec, _, z = probe_layers(ref, x, rblocks)
-    stores = gn_capture(ref, rspec, sub, rblocks, dict(enumerate(kinds)), rec, int(z.shape[1]))
-    g = torch.Generator().manual_seed(seed + 1)
-    vs = [[torch.randn(b.numel, generator=g, dtype=torch.float64) for _ in range(PROOF_DIRECTIONS)]
-          for b in rblocks]
-    vs = [[v / v.norm() for v in per] for per in vs]
-    try:
-        ags = block_products(ref, rspec, sub, rblocks, [[[v.view_as(b.params[0])] for v in per]
-                                                        for b, per in zip(rblocks, vs)])
-    finally:
-        for p in ref.parameters():
-            p.requires_grad_(False)
-    errs = []
-    for t, b in enumerate(rblocks):
-        worst = 0.0
-        for v, ag in zip(vs[t], ags[t]):
-            gn = check_finite(stores[t].matvec(v), b.name, "Gauss-Newton product")
-            ag = ag[0].reshape(-1)
-            num, den = float((gn - ag).norm()), float(ag.norm())
-            worst = max(worst, 0.0 if num == 0 else (num / den if den > 0 else math.inf))
-        errs.append(worst)
-    return errs
-
-
-def _proof_failed(b, err, k, method, prove):
-    msg = (f"block {b.name!r}: the Gauss-Newton product differs from the exact autograd product by {err:.2e} "
-           f"relative (> {PROOF_RTOL}) on {k} samples spread over the data, so H_i is not its Gauss-Newton "
-           "block here (a smooth operation inside forward?)")
-    if method == "gauss-newton":
-        raise HessianError(msg + "; use method='auto' or 'autograd' (prove=False skips this check)")
-    warnings.warn(msg + "; falling back to autograd", RuntimeWarning, stacklevel=4)
-
-
-def _solve(matvec, n, name, solver, tol, max_iter, seed):
+def _solve(matvec, n, name, solver, tol, max_iter, seed, device):
     gen = torch.Generator().manual_seed(seed)
     fn = lanczos if solver == "lanczos" else power_iteration
     checked = lambda v: check_finite(matvec(v), name, "Hessian-vector product")  # noqa: E731
-    return fn(checked, n, tol=tol, max_iter=max_iter, generator=gen)  # theta, y, iters, conv, hist
+    return fn(checked, n, tol=tol, max_iter=max_iter, generator=gen, device=device)  # theta, y, iters, conv, hist
+
+
+def _unconverged(b, r, tol, dtype, how):
+    """The warning for an eigenpair whose verified residual exceeds tol (reported as not converged)."""
+    msg = f"block {b.name!r}: the eigenpair fails its exact verification (residual {r:.2e} > tol {tol:g} {how})"
+    floor = VERIFY_FLOOR * torch.finfo(dtype).eps
+    if r <= floor:
+        msg += (f", at the rounding level of {dtype} products ({floor:.1e}); a smaller tol cannot be verified "
+                "in this dtype")
+    warnings.warn(msg + "; reported as not converged", RuntimeWarning, stacklevel=3)
 
 
 def _progress(total, progress, desc):
@@ -188,16 +162,21 @@ def top_eigenvalues(model: nn.Module, loss_fn, data, blocks=None, *, method: str
     spread over the data, on which the operator is checked and the Gauss-Newton identity proved in
     float64 (our choice, 8: the identity holds sample by sample, and float64 convolutions are slow on
     CPU); ``prove=False`` skips that proof for a forced ``method="gauss-newton"`` (the verification of
-    the result still runs). ``verify=False`` skips the exact verification of Gauss-Newton eigenpairs
-    (about as costly as their whole route: one double backward per block over all the data); their
-    ``residual`` is then the solver's own and their ``note`` says "unverified". Autograd eigenpairs are
-    always verified (one more product). The start vector of every block is drawn from
+    the result still runs). ``verify``: how each returned eigenpair is verified. ``True`` (default, the
+    same as ``"operator"``): one fresh float64 product of the route that was proved exact, on all the
+    data (for a Gauss-Newton block a small fraction of its solve: one product against the solver's
+    many, from the layer's stored rows); ``"autograd"``: the independent check, one autograd product
+    (a double backward through the network) per block on all the data whatever the route, which for a
+    Gauss-Newton block costs about as much as all the rest of its computation; ``False``: Gauss-Newton
+    eigenpairs keep the solver's own residual and their ``note`` says "unverified". Autograd eigenpairs
+    are always verified by one more autograd product. The start vector of every block is drawn from
     ``torch.Generator().manual_seed(seed)``. See :mod:`hawqlib.hessian.orchestrate` for the order of work.
     """
     _check_args(method, solver, tol, max_iter, check_samples)
+    verify = _check_verify(verify)
     blocks = resolve_blocks(model, blocks)
-    dtype = model_float(model)[1]
-    found: dict[int, tuple] = {}  # i -> (theta, y (flat), iterations, history, route, note)
+    device, dtype = model_float(model)
+    found: dict[int, tuple] = {}  # i -> (theta, y (flat), iterations, history, route, note[, residual])
     with model_state(model):
         spec, data, idx, routes, notes, rec, order, C = _prepare(model, loss_fn, data, blocks, method,
                                                                 chunk_size, check_samples, seed)
@@ -211,61 +190,74 @@ def top_eigenvalues(model: nn.Module, loss_fn, data, blocks=None, *, method: str
                 kinds, groups = plan_groups(sub, srec, sorder, data.n, C, torch.finfo(dtype).bits // 8, max_memory)
                 for grp in groups:
                     gblocks = [sub[j] for j in grp]
-                    stores = gn_capture(model, spec, data, gblocks, {t: kinds[j] for t, j in enumerate(grp)},
-                                        {t: srec[j] for t, j in enumerate(grp)}, C)
-                    check = method == "auto" or prove
-                    errs = (_prove(model, spec, data, gblocks, [stores[t].kind for t in range(len(grp))], idx, seed)
-                            if check else [None] * len(grp))
-                    for t, j in enumerate(grp):
-                        i, store, b = gn[j], stores[t], gblocks[t]
-                        note = f"storage={store.kind}"
-                        if check:
+                    stores, record = gn_capture(model, spec, data, gblocks, {t: kinds[j] for t, j in enumerate(grp)},
+                                                {t: srec[j] for t, j in enumerate(grp)}, C)
+                    for t in sorted(record.broken):  # step 3a: the identity on every sample
+                        i = gn[grp[t]]
+                        identity_failed(gblocks[t], record.broken[t], method)
+                        routes[i], notes[i] = "autograd", f"gauss-newton refused: {record.broken[t]}"
+                        stores[t] = None
+                    live = [t for t in range(len(grp)) if stores[t] is not None]
+                    errs = {}
+                    if live and (method == "auto" or prove):  # step 3b: the proof on spread samples
+                        errs = dict(zip(live, prove_identity(model, spec, data, [gblocks[t] for t in live],
+                                                             [stores[t].kind for t in live], idx, seed)))
+                    for t in live:
+                        i, store, b = gn[grp[t]], stores[t], gblocks[t]
+                        note = f"storage={store.kind}; identity checked on all {data.n} samples"
+                        if t in errs:
                             if not errs[t] <= PROOF_RTOL:
-                                _proof_failed(b, errs[t], len(idx), method, prove)
+                                proof_failed(b, errs[t], len(idx), method)
                                 routes[i], notes[i] = "autograd", f"gauss-newton refused: proof error {errs[t]:.2e}"
                                 stores[t] = None
                                 continue
                             note += f"; proof rel. diff {errs[t]:.1e} on {len(idx)} spread samples"
-                        theta, y, it, _, hist = _solve(lambda v, s=store: s.matvec(v.to(s.mod.weight.dtype)),
-                                                       store.numel, b.name, solver, tol, max_iter, seed)
+                        theta, y, it, _, hist = _solve(lambda v, s=store: s.matvec(v), store.numel, b.name, solver,
+                                                       tol, max_iter, seed, device)
                         found[i] = (theta, y, it, hist, "gauss-newton", note)
+                        if verify == "operator":  # step 4: one fresh float64 product of the exact operator
+                            hv = check_finite(store.matvec(y, dtype=torch.float64), b.name, "Hessian-vector product")
+                            r = ritz_residual(float((hv - theta * y).norm()), theta)
+                            if not r <= tol:
+                                _unconverged(b, r, tol, dtype, "with a float64 Gauss-Newton product on all the data")
+                                note += "; failed verification"
+                            found[i] = (theta, y, it, hist, "gauss-newton", note + "; verified (float64 product)", r)
+                            bar.update(1)
                         stores[t] = None
                     del stores
-                todo = [i for i in gn if i in found]
+                todo = [i for i in gn if i in found and len(found[i]) == 6]
                 if todo and not verify:
                     for i in todo:
                         found[i] = found[i][:5] + (found[i][5] + "; unverified (verify=False)", found[i][3][-1])
                         bar.update(1)
-                elif todo:
+                elif todo:  # verify="autograd": the independent check, one double backward per block
                     vecs = [[[found[i][1].to(dtype).view_as(blocks[i].params[0])]] for i in todo]
                     hvs = block_products(model, spec, data, [blocks[i] for i in todo], vecs)
                     for i, hv in zip(todo, hvs):
                         theta, y = found[i][0], found[i][1]
                         r = ritz_residual(float((hv[0][0].reshape(-1).double() - theta * y).norm()), theta)
                         if r <= tol:
-                            found[i] += (r,)
+                            found[i] = found[i][:5] + (found[i][5] + "; verified (autograd product)", r)
                             bar.update(1)
                             continue
-                        msg = (f"block {blocks[i].name!r}: the Gauss-Newton eigenpair fails its exact verification "
-                               f"(residual {r:.2e} > tol {tol:g} with an autograd product on all the data)")
                         floor = VERIFY_FLOOR * torch.finfo(dtype).eps
-                        if r <= floor:  # at the rounding level of the products: autograd cannot do better
-                            msg += (f", at the rounding level of {dtype} products ({floor:.1e}); a smaller tol "
-                                    "cannot be verified in this dtype")
                         if method == "auto" and r > floor:
-                            warnings.warn(msg + "; recomputing on the autograd route", RuntimeWarning, stacklevel=2)
+                            warnings.warn(f"block {blocks[i].name!r}: the Gauss-Newton eigenpair fails its exact "
+                                          f"verification (residual {r:.2e} > tol {tol:g} with an autograd product on "
+                                          "all the data); recomputing on the autograd route", RuntimeWarning,
+                                          stacklevel=2)
                             routes[i], notes[i] = "autograd", f"gauss-newton failed verification (residual {r:.1e})"
                             del found[i]
                         else:
-                            warnings.warn(msg + "; reported as not converged", RuntimeWarning, stacklevel=2)
-                            found[i] = found[i][:5] + (found[i][5] + f"; failed verification",) + (r,)
+                            _unconverged(blocks[i], r, tol, dtype, "with an autograd product on all the data")
+                            found[i] = found[i][:5] + (found[i][5] + "; failed verification",) + (r,)
                             bar.update(1)
             for i, r in enumerate(routes):
                 if r != "autograd" or i in found:
                     continue
                 b = blocks[i]
                 matvec, unflat = flat_operator(AutogradOperator(model, spec, data, b), b.params)
-                theta, y, it, _, hist = _solve(matvec, b.numel, b.name, solver, tol, max_iter, seed)
+                theta, y, it, _, hist = _solve(matvec, b.numel, b.name, solver, tol, max_iter, seed, device)
                 res = ritz_residual(float((check_finite(matvec(y), b.name, "Hessian-vector product").double()
                                            - theta * y).norm()), theta)
                 if not res <= tol:
@@ -304,6 +296,7 @@ def traces(model: nn.Module, loss_fn, data, blocks=None, *, method: str = "auto"
     if samples < 2:
         raise ValueError(f"samples must be >= 2 (a standard error needs two probes), got {samples}")
     blocks = resolve_blocks(model, blocks)
+    device = model_float(model)[0]
     results: dict[int, BlockTrace] = {}
     with model_state(model):
         spec, data, idx, routes, notes, _, _, _ = _prepare(model, loss_fn, data, blocks, method, chunk_size,
@@ -312,13 +305,13 @@ def traces(model: nn.Module, loss_fn, data, blocks=None, *, method: str = "auto"
         try:
             gn = [i for i, r in enumerate(routes) if r == "gauss-newton"]
             if gn and (method == "auto" or prove):
-                errs = _prove(model, spec, data, [blocks[i] for i in gn], ["jacobian"] * len(gn), idx, seed)
+                errs = prove_identity(model, spec, data, [blocks[i] for i in gn], ["jacobian"] * len(gn), idx, seed)
                 keep = []
                 for t, i in enumerate(gn):
                     if errs[t] <= PROOF_RTOL:
                         keep.append(i)
                         continue
-                    _proof_failed(blocks[i], errs[t], len(idx), method, prove)
+                    proof_failed(blocks[i], errs[t], len(idx), method)
                     routes[i], notes[i] = "autograd", f"gauss-newton refused: proof error {errs[t]:.2e}"
                 gn = keep
             if gn:
@@ -334,8 +327,12 @@ def traces(model: nn.Module, loss_fn, data, blocks=None, *, method: str = "auto"
                         r = jac_rows(b.modules[0], cur_in[t], grads[t])
                         acc[t] += float(r.double().pow(2).sum())
 
-                gn_pass(model, spec, data, sub, on_forward, on_grad)
+                record = gn_pass(model, spec, data, sub, on_forward, on_grad)
                 for t, i in enumerate(gn):
+                    if t in record.broken:  # the identity on every sample: this trace is not H_i's
+                        identity_failed(blocks[i], record.broken[t], method)
+                        routes[i], notes[i] = "autograd", f"gauss-newton refused: {record.broken[t]}"
+                        continue
                     results[i] = BlockTrace(blocks[i].name, blocks[i].numel, acc[t] / data.n, 0.0,
                                             "gauss-newton", 0, True, notes[i])
                     bar.update(1)
@@ -348,7 +345,7 @@ def traces(model: nn.Module, loss_fn, data, blocks=None, *, method: str = "auto"
                 if n <= exact_max:
                     tot = 0.0
                     for j in range(n):
-                        e = torch.zeros(n, dtype=torch.float64)
+                        e = torch.zeros(n, dtype=torch.float64, device=device)
                         e[j] = 1
                         tot += float(check_finite(matvec(e), b.name, "Hessian-vector product")[j])
                     results[i] = BlockTrace(b.name, n, tot, 0.0, "autograd", n, True, notes[i])
@@ -356,7 +353,7 @@ def traces(model: nn.Module, loss_fn, data, blocks=None, *, method: str = "auto"
                     g = torch.Generator().manual_seed(seed)
                     vals = []
                     for _ in range(samples):
-                        z = torch.randint(0, 2, (n,), generator=g, dtype=torch.float64) * 2 - 1
+                        z = (torch.randint(0, 2, (n,), generator=g, dtype=torch.float64) * 2 - 1).to(device)
                         hz = check_finite(matvec(z), b.name, "Hessian-vector product").double()
                         vals.append(float(torch.dot(z, hz)))
                     t = torch.tensor(vals, dtype=torch.float64)

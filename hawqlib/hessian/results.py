@@ -24,8 +24,9 @@ class BlockSpectrum:
     """The top Hessian eigenvalue of one block, with the evidence of its convergence.
 
     ``residual`` is the *verified* residual ||H v - lambda v|| / |lambda|: after the solver stops,
-    one exact autograd product H v with the returned vector on the whole data (whatever route the
-    solver used), so it includes the rounding of that product. ``converged`` means
+    one fresh exact product H v with the returned vector on the whole data (float64 on the
+    Gauss-Newton route proved exact; an autograd product on the autograd route, or on request), so it
+    includes the rounding of that product. ``converged`` means
     ``residual <= tol``. ``history`` holds the solver's own Ritz residual of every iteration
     (Lanczos: from its recurrence; power: explicit) on the route it used (``method``).
     ``vector`` (on request) is the unit eigenvector, one tensor per block parameter.

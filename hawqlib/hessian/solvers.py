@@ -22,19 +22,20 @@ def ritz_residual(norm_r: float, theta: float) -> float:
 
 
 def lanczos(matvec: Callable[[torch.Tensor], torch.Tensor], n: int, *, tol: float = 1e-4,
-            max_iter: int = 100, generator: torch.Generator | None = None, dtype=torch.float64):
+            max_iter: int = 100, generator: torch.Generator | None = None, dtype=torch.float64, device=None):
     """Top (largest-magnitude) eigenpair of a symmetric operator by Lanczos with full reorthogonalization.
 
     ``matvec`` maps a flat float64 vector of length ``n`` to a flat vector. Stops when the Ritz
     residual |beta_k s_k| / |theta| (= ||A y - theta y|| / |theta| in exact arithmetic) is <= tol.
     Returns ``(theta, y, iterations, converged, history)``; ``y`` is the unit Ritz vector.
     The Lanczos basis is kept in float64 (8 * n * max_iter bytes; our choice, for reorthogonalization
-    accurate to well below any tolerance we use).
+    accurate to well below any tolerance we use). ``device``: where the vectors live (the operator's);
+    the start vector is drawn on the CPU from ``generator`` (the same on every device), then moved.
     """
-    q = torch.randn(n, generator=generator, dtype=dtype)
+    q = torch.randn(n, generator=generator, dtype=dtype).to(device)
     q /= q.norm()
     m = min(max_iter, n)
-    Q = torch.empty(m + 1, n, dtype=dtype)
+    Q = torch.empty(m + 1, n, dtype=dtype, device=q.device)
     Q[0] = q
     alphas, betas, history = [], [], []
     theta, s, converged, k = 0.0, torch.ones(1, dtype=dtype), False, 0
@@ -61,19 +62,20 @@ def lanczos(matvec: Callable[[torch.Tensor], torch.Tensor], n: int, *, tol: floa
             break
         betas.append(b)
         Q[k] = w / b
-    y = Q[:k].T @ s.to(dtype)
+    y = Q[:k].T @ s.to(q.device, dtype)
     y /= y.norm()
     return theta, y, k, converged, history
 
 
 def power_iteration(matvec: Callable[[torch.Tensor], torch.Tensor], n: int, *, tol: float = 1e-4,
-                    max_iter: int = 100, generator: torch.Generator | None = None, dtype=torch.float64):
+                    max_iter: int = 100, generator: torch.Generator | None = None, dtype=torch.float64,
+                    device=None):
     """Top (largest-magnitude) eigenpair by the paper's power iteration, stopped on the Ritz residual.
 
     Each iteration: w = A v, lambda = v.w, residual = ||w - lambda v|| / |lambda| (explicit), then
-    v = w / ||w||. Returns ``(lambda, v, iterations, converged, history)``.
+    v = w / ||w||. Returns ``(lambda, v, iterations, converged, history)``. ``device``: as for :func:`lanczos`.
     """
-    v = torch.randn(n, generator=generator, dtype=dtype)
+    v = torch.randn(n, generator=generator, dtype=dtype).to(device)
     v /= v.norm()
     history, lam, converged, k = [], 0.0, False, 0
     for k in range(1, max_iter + 1):
