@@ -6,7 +6,8 @@
    requested profile (:func:`check_executed`), else refuses with a message saying what to run;
 2. writes the API reference: one page per module of the package (:func:`api_pages`), each a single
    ``automodule`` directive, so that a new module is never missing from the reference;
-3. runs ``jupyter-book build`` with execution off and warnings as errors.
+3. runs ``jupyter-book build`` with warnings as errors. The experiment notebooks are not executed again; the
+   method pages (MyST notebooks whose exercise solutions compute) are, in a kernel that imports this checkout.
 
 Nothing here is from the paper; it is the machinery that turns the executed notebooks into the book.
 """
@@ -173,7 +174,10 @@ def build(book_dir: str | os.PathLike | None = None, *, profile: str | None = No
            "build", str(book), "--config", str(book_file(book, "_config.yml")),
            "--toc", str(book_file(book, "_toc.yml")), "--path-output", str(book),
            "--all", "-W", "--keep-going"] + (["-q"] if quiet else [])
-    proc = subprocess.run(cmd, capture_output=quiet, text=True)
+    # The method pages' exercise solutions are executed at build time (MyST notebooks, _config.yml's execute
+    # section) in a kernel running this interpreter: it must import this checkout's hawqlib, whatever is installed.
+    path = os.pathsep.join([str(project_root())] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))
+    proc = subprocess.run(cmd, capture_output=quiet, text=True, env=dict(os.environ, PYTHONPATH=path))
     if proc.returncode != 0:
         detail = ("\n" + (proc.stdout or "")[-4000:] + (proc.stderr or "")[-4000:]) if quiet else ""
         raise BuildError(f"jupyter-book build {book} failed (exit {proc.returncode}); "
