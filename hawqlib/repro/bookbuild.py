@@ -170,6 +170,9 @@ def build(book_dir: str | os.PathLike | None = None, *, profile: str | None = No
     cmd = [sys.executable, "-c", "import sys; from sphinx.util.console import color_terminal, nocolor; "
            "import jupyter_book.utils as u; color_terminal() or (nocolor(), "
            "setattr(u, '_color_message', lambda msg, color: msg)); "
+           # the method pages' kernels (MyST-NB, through nbclient's default manager) over local sockets too
+           "import jupyter_client; from hawqlib.repro.book import _kernel_manager_class; "
+           "jupyter_client.AsyncKernelManager = _kernel_manager_class(); "
            "from jupyter_book.cli.main import main; sys.exit(main())",
            "build", str(book), "--config", str(book_file(book, "_config.yml")),
            "--toc", str(book_file(book, "_toc.yml")), "--path-output", str(book),
