@@ -479,7 +479,7 @@ def _parse(path: Path) -> _Links:
 def built(tmp_path_factory, cifar_root):
     run = smoke_book(tmp_path_factory.mktemp("smoke_book"), cifar_root)
     missing = [n for n in book.NOTEBOOKS if n not in book.available(ROOT / "notebooks")]
-    assert run.returncode == 0, (f"the smoke book failed" + (f" (notebooks missing: {missing})" if missing else "")
+    assert run.returncode == 0, ("the smoke book failed" + (f" (notebooks missing: {missing})" if missing else "")
                                  + f":\n{run.output[-6000:]}")
     return run
 
