@@ -6,7 +6,9 @@ opened and no driver is downloaded: the browser is Debian's ``chromium`` package
 
 :func:`inspect_page` loads one page of the built book, waits for MathJax, and returns what a reader
 would meet: untypeset math, raw reStructuredText or autodoc markup, images that did not load,
-JavaScript errors, requests that left the machine, tables wider than the page.
+JavaScript errors, requests that left the machine, tables and display equations wider than the text column,
+exercise solutions shown before they are asked for (or that do not open), citations that do not link to the
+references page.
 """
 from __future__ import annotations
 
@@ -175,6 +177,27 @@ _REPORT_JS = r"""
     .map(p => p.textContent.split('\n').find(l => l.length > 0).slice(0, 60));
   const unfolded = folded.length;
   folded.forEach(d => { d.open = false; });
+  // Display equations: the typeset formula (mjx-math) wider than its box is clipped or scrolls sideways.
+  const displays = [...article.querySelectorAll('mjx-container[display="true"]')].map(m => {
+    const inner = m.querySelector('mjx-math');
+    return {m, w: Math.max(inner ? inner.getBoundingClientRect().width : 0, m.scrollWidth)};
+  });
+  const mathText = m => (m.querySelector('mjx-assistive-mml') || m).textContent.replace(/\s+/g, ' ').trim().slice(0, 50);
+  const wideMath = displays.filter(d => d.w > Math.min(d.m.clientWidth || article.clientWidth, article.clientWidth) + 2)
+    .map(d => mathText(d.m) + ' ' + Math.round(d.w) + 'px');
+  // Exercises: every solution folded when the page opens, and shown once its title is clicked (the toggle).
+  const solutions = [...article.querySelectorAll('div.solution')];
+  const body = s => s.querySelector(':scope > section') || s.querySelector(':scope > :not(.admonition-title)');
+  const shown = el => { if (!el) return false; const cs = getComputedStyle(el);
+                        return el.getBoundingClientRect().height > 0 && cs.visibility !== 'hidden' && cs.opacity !== '0'; };
+  const openSolutions = solutions.filter(s => shown(body(s))).map(s => s.id);
+  const titles = solutions.map(s => s.querySelector(':scope > .admonition-title')).filter(t => t);
+  titles.forEach(t => t.click());
+  await new Promise(r => setTimeout(r, 500));
+  const unrevealed = solutions.filter(s => !shown(body(s))).map(s => s.id);
+  titles.forEach(t => t.click());
+  // Citations: each links to its entry on the references page.
+  const cites = [...article.querySelectorAll('span.bibtex-citation a')];
   return JSON.stringify({
     title: document.title,
     math: document.querySelectorAll('.math').length,
@@ -192,6 +215,16 @@ _REPORT_JS = r"""
     cut_code: cut,
     wrapped_code: wrapped,
     unfolded: unfolded,
+    display_math: displays.length,
+    widest_math: Math.round(Math.max(0, ...displays.map(d => d.w))),
+    column: Math.round(article.clientWidth),
+    wide_math: wideMath,
+    exercises: article.querySelectorAll('div.exercise').length,
+    solutions: solutions.length,
+    open_solutions: openSolutions,
+    unrevealed_solutions: unrevealed,
+    citations: cites.length,
+    bad_citations: cites.map(a => a.getAttribute('href')).filter(h => !/(^|\/)references\.html#./.test(h || '')),
     height: document.documentElement.scrollHeight,
   });
 })()

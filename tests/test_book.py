@@ -202,6 +202,124 @@ def test_every_pasted_key_is_glued_by_its_notebook():
     assert checked > 0
 
 
+# ----------------------------------------------------------------------------- exercises, citations, front matter
+
+#: The experiment chapters that end with exercises (besides every method chapter).
+EXERCISE_NOTEBOOKS = ("hessian_spectrum", "bit_allocation", "resnet20_cifar10")
+_EXERCISE = re.compile(r"^[`:]{3,}\{exercise\}[^\n]*\n:label: (\S+)", re.M)
+_SOLUTION = re.compile(r"^[`:]{3,}\{solution(?:-start)?\} (\S+)\n((?::[a-z]+:[^\n]*\n)*)", re.M)
+_CITE = re.compile(r"\{cite(?::[a-z]+)?\}`([^`]+)`")
+
+
+def _method_pages() -> list[Path]:
+    return [BOOK / f"{d}.md" for d in bookbuild.toc_documents(BOOK) if d.startswith("method/")]
+
+
+def _notebook_markdown(name: str) -> str:
+    nb = nbformat.read(ROOT / "notebooks" / f"{name}.ipynb", as_version=4)
+    return "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
+
+
+def _exercise_problems(where: str, text: str) -> list[str]:
+    """Each exercise labelled and followed, before the next exercise, by its folded solution."""
+    exercises = [(m.start(), m.group(1)) for m in _EXERCISE.finditer(text)]
+    solutions = [(m.start(), m.group(1), m.group(2)) for m in _SOLUTION.finditer(text)]
+    problems = [] if len(exercises) >= 3 else [f"{where}: {len(exercises)} exercises (at least 3)"]
+    for k, (at, label) in enumerate(exercises):
+        end = exercises[k + 1][0] if k + 1 < len(exercises) else len(text)
+        mine = [opts for pos, target, opts in solutions if target == label and at < pos < end]
+        if not mine:
+            problems.append(f"{where}: exercise {label} has no solution right after it")
+        elif not all(":class: dropdown" in opts for opts in mine):
+            problems.append(f"{where}: the solution of {label} is not folded (:class: dropdown)")
+    return problems
+
+
+def test_every_method_chapter_and_the_key_experiments_end_with_exercises():
+    pages = _method_pages()
+    assert len(pages) >= 6
+    problems = []
+    for page in pages:
+        text = page.read_text()
+        problems += _exercise_problems(str(page.relative_to(ROOT)), text)
+        if "{code-cell}" in text:  # a solution that computes is executed at build time: the page is a notebook
+            head = text.split("\n---\n", 1)[0]
+            if not (text.startswith("---\n") and "file_format: mystnb" in head and "kernelspec:" in head):
+                problems.append(f"{page.relative_to(ROOT)} has code cells but no MyST-NB header (file_format, "
+                                "kernelspec): they would show as code and never run")
+    for name in EXERCISE_NOTEBOOKS:
+        problems += _exercise_problems(f"notebooks/{name}.ipynb", _notebook_markdown(name))
+    assert not problems, "\n".join(problems)
+
+
+def test_the_build_executes_the_method_pages_and_only_them():
+    import yaml
+
+    config = yaml.safe_load((ROOT / "_config.yml").read_text())
+    assert config["execute"]["execute_notebooks"] in ("force", "cache", "auto")
+    assert "executed/*" in config["execute"]["exclude_patterns"]  # papermill's copies are never run again
+    assert "sphinx_exercise" in config["sphinx"]["extra_extensions"]
+    assert config["sphinx"]["config"]["exercise_style"] == "solution_follow_exercise"
+
+
+def _bib_entries() -> dict[str, str]:
+    text = (BOOK / "references.bib").read_text()
+    return {m.group(1): m.group(0) for m in re.finditer(r"@\w+\{([^,\s]+),(?:.|\n)*?\n\}", text)}
+
+
+def _all_prose() -> list[tuple[str, str]]:
+    texts = [(str(p.relative_to(ROOT)), p.read_text()) for p in BOOK.rglob("*.md") if "_build" not in p.parts]
+    texts += [(f"notebooks/{n}.ipynb", _notebook_markdown(n)) for n in book.available(ROOT / "notebooks")]
+    return texts
+
+
+#: Works the book names, with the words that name them: where a page names one it cites it there.
+NAMED_WORKS = {
+    "dong2020hawqv2": r"HAWQ-V2", "yao2021hawqv3": r"HAWQ-V3", "yao2020pyhessian": r"PyHessian",
+    "esser2020lsq": r"\bLSQ\b", "hinton2015distilling": r"\bHinton\b", "lanczos1950": r"\bLanczos\b",
+    "pearlmutter1994": r"Pearlmutter", "hutchinson1990": r"Hutchinson", "gholami2018squeezenext": r"SqueezeNext",
+    "szegedy2016inception": r"Inception", "dosovitskiy2021vit": r"Dosovitskiy",
+}
+
+
+def test_every_citation_resolves_and_every_named_work_is_cited():
+    import yaml
+
+    entries = _bib_entries()
+    assert "1905.03696" in entries["dong2019hawq"]  # the paper, with its arXiv number
+    for key in ("dong2020hawqv2", "yao2021hawqv3", "yao2020pyhessian", "he2016resnet", "krizhevsky2009cifar"):
+        assert key in entries, key
+    cited, problems = set(), []
+    for where, text in _all_prose():
+        keys = {k.strip() for m in _CITE.finditer(text) for k in m.group(1).split(",")}
+        cited |= keys
+        problems += [f"{where}: cites {k!r}, which book/references.bib does not hold" for k in keys - set(entries)]
+        # the experiment chapters name the models in many places; the first page that names a work cites it
+        for key, words in NAMED_WORKS.items():
+            if re.search(words, text) and key not in keys and not where.startswith("book/references"):
+                problems.append(f"{where} names {words!r} without citing {key}")
+    assert not problems, "\n".join(problems)
+    assert not set(entries) - cited, f"entries of references.bib cited nowhere: {sorted(set(entries) - cited)}"
+    assert "references" in bookbuild.toc_documents(BOOK)
+    assert yaml.safe_load((ROOT / "_config.yml").read_text())["bibtex_bibfiles"] == ["references.bib"]
+
+
+def test_license_citation_file_and_readme_front_matter():
+    import yaml
+
+    assert (ROOT / "LICENSE").read_text().startswith("MIT License\n\nCopyright (c) 2026 ")
+    assert 'license = "MIT"' in (ROOT / "pyproject.toml").read_text()
+    cff = yaml.safe_load((ROOT / "CITATION.cff").read_text())
+    assert cff["cff-version"] == "1.2.0" and cff["license"] == "MIT" and cff["title"] and cff["authors"]
+    assert "1905.03696" in cff["preferred-citation"]["url"]
+    readme = (ROOT / "README.md").read_text()
+    top = "\n".join(readme.splitlines()[:8])
+    assert "HAWQ_DATA" in top and "make book" in top and "CIFAR-10" in top, "the README's first lines say where the data is"
+    assert "\n## For instructors\n" in readme and "\n## How to cite\n" in readme
+    extra = (ROOT / "pyproject.toml").read_text()
+    assert '"sphinx-exercise==1.2.1"' in extra and '"sphinxcontrib-bibtex==2.7.0"' in extra
+
+
 # ----------------------------------------------------------------------------- the runner's contract
 
 def _notebook(path: Path, *code: str, parameters: bool = True) -> None:
@@ -361,7 +479,7 @@ def _parse(path: Path) -> _Links:
 def built(tmp_path_factory, cifar_root):
     run = smoke_book(tmp_path_factory.mktemp("smoke_book"), cifar_root)
     missing = [n for n in book.NOTEBOOKS if n not in book.available(ROOT / "notebooks")]
-    assert run.returncode == 0, (f"the smoke book failed" + (f" (notebooks missing: {missing})" if missing else "")
+    assert run.returncode == 0, ("the smoke book failed" + (f" (notebooks missing: {missing})" if missing else "")
                                  + f":\n{run.output[-6000:]}")
     return run
 
@@ -456,3 +574,34 @@ def test_executed_copies_are_from_the_smoke_profile(built):
         nb = nbformat.read(path, as_version=4)
         assert not [c for c in nb.cells if c.cell_type == "code"
                     and any(o.get("output_type") == "error" for o in c.get("outputs", []))]
+
+
+def test_exercises_render_with_their_solutions_folded_after_them(built):
+    pages = [built.html / f"{d}.html" for d in bookbuild.toc_documents(built.book_dir) if d.startswith("method/")]
+    pages += [built.html / "executed" / f"{n}.html" for n in EXERCISE_NOTEBOOKS]
+    for page in pages:
+        html = page.read_text(encoding="utf-8")
+        boxes = re.findall(r'<div class="([^"]*\b(?:exercise|solution)\b[^"]*)"', html)
+        kinds = "".join("S" if "solution" in c.split() else "E" for c in boxes)
+        assert kinds.count("E") >= 3 and re.fullmatch(r"(ES+)+", kinds), f"{page.name}: exercises/solutions {kinds}"
+        assert all("dropdown" in c.split() for c in boxes if "solution" in c.split()), f"{page.name}: an open solution"
+        # a solution that computes shows what it printed when the book was built, never an error
+        assert "Traceback" not in html and "output error" not in html, f"{page.name}: a solution's code failed"
+    computed = [p for p in pages if p.parent.name == "method" and 'class="cell_output' in p.read_text(encoding="utf-8")]
+    assert len(computed) >= 5, f"method pages whose solutions were executed at build time: {[p.name for p in computed]}"
+
+
+def test_citations_link_to_the_references_page(built):
+    refs = _parse(built.html / "references.html").ids
+    assert len(_bib_entries()) <= sum(1 for i in refs if re.fullmatch(r"id\d+", i))  # every entry listed
+    n = 0
+    for page in sorted(built.html.rglob("*.html")):
+        html = page.read_text(encoding="utf-8")
+        for span in re.findall(r'<span class="bibtex-citation"[^>]*>(.*?)</span>', html, re.S):
+            for href in re.findall(r'href="([^"]+)"', span):
+                path, _, anchor = href.partition("#")
+                target = (page.parent / path).resolve() if path else page.resolve()
+                assert target == (built.html / "references.html").resolve(), (page.name, href)
+                assert anchor in refs, f"{page.name}: citation {href} has no entry on the references page"
+                n += 1
+    assert n >= 20, f"only {n} citations in the whole book"

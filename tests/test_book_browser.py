@@ -3,7 +3,8 @@
 The smoke build of test_book.py (shared, see _book_smoke.py) is opened page by page from disk
 (``file://``), at 1280 CSS pixels. Each page must show typeset math and no raw LaTeX, no raw
 autodoc or reStructuredText markup, load every image, raise no JavaScript error, request nothing
-from the network, and fit its tables and code in the page. A screenshot of each chapter goes to
+from the network, and fit its tables, code and display equations in the text column; exercise solutions
+stay folded until their title is clicked, and citations link to the references page. A screenshot of each chapter goes to
 ``book/_build/screenshots/`` for a person to look at.
 
 Chromium is Debian's ``chromium`` package (``.ci/run`` installs it). Without it the test skips,
@@ -111,3 +112,35 @@ def test_a_screenshot_of_every_chapter(pages):
     for doc in chapters:
         shot = SHOTS / f"{doc.replace('/', '__')}.png"
         assert shot.is_file() and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", shot
+
+
+def test_equations_fit_the_text_column(pages):
+    """Every display equation, as MathJax typesets it, fits the text column at 1280 px (a wider one is clipped
+    or scrolls sideways: split it into aligned lines)."""
+    assert not _bad(pages, "wide_math"), f"display equations wider than the column: {_bad(pages, 'wide_math')}"
+    # The measurement found the equations: a change of MathJax's markup would leave them unmeasured.
+    assert sum(r["display_math"] for r in pages.values()) > 20
+    widest = max(pages.values(), key=lambda r: r["widest_math"])
+    print(f"\nwidest display equation: {widest['widest_math']} px in a {widest['column']} px column "
+          f"({widest['title']})")
+
+
+#: The pages that end with exercises: every method chapter, and the experiment chapters taught from.
+EXERCISE_PAGES = ("executed/hessian_spectrum", "executed/bit_allocation", "executed/resnet20_cifar10")
+
+
+def test_exercises_fold_their_solutions_until_asked(pages):
+    with_exercises = [d for d in pages if d.startswith("method/")] + list(EXERCISE_PAGES)
+    few = {d: pages[d]["exercises"] for d in with_exercises if pages[d]["exercises"] < 3}
+    assert not few, f"chapters with fewer than 3 exercises: {few}"
+    unsolved = {d: (r["exercises"], r["solutions"]) for d, r in pages.items() if r["solutions"] < r["exercises"]}
+    assert not unsolved, f"exercises without a solution (exercises, solutions): {unsolved}"
+    assert not _bad(pages, "open_solutions"), f"solutions shown before they are asked for: {_bad(pages, 'open_solutions')}"
+    assert not _bad(pages, "unrevealed_solutions"), \
+        f"solutions that do not open when their title is clicked: {_bad(pages, 'unrevealed_solutions')}"
+
+
+def test_citations_link_to_the_references_page(pages):
+    assert pages["references"]["citations"] > 0 and pages["intro"]["citations"] > 0
+    assert sum(r["citations"] for d, r in pages.items() if d.startswith("method/")) >= 6
+    assert not _bad(pages, "bad_citations"), f"citations not linking to the references: {_bad(pages, 'bad_citations')}"

@@ -13,7 +13,8 @@
    any older executed copy, so a stale result is never built into the book.
 2. Each notebook's wall time goes to ``book/executed/timings.json`` (with the machine it ran on);
    the book's "Reproduce it" page shows them.
-3. ``jupyter-book build`` renders the book with execution off and warnings as errors. Every
+3. ``jupyter-book build`` renders the book with warnings as errors, without executing these notebooks again
+   (only the method pages' exercise solutions run at build time). Every
    executed notebook the table of contents lists must exist and come from the requested
    profile, else the build is refused with a message saying what to run (:mod:`hawqlib.repro.bookbuild`,
    which also writes the API pages).

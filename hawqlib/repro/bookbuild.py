@@ -6,7 +6,8 @@
    requested profile (:func:`check_executed`), else refuses with a message saying what to run;
 2. writes the API reference: one page per module of the package (:func:`api_pages`), each a single
    ``automodule`` directive, so that a new module is never missing from the reference;
-3. runs ``jupyter-book build`` with execution off and warnings as errors.
+3. runs ``jupyter-book build`` with warnings as errors. The experiment notebooks are not executed again; the
+   method pages (MyST notebooks whose exercise solutions compute) are, in a kernel that imports this checkout.
 
 Nothing here is from the paper; it is the machinery that turns the executed notebooks into the book.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from .paths import project_root
@@ -169,11 +171,22 @@ def build(book_dir: str | os.PathLike | None = None, *, profile: str | None = No
     cmd = [sys.executable, "-c", "import sys; from sphinx.util.console import color_terminal, nocolor; "
            "import jupyter_book.utils as u; color_terminal() or (nocolor(), "
            "setattr(u, '_color_message', lambda msg, color: msg)); "
+           # the method pages' kernels (MyST-NB, through nbclient's default manager) over local sockets too, their
+           # socket files under an absolute path (a relative one resolves in the kernel's folder, not ours)
+           "import os, jupyter_client; from hawqlib.repro.book import _kernel_manager_class; "
+           "K = _kernel_manager_class(); jupyter_client.AsyncKernelManager = type('K', (K,), {'__init__': "
+           "lambda self, **kw: K.__init__(self, **{'ip': os.path.join(os.environ['HAWQ_KERNEL_DIR'], 'kernel'), "
+           "**kw})}); "
            "from jupyter_book.cli.main import main; sys.exit(main())",
            "build", str(book), "--config", str(book_file(book, "_config.yml")),
            "--toc", str(book_file(book, "_toc.yml")), "--path-output", str(book),
            "--all", "-W", "--keep-going"] + (["-q"] if quiet else [])
-    proc = subprocess.run(cmd, capture_output=quiet, text=True)
+    # The method pages' exercise solutions are executed at build time (MyST notebooks, _config.yml's execute
+    # section) in a kernel running this interpreter: it must import this checkout's hawqlib, whatever is installed.
+    path = os.pathsep.join([str(project_root())] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))
+    with tempfile.TemporaryDirectory(prefix="hawqlib-kernels-") as kernels:
+        proc = subprocess.run(cmd, capture_output=quiet, text=True,
+                              env=dict(os.environ, PYTHONPATH=path, HAWQ_KERNEL_DIR=kernels))
     if proc.returncode != 0:
         detail = ("\n" + (proc.stdout or "")[-4000:] + (proc.stderr or "")[-4000:]) if quiet else ""
         raise BuildError(f"jupyter-book build {book} failed (exit {proc.returncode}); "
