@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import result_cases as rc
 
-from hawqlib.repro import artifacts, cached_quantize, pipeline
+from hawqlib import quant
+from hawqlib.repro import artifacts, cached_quantize, damage, pipeline
 from hawqlib.repro.baseline import TRAIN_CODE_VERSION
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,6 +55,8 @@ def _code_of(kind: str):
         return pipeline._finetune_code()
     if kind == cached_quantize.KIND:
         return cached_quantize.code_versions()
+    if kind in ("damage", "calibrated"):
+        return {"step": damage.DAMAGE_STEP_VERSION, "quant": quant.CODE_VERSION}
     raise AssertionError(f"no code version known for artifacts of kind {kind!r}: add it here")
 
 

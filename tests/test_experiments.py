@@ -222,7 +222,9 @@ def test_the_library_order_reproduces_each_published_row(folder):
     from hawqlib.train import load_weights
 
     m = json.loads((ART / folder / "manifest.json").read_text())["params"]
-    net = load_weights(resnet20(), ART / m["base"] / "model.pt").eval()
+    from hawqlib.repro import artifacts
+    artifacts.verify(ART / m["base"])  # the manifest vouches for model.pt, which predates checkpoint digests
+    net = load_weights(resnet20(), ART / m["base"] / "model.pt", require_digest=False).eval()
     spectra = hessian.load_spectra(ART / "spectrum-4ce2eddb926e" / "spectrum.json")
     bc = quant.BitConfig.from_dict(m["bit_config"])
     kind = PUBLISHED_ORDERS[folder]
