@@ -9,7 +9,7 @@ written as PNG files under a temporary folder, read back by torchvision's ``Imag
     python benchmarks/gpu_smoke.py [--size full|tiny] [--device cuda|cpu]
 
 ``full``: 224 px, 8 classes x 16 images, batch 16, the Hessian on 16 images; ``tiny`` (for a CPU): 32 px,
-4 classes x 4 images, batch 8, 8 images, 3 eigensolver iterations. Prints each step's seconds and exits 1 when
+4 classes x 4 images, batch 8, 8 images, 3 eigensolver iterations, a one-sample check of the Hessian route. Prints each step's seconds and exits 1 when
 a check fails.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 SIZES = {"full": dict(px=224, classes=8, per_class=16, batch=16, hessian_iter=20),
-         "tiny": dict(px=32, classes=4, per_class=4, batch=8, hessian_iter=3)}
+         "tiny": dict(px=32, classes=4, per_class=4, batch=8, hessian_iter=3, check_samples=1)}
 
 
 def make_folder(root: Path, px: int, classes: int, per_class: int) -> None:
@@ -73,7 +73,8 @@ def main() -> int:
         qmodel, rep = hawqlib.quantize(
             model, loader, target_compression=8, device=dev, val_data=loader, progress=False,
             hessian_data=max(1, 16 // cfg["batch"]) if args.size == "full" else 1,
-            hessian={"max_iter": cfg["hessian_iter"]},
+            hessian={"max_iter": cfg["hessian_iter"], **({"check_samples": cfg["check_samples"]}
+                                                         if "check_samples" in cfg else {})},
             finetune={"stages": 1, "epochs_per_stage": 1, "lr": 0.001, "calibration_batches": 2},
             packed_path=root / "model.hawq")
         print(f"  quantize: {time.perf_counter() - t:.1f} s; " + ", ".join(f"{k} {v:.1f} s"
