@@ -42,11 +42,12 @@ from typing import Any
 from torch import nn
 
 from .bitconfig import BitConfig, check_bits
-from .sensitivity import lambda_of, match_blocks, quant_errors
+from .blocks import quant_blocks
+from .sensitivity import block_errors, lambda_of, match_blocks
 from .size import fp32_size_bytes, model_size_bytes, size_table
 
-__all__ = ["POLICIES", "MEASURES", "DEFAULT_CHOICES", "MB", "allocate_bits", "pareto_front", "ParetoPoint",
-           "block_order"]
+__all__ = ["POLICIES", "MEASURES", "DEFAULT_CHOICES", "MB", "allocate_bits", "check_budget", "pareto_front",
+           "ParetoPoint", "block_order"]
 
 POLICIES = ("hawq", "reverse", "random", "uniform")
 #: What a budget measures: the whole model (hawqlib.size.model_size_bytes, compression_ratio) or the
@@ -138,7 +139,16 @@ def _check_measure(measure) -> str:
     return measure
 
 
-def _problem(model, spectra, choices, granularity, act_bits, measure="model") -> tuple[_Problem, list]:
+def _sizes(model, blocks, choices, granularity, act_bits, measure):
+    """``(size_bits, base_bits, fp32_bytes)`` of the blocks at each choice, in ``measure``."""
+    if measure == "model":
+        return _block_sizes(model, blocks, choices, granularity, act_bits)
+    # the weights' bits alone: n_i * b per block, FP32 = 32 bits per weight (hawqlib.size.weight_compression)
+    numel = [b.numel for b in blocks]
+    return [[n * c for c in choices] for n in numel], 0, 4.0 * sum(numel)
+
+
+def _problem(model, spectra, choices, granularity, act_bits, measure="model", errors=None) -> tuple[_Problem, list]:
     choices = _check_choices(choices)
     _check_measure(measure)
     blocks, specs = match_blocks(model, spectra, granularity)
@@ -149,11 +159,8 @@ def _problem(model, spectra, choices, granularity, act_bits, measure="model") ->
                       "(the quadratic model predicts no damage there)", RuntimeWarning, stacklevel=3)
     numel = [b.numel for b in blocks]
     S = [l / n for l, n in zip(lam, numel)]
-    err = [quant_errors(b, choices) for b in blocks]
-    if measure == "model":
-        sizes, base, fp32 = _block_sizes(model, blocks, choices, granularity, act_bits)
-    else:  # the weights' bits alone: n_i * b per block, FP32 = 32 bits per weight (hawqlib.size.weight_compression)
-        sizes, base, fp32 = [[n * c for c in choices] for n in numel], 0, 4.0 * sum(numel)
+    err = block_errors(blocks, choices, errors)
+    sizes, base, fp32 = _sizes(model, blocks, choices, granularity, act_bits, measure)
     return _Problem([b.name for b in blocks], numel, lam, S, choices, err, sizes, base, fp32,
                     granularity, act_bits), blocks
 
@@ -250,7 +257,8 @@ def _to_config(problem: _Problem, levels):
 
 def allocate_bits(model: nn.Module, spectra, *, target_size_mb: float | None = None,
                   target_compression: float | None = None, choices=DEFAULT_CHOICES, policy: str = "hawq",
-                  act_bits: int | None = None, granularity="layer", seed: int = 0, measure: str = "weights"):
+                  act_bits: int | None = None, granularity="layer", seed: int = 0, measure: str = "weights",
+                  errors=None):
     """The exact best monotone bit allocation under a size budget (see the module docstring); a ``BitConfig``.
 
     Give exactly one budget: ``target_size_mb`` (model size in MB of :data:`MB` bytes, by
@@ -267,6 +275,8 @@ def allocate_bits(model: nn.Module, spectra, *, target_size_mb: float | None = N
     counts as zero in that sum (with a warning). ``granularity`` selects the blocks
     (:func:`hawqlib.blocks.quant_blocks`) and must be the one the spectra were computed at; ``act_bits``
     is stored in the config. Raises ValueError when no allocation fits, stating the smallest size reachable.
+    ``errors``: the blocks' quantization errors (:func:`hawqlib.sensitivity.error_table`) where the caller
+    has them already (computed here otherwise).
     """
     _check_policy(policy)
     choices = _check_choices(choices)
@@ -278,7 +288,7 @@ def allocate_bits(model: nn.Module, spectra, *, target_size_mb: float | None = N
     if no_budget and not (policy == "uniform" and len(choices) == 1):
         raise ValueError("give exactly one of target_size_mb and target_compression (only policy='uniform' "
                          "with a single bit width in choices needs no budget)")
-    problem, _ = _problem(model, spectra, choices, granularity, act_bits, measure)
+    problem, _ = _problem(model, spectra, choices, granularity, act_bits, measure, errors)
     front = _solve(problem, policy, seed)
     if no_budget:
         size, cost, levels = front[0]
@@ -286,12 +296,7 @@ def allocate_bits(model: nn.Module, spectra, *, target_size_mb: float | None = N
     budget = _budget_bits(problem, target_size_mb, target_compression)
     feasible = [p for p in front if p[0] <= budget]
     if not feasible:
-        smallest = front[0][0]
-        raise ValueError(
-            f"no {policy} allocation with bits {problem.choices} fits the budget of "
-            f"{budget / 8 / MB:.6f} MB (compression {problem.fp32_bytes * 8 / budget:.2f}x): the smallest "
-            f"achievable size is {smallest / 8 / MB:.6f} MB (compression {problem.fp32_bytes * 8 / smallest:.2f}x, "
-            f"every block at {problem.choices[0]} bits)")
+        _infeasible(policy, problem.choices, budget, front[0][0], problem.fp32_bytes)
     if policy == "uniform":  # the largest single bit width that fits
         size, cost, levels = max(feasible, key=lambda p: p[2][0])
     else:
@@ -300,6 +305,33 @@ def allocate_bits(model: nn.Module, spectra, *, target_size_mb: float | None = N
     if measure == "model":
         _check_additive(model, cfg, size)
     return cfg
+
+
+def _infeasible(policy, choices, budget, smallest, fp32_bytes):
+    raise ValueError(
+        f"no {policy} allocation with bits {choices} fits the budget of "
+        f"{budget / 8 / MB:.6f} MB (compression {fp32_bytes * 8 / budget:.2f}x): the smallest "
+        f"achievable size is {smallest / 8 / MB:.6f} MB (compression {fp32_bytes * 8 / smallest:.2f}x, "
+        f"every block at {choices[0]} bits)")
+
+
+def check_budget(model: nn.Module, *, target_size_mb: float | None = None, target_compression: float | None = None,
+                 choices=DEFAULT_CHOICES, act_bits: int | None = None, granularity="layer",
+                 measure: str = "weights") -> None:
+    """Raise the ValueError :func:`allocate_bits` would raise when no allocation fits the budget, from the sizes
+    alone (feasibility does not depend on the eigenvalues: the smallest model, every block at the fewest bits,
+    is monotone in every order), without quantizing any weight; for a check before the Hessian."""
+    choices = _check_choices(choices)
+    _check_measure(measure)
+    if (target_size_mb is None) == (target_compression is None):
+        raise ValueError("give exactly one of target_size_mb and target_compression")
+    blocks = quant_blocks(model, granularity)
+    sizes, base, fp32 = _sizes(model, blocks, choices, granularity, act_bits, measure)
+    problem = _Problem([], [], [], [], choices, [], [], base, fp32, granularity, act_bits)
+    budget = _budget_bits(problem, target_size_mb, target_compression)
+    smallest = base + sum(min(row) for row in sizes)
+    if smallest > budget:
+        _infeasible("hawq", choices, budget, smallest, fp32)
 
 
 def _check_additive(model, cfg, predicted_bits: int) -> None:

@@ -16,7 +16,7 @@ restated by the paper. Our choices, with their reasons:
   :func:`hawqlib.quant.swap.quantize_model` gives a :class:`~hawqlib.quant.modules.QuantAct`: the activation grid is
   shared by all blocks, and turning it on last would leave one stage to absorb it alone. Before stage 1
   the activation ranges are calibrated on ``calibration_batches`` training batches (of epoch 0, in eval
-  mode, :func:`hawqlib.quant.swap.calibrate_activations`), so that the accuracy right after each quantization
+  mode, :func:`hawqlib.quant.swap.calibrate_activations`; by default over all of them at once, our choice), so that the accuracy right after each quantization
   step can be measured before any fine-tuning.
 - **Optimizer and schedule.** Each stage is one run of :func:`hawqlib.train.train` (SGD with momentum,
   cosine decay of the learning rate from ``lr`` to 0 within the stage, a fresh optimizer per stage): each
@@ -69,7 +69,7 @@ from .bitconfig import BitConfig
 from .blocks import quant_blocks
 from .progress import bar as progress_bar, write as progress_write
 from .distill import DistillationLoss, check_distill
-from .quant import QuantAct, calibrate_activations, quantize_model, set_quant_enabled
+from .quant import CALIBRATIONS, QuantAct, calibrate_activations, quantize_model, set_quant_enabled
 from .files import atomic_write_json
 from .train import CheckpointError, TrainConfig, _save_checkpoint, content_digest, evaluate, load_checkpoint, train
 
@@ -154,7 +154,8 @@ def staged_finetune(model: nn.Module, bit_config: BitConfig, order, train_data, 
                     nesterov: bool = True, act_bits: int | None = None, final_epochs: int = 0,
                     calibration_batches: int = 4, callback=None, weight_rule: str = "mse",
                     act_rule: str = "mse", act_step: str = "fitted",
-                    distill: dict | None = None, share_from: dict | None = None) -> tuple[nn.Module, dict]:
+                    distill: dict | None = None, share_from: dict | None = None,
+                    calibration: str = "union") -> tuple[nn.Module, dict]:
     """Quantize ``model`` to ``bit_config`` block group by block group in ``order``, fine-tuning after each.
 
     ``order``: the block names (or :class:`hawqlib.order.OmegaEntry` records), first to be quantized
@@ -167,7 +168,10 @@ def staged_finetune(model: nn.Module, bit_config: BitConfig, order, train_data, 
     :meth:`hawqlib.quant.QuantAct.set_learn_step`). ``distill``: ``{"alpha": a, "temperature": T}`` trains the
     final stage (``final_epochs`` > 0) with :class:`hawqlib.distill.DistillationLoss` from ``model`` (the FP32
     network) as teacher. Both are extensions to the paper's recipe, off by default; when on, the plan records
-    them. ``checkpoint_dir=None`` keeps nothing on disk (no resume).
+    them. ``calibration``: how the activation ranges are calibrated before stage 1
+    (:func:`hawqlib.quant.swap.calibrate_activations`: ``"union"``, over all ``calibration_batches`` at once, the
+    default; ``"moving_average"``, the rule of the book's stored runs, which their plans do not record).
+    ``checkpoint_dir=None`` keeps nothing on disk (no resume).
     ``share_from``: ``{label: checkpoint_dir of another run}``; a stage that quantizes a group and that this run
     has not finished is taken from the first of them that finished it under a training config differing from
     this one only in :data:`FINAL_STAGE_SETTINGS` (module docstring, "Shared stages"); needs ``checkpoint_dir``
@@ -206,6 +210,8 @@ def staged_finetune(model: nn.Module, bit_config: BitConfig, order, train_data, 
         check_distill(distill["alpha"], distill["temperature"])
         if not final_epochs:
             raise ValueError("distill trains the final stage: it needs final_epochs > 0")
+    if calibration not in CALIBRATIONS:
+        raise ValueError(f"unknown calibration {calibration!r}; valid: {', '.join(CALIBRATIONS)}")
     if act_step == "learned" and not calibration_batches:
         raise ValueError("act_step='learned' starts from the calibrated step: it needs calibration_batches > 0")
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
@@ -234,6 +240,8 @@ def staged_finetune(model: nn.Module, bit_config: BitConfig, order, train_data, 
     # Recorded only when on, so that the plans (and checkpoints) of runs without them are as before.
     if act_step != "fitted":
         plan["act_step"] = act_step
+    if calibration != "moving_average":  # the stored runs' rule, which their plans do not name
+        plan["calibration"] = calibration
     if distill is not None:
         plan["distill"] = {"alpha": float(distill["alpha"]), "temperature": float(distill["temperature"])}
     runs = [(k + 1, g, epochs_per_stage) for k, g in enumerate(groups)]
@@ -294,7 +302,7 @@ def staged_finetune(model: nn.Module, bit_config: BitConfig, order, train_data, 
                 if distributed:  # the global batches on every rank, on its device
                     dev = hdist.device()
                     batches = ((x.to(dev), y) for x, y in train_data)
-                calibrate_activations(qmodel, batches, num_batches=calibration_batches)
+                calibrate_activations(qmodel, batches, num_batches=calibration_batches, calibration=calibration)
                 hdist.broadcast_buffers(qmodel)
             if stage in cached:
                 before = cached[stage]["before"]

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .sensitivity import check_config_blocks, lambda_of, match_blocks, quant_errors
+from .sensitivity import block_errors, check_config_blocks, lambda_of, match_blocks
 
 __all__ = ["ORDERS", "OmegaEntry", "finetune_order"]
 
@@ -39,14 +39,15 @@ class OmegaEntry:
 
 
 def finetune_order(model: nn.Module, spectra, bit_config, *, policy: str = "omega",
-                   seed: int = 0) -> list[OmegaEntry]:
+                   seed: int = 0, errors=None) -> list[OmegaEntry]:
     """Blocks by ``Omega_i = lambda_i ||Q(W_i) - W_i||_2^2`` at their bits, largest first (paper section 3.2).
 
     Ties (e.g. several blocks left at 8 bits with tiny errors that coincide) keep module order.
     Negative eigenvalues are used as they are here (the order is the paper's rule, unclamped).
     For the ablation, ``policy="reverse"`` returns the exact reverse (smallest Omega first) and
     ``policy="random"`` a ``random.Random(seed)`` shuffle of the Omega order; each record still carries
-    its Omega.
+    its Omega. ``errors``: the blocks' quantization errors (:func:`hawqlib.sensitivity.error_table`) where the
+    caller has them already.
     """
     if policy not in ORDERS:
         raise ValueError(f"unknown fine-tuning order {policy!r}; valid: {', '.join(ORDERS)}")
@@ -56,7 +57,7 @@ def finetune_order(model: nn.Module, spectra, bit_config, *, policy: str = "omeg
     for b, s in zip(blocks, specs):
         bits = bit_config.weights[b.name]
         lam = lambda_of(s)
-        entries.append(OmegaEntry(b.name, lam * quant_errors(b, (bits,))[0], bits, lam))
+        entries.append(OmegaEntry(b.name, lam * block_errors([b], (bits,), errors)[0][0], bits, lam))
     order = sorted(range(len(entries)), key=lambda i: (-entries[i].omega, i))
     if policy == "reverse":
         order.reverse()

@@ -29,7 +29,7 @@ from .blocks import quant_blocks
 from .quant import quantize_tensor
 from .size import size_table
 
-__all__ = ["sensitivities", "quant_errors", "allocation_table", "lambda_of", "match_blocks", "check_config_blocks"]
+__all__ = ["sensitivities", "quant_errors", "error_table", "block_errors", "allocation_table", "lambda_of", "match_blocks", "check_config_blocks"]
 
 
 def lambda_of(spec: Any) -> float:
@@ -121,13 +121,33 @@ def quant_errors(block, choices) -> list[float]:
     return out
 
 
-def allocation_table(model: nn.Module, spectra, bit_config) -> list[dict]:
+def error_table(blocks, choices) -> dict[str, dict[int, float]]:
+    """``{block name: {b: ||Q_b(W_i) - W_i||^2}}`` for every block and every ``b`` in ``choices``: computed once
+    and handed to :func:`hawqlib.allocate.allocate_bits`, :func:`hawqlib.order.finetune_order` and
+    :func:`allocation_table` (``errors=``), so that one call quantizes each block at each width once."""
+    return {b.name: dict(zip(choices, quant_errors(b, choices))) for b in blocks}
+
+
+def block_errors(blocks, choices, errors=None) -> list[list[float]]:
+    """``out[i][j] = ||Q_{choices[j]}(W_i) - W_i||^2``, read from ``errors`` (:func:`error_table`) where it has the
+    entry, computed (:func:`quant_errors`) where it does not."""
+    out = []
+    for b in blocks:
+        have = (errors or {}).get(b.name, {})
+        missing = [c for c in choices if c not in have]
+        got = dict(zip(missing, quant_errors(b, missing))) if missing else {}
+        out.append([have[c] if c in have else got[c] for c in choices])
+    return out
+
+
+def allocation_table(model: nn.Module, spectra, bit_config, *, errors=None) -> list[dict]:
     """One row per block, in module order, for a given ``bit_config``.
 
     Row keys: ``name``, ``numel`` (n_i), ``lambda`` (lambda_i), ``S`` (lambda_i/n_i), ``bits``,
     ``quant_error`` (||Q(W_i)-W_i||^2), ``omega`` (lambda_i ||Q(W_i)-W_i||^2, the predicted
     perturbation; a negative lambda counts as 0, as in :func:`hawqlib.allocate.allocate_bits`), ``size_bytes`` (the
-    block's packed weights and scales, by :func:`hawqlib.size.size_table`).
+    block's packed weights and scales, by :func:`hawqlib.size.size_table`). ``errors``: the errors of
+    :func:`error_table`, where the caller has them already.
     """
     blocks, specs = match_blocks(model, spectra, bit_config.granularity)
     check_config_blocks(blocks, bit_config)
@@ -136,7 +156,7 @@ def allocation_table(model: nn.Module, spectra, bit_config) -> list[dict]:
     for b, s in zip(blocks, specs):
         bits = bit_config.weights[b.name]
         lam = lambda_of(s)
-        err = quant_errors(b, (bits,))[0]
+        err = block_errors([b], (bits,), errors)[0][0]
         rows.append({"name": b.name, "numel": b.numel, "lambda": lam, "S": lam / b.numel, "bits": bits,
                      "quant_error": err, "omega": max(lam, 0.0) * err, "size_bytes": sizes[b.name]})
     return rows

@@ -18,15 +18,23 @@ paper's "weight size reduction"); the default Hessian data is the first :data:`H
 default fine-tuning schedule is the optimizer recipe of the project's ``cpu`` profile
 (:mod:`hawqlib.repro.profiles`) at :data:`DEFAULT_STAGES` stages. The user's model is never modified.
 
-Devices: the work runs on ``device`` and each batch is moved there, except two steps whose modules keep
-tensors on the CPU today: the Hessian is computed on a CPU copy of the model (the eigensolvers hold their
-vectors on the CPU), and fine-tuning, whose training loop accumulates its loss on the CPU, runs on the CPU
-only (a CUDA device with ``finetune=False`` is allowed).
+Devices: every step runs on ``device`` (default: where the model lives) and each batch is moved there: the
+Hessian, the quantization errors of the allocation and the order, calibration and fine-tuning. One copy is
+made elsewhere: the packed file is written from a CPU copy of the quantized model until :mod:`hawqlib.export`
+writes tensors of any device.
+
+Scale: each block's quantization error at each width is computed once per call
+(:func:`hawqlib.sensitivity.error_table`) and shared by the allocation, the order and the table; the budget is
+checked before the Hessian from the sizes alone (:func:`hawqlib.allocate.check_budget`).
+
+Randomness: the call seeds its own copy of torch's random state (``torch.random.fork_rng``, CUDA included
+when the work runs there), so the caller's global generators are as they were before the call.
 """
 from __future__ import annotations
 
 import copy
 import itertools
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -37,15 +45,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import size as hsize
-from .allocate import DEFAULT_CHOICES, MEASURES, allocate_bits
+from .allocate import DEFAULT_CHOICES, MEASURES, _check_choices, allocate_bits, check_budget
 from .bitconfig import BitConfig
 from .blocks import quant_blocks
 from .export import save_packed
 from .finetune import stage_groups, staged_finetune
 from .hessian import top_eigenvalues
 from .order import finetune_order
-from .quant import QUANT_MODULES, calibrate_activations, quantize_model
-from .sensitivity import allocation_table
+from .quant import CALIBRATIONS, QUANT_MODULES, calibrate_activations, quantize_model
+from .sensitivity import allocation_table, error_table
 from .train import evaluate
 
 __all__ = ["quantize", "FinetuneSchedule", "QuantizeReport", "HESSIAN_BATCHES", "DEFAULT_STAGES"]
@@ -127,6 +135,8 @@ class QuantizeReport:
     fp32_val_top1: float | None = None
     packed_path: str | None = None
     packed_bytes: int | None = None
+    #: Seconds per step of the call (hessian, errors, allocation, order, finetune or calibration, evaluation, ...).
+    timings: dict | None = None
 
     def to_dict(self) -> dict:
         """A JSON-ready dict (spectra without eigenvectors)."""
@@ -135,6 +145,7 @@ class QuantizeReport:
         out["spectra"] = [{k: getattr(s, k) for k in ("name", "numel", "eigenvalue", "method", "converged",
                                                        "iterations", "residual", "note")} for s in self.spectra]
         out["order"] = [asdict(e) for e in self.order]
+        out.pop("timings")  # wall-clock figures: not a result (stored reports stay as they were)
         return out
 
     def summary(self) -> str:
@@ -210,14 +221,6 @@ def _check_data(data, what: str, need_len: bool) -> None:
         raise TypeError(f"{what} must have len() (the number of batches per epoch), as a DataLoader or a list has")
 
 
-def _check_device(device, model: nn.Module, schedule) -> torch.device:
-    dev = _device(device, model)
-    if dev.type != "cpu" and schedule is not None:
-        raise ValueError(f"fine-tuning runs on the CPU only for now (hawqlib.train.train accumulates its loss on the "
-                         f"CPU), and the work would run on {dev}; pass device='cpu', or finetune=False on {dev}")
-    return dev
-
-
 def _device(device, model: nn.Module) -> torch.device:
     if device is None:
         p = next(model.parameters(), None)
@@ -261,22 +264,20 @@ def _check_loss(loss_fn, schedule) -> nn.Module:
 
 
 def _check_budget(model, choices, act_bits, granularity, measure, target_compression, target_size_mb) -> None:
-    """Raise before the Hessian if the budget cannot be met: an allocation with unit eigenvalues has the same
-    feasibility (feasibility depends on the sizes alone), and :func:`allocate_bits` states the reachable one."""
+    """Raise before the Hessian if the budget cannot be met (from the sizes alone: no weight is quantized)."""
     if measure not in MEASURES:
         raise ValueError(f"unknown measure {measure!r}; valid: {', '.join(MEASURES)} (the weights' bits alone, "
                          "the paper's 'weight size reduction', or the whole model as hawqlib.size counts it)")
     if (target_compression is None) == (target_size_mb is None):
         raise ValueError("give exactly one budget: target_compression (e.g. 8, FP32 size / quantized size) or "
                          "target_size_mb")
-    unit = [_Spectrum(b.name, b.numel, 1.0) for b in quant_blocks(model, granularity)]
-    allocate_bits(model, unit, target_compression=target_compression, target_size_mb=target_size_mb,
-                  choices=choices, act_bits=act_bits, granularity=granularity, measure=measure)
+    check_budget(model, target_compression=target_compression, target_size_mb=target_size_mb, choices=choices,
+                 act_bits=act_bits, granularity=granularity, measure=measure)
 
 
-def _hessian_batches(hessian_data, train_data) -> list:
-    """The Hessian's batches, on the CPU (see the module docstring), read once."""
-    train = _OnDevice(train_data, torch.device("cpu"))
+def _hessian_batches(hessian_data, train_data, device: torch.device) -> list:
+    """The Hessian's batches, on ``device``, read once."""
+    train = _OnDevice(train_data, device)
     if hessian_data is None or (isinstance(hessian_data, int) and not isinstance(hessian_data, bool)):
         k = HESSIAN_BATCHES if hessian_data is None else hessian_data
         if k < 1:
@@ -285,7 +286,7 @@ def _hessian_batches(hessian_data, train_data) -> list:
         return list(itertools.islice(iter(train), k))
     if (isinstance(hessian_data, (tuple, list)) and len(hessian_data) == 2 and torch.is_tensor(hessian_data[0])
             and torch.is_tensor(hessian_data[1])):
-        return [(hessian_data[0].cpu(), hessian_data[1].cpu())]
+        return [(hessian_data[0].to(device), hessian_data[1].to(device))]
     if torch.is_tensor(hessian_data) or not isinstance(hessian_data, Iterable):
         raise TypeError("hessian_data must be None, a number of batches of train_data, an (inputs, targets) "
                         f"batch or an iterable of batches, got {type(hessian_data).__name__}")
@@ -298,7 +299,7 @@ def quantize(model: nn.Module, train_data, *, target_compression: float | None =
              target_size_mb: float | None = None, measure: str = "weights", act_bits: int | None = 4,
              choices=DEFAULT_CHOICES, finetune=True, hessian_data=None, loss_fn=None, val_data=None,
              granularity="layer", hessian: Mapping | None = None, packed_path=None, device=None, seed: int = 0,
-             progress: bool = True) -> tuple[nn.Module, QuantizeReport]:
+             progress: bool = True, calibration: str = "union") -> tuple[nn.Module, QuantizeReport]:
     """HAWQ on ``model`` (sections 3.1-3.3): Hessian spectra, bits under a budget, Omega-ordered fine-tuning.
 
     ``train_data``: a re-iterable of ``(inputs, targets)`` batches with ``len`` (e.g. a DataLoader).
@@ -311,7 +312,10 @@ def quantize(model: nn.Module, train_data, *, target_compression: float | None =
     whose Hessian is measured (default cross entropy). ``hessian``: options of
     :func:`hawqlib.hessian.top_eigenvalues` (``method``, ``solver``, ``tol``, ``max_iter``, ...).
     ``packed_path``: also write the bit-packed file there. ``device``: where the work runs (default: the
-    model's); batches are moved there. ``seed``: seeds torch, the eigensolver and the fine-tuning.
+    model's); batches are moved there. ``seed``: seeds the call's own torch random state (the caller's is left
+    as it was), the eigensolver and the fine-tuning. ``calibration``: how the activation ranges are calibrated
+    (:func:`hawqlib.quant.swap.calibrate_activations`): ``"union"`` over all the calibration batches (the
+    default, our choice), or ``"moving_average"``, the training rule (the book's stored runs).
 
     ``model`` is left unchanged. Returns ``(qmodel, report)``: the quantized model on ``device`` in eval mode,
     every block at its allocated bits, and a :class:`QuantizeReport`.
@@ -321,7 +325,9 @@ def quantize(model: nn.Module, train_data, *, target_compression: float | None =
     loss = _check_loss(loss_fn, schedule)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {seed!r}")
-    dev = _check_device(device, model, schedule)
+    dev = _device(device, model)
+    if calibration not in CALIBRATIONS:
+        raise ValueError(f"unknown calibration {calibration!r}; valid: {', '.join(CALIBRATIONS)}")
     _check_data(train_data, "train_data", need_len=schedule is not None)
     if val_data is not None:
         _check_data(val_data, "val_data", need_len=False)
@@ -334,36 +340,68 @@ def quantize(model: nn.Module, train_data, *, target_compression: float | None =
         stage_groups([b.name for b in quant_blocks(model, granularity)], schedule.stages)  # at most one per block
     _check_budget(model, choices, act_bits, granularity, measure, target_compression, target_size_mb)
 
-    torch.manual_seed(seed)
+    # The call's own random state: the caller's global generators (CPU, and the device's) are restored after.
+    rng_devices = [dev] if dev.type == "cuda" else []
+    with torch.random.fork_rng(devices=rng_devices):
+        torch.manual_seed(seed)
+        return _quantize(model, train_data, dev, schedule, loss, opts, seed=seed, target_compression=target_compression,
+                         target_size_mb=target_size_mb, measure=measure, act_bits=act_bits, choices=choices,
+                         hessian_data=hessian_data, val_data=val_data, granularity=granularity,
+                         packed_path=packed_path, progress=progress, calibration=calibration)
+
+
+def _quantize(model, train_data, dev, schedule, loss, opts, *, seed, target_compression, target_size_mb, measure,
+              act_bits, choices, hessian_data, val_data, granularity, packed_path, progress, calibration):
+    """The steps of :func:`quantize`, its arguments checked; each step timed into ``report.timings``."""
+    timings = {}
+    clock = [time.perf_counter()]
+
+    def lap(name):
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        now = time.perf_counter()
+        timings[name] = now - clock[0]
+        clock[0] = now
+
     work = copy.deepcopy(model).to(dev)
     train = _OnDevice(train_data, dev)
     val = _OnDevice(val_data, dev) if val_data is not None else None
-    hbatches = _hessian_batches(hessian_data, train_data)
+    hbatches = _hessian_batches(hessian_data, train_data, dev)
+    lap("setup")
 
-    hmodel = work if dev.type == "cpu" else copy.deepcopy(model).cpu()
-    spectra = top_eigenvalues(hmodel, loss, hbatches, granularity, seed=seed, progress=progress, **opts)
+    spectra = top_eigenvalues(work, loss, hbatches, granularity, seed=seed, progress=progress, **opts)
+    lap("hessian")
+    errors = error_table(quant_blocks(work, granularity), _check_choices(choices))
+    lap("errors")
     cfg = allocate_bits(work, spectra, target_compression=target_compression, target_size_mb=target_size_mb,
-                        choices=choices, act_bits=act_bits, granularity=granularity, measure=measure)
-    order = finetune_order(work, spectra, cfg)
-    table = allocation_table(work, spectra, cfg)
+                        choices=choices, act_bits=act_bits, granularity=granularity, measure=measure, errors=errors)
+    lap("allocation")
+    order = finetune_order(work, spectra, cfg, errors=errors)
+    table = allocation_table(work, spectra, cfg, errors=errors)
+    lap("order")
 
     history = None
     if schedule is None:
         qmodel = quantize_model(work, cfg)
         if act_bits is not None:
             train.set_epoch(0)
-            calibrate_activations(qmodel, train, num_batches=CALIBRATION_BATCHES)
+            calibrate_activations(qmodel, train, num_batches=CALIBRATION_BATCHES, calibration=calibration)
+        lap("calibration")
     else:
         s = asdict(schedule)
         stages = s.pop("stages") or min(DEFAULT_STAGES, len(order))
         qmodel, history = staged_finetune(work, cfg, order, train, val, stages=stages, seed=seed,
-                                          progress=progress, **s)
+                                          progress=progress, calibration=calibration, **s)
+        lap("finetune")
     qmodel.eval()
 
     packed_bytes = None
     if packed_path is not None:
         packed_path = str(Path(packed_path))
-        packed_bytes = save_packed(copy.deepcopy(qmodel).cpu(), packed_path)  # export reads tensors on the CPU
+        # A CPU copy until hawqlib.export writes tensors of any device (another change); the copy is the same model.
+        packed = qmodel if dev.type == "cpu" else copy.deepcopy(qmodel).cpu()
+        packed_bytes = save_packed(packed, packed_path)
+        lap("export")
     report = QuantizeReport(
         bit_config=cfg, spectra=spectra, table=table, order=order, measure=measure,
         target={"target_compression": target_compression} if target_size_mb is None
@@ -371,8 +409,10 @@ def quantize(model: nn.Module, train_data, *, target_compression: float | None =
         weight_compression=hsize.weight_compression(qmodel), compression=hsize.compression_ratio(qmodel),
         activation_compression=hsize.activation_compression(cfg), size_bytes=hsize.model_size_bytes(qmodel),
         fp32_bytes=hsize.fp32_size_bytes(model), hessian_samples=sum(len(x) for x, _ in hbatches),
-        device=str(dev), history=history, packed_path=packed_path, packed_bytes=packed_bytes)
+        device=str(dev), history=history, packed_path=packed_path, packed_bytes=packed_bytes, timings=timings)
+    lap("sizes")
     if val is not None:
         report.val_top1 = evaluate(qmodel, val)["top1"]
         report.fp32_val_top1 = evaluate(work, val)["top1"]
+        lap("evaluation")
     return qmodel, report

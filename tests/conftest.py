@@ -44,3 +44,9 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+#: The devices device-sensitive tests run on: the CPU, and CUDA where torch sees a GPU (a skipped case
+#: otherwise, never a failure for the lack of one). ``pytest.mark.parametrize("device", DEVICES)``.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                 reason="no CUDA device visible to torch"))]

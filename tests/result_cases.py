@@ -127,7 +127,7 @@ def quant_case() -> dict:
     tr, te = _loaders()
     q = quantize_model(net, BitConfig.uniform(net, 3, act_bits=4))
     tr.set_epoch(0)
-    calibrate_activations(q, tr, num_batches=2)
+    calibrate_activations(q, tr, num_batches=2, calibration="moving_average")
     xb, _ = next(iter(te))
     out["calibrated"] = _model_stats(q)
     out["output"] = _stats(q.eval()(xb))
@@ -149,12 +149,13 @@ def finetune_case() -> dict:
     for name, extra in runs.items():
         with tempfile.TemporaryDirectory() as tmp:
             q, hist = staged_finetune(net, bc, ["7", "0", "3"], tr, te, stages=2, epochs_per_stage=1, lr=0.02,
-                                      checkpoint_dir=tmp, progress=False, seed=1, calibration_batches=2, **extra)
+                                      checkpoint_dir=tmp, progress=False, seed=1, calibration_batches=2,
+                                      calibration="moving_average", **extra)
         out[name] = {"weights": _model_stats(q), "val": [e.get("val_top1") for e in hist["epochs"]],
                      "loss": [e["train_loss"] for e in hist["epochs"]]}
     with tempfile.TemporaryDirectory() as tmp:
         q, hist = direct_finetune(net, bc, tr, te, epochs=1, lr=0.02, checkpoint_dir=tmp, progress=False, seed=1,
-                                  calibration_batches=2)
+                                  calibration_batches=2, calibration="moving_average")
     out["direct"] = {"weights": _model_stats(q), "loss": [e["train_loss"] for e in hist["epochs"]]}
     return out
 
@@ -169,7 +170,7 @@ def export_case() -> dict:
     tr, te = _loaders()
     q = quantize_model(net, BitConfig({"0": 2, "3": 3, "7": 4}, act_bits=4))
     tr.set_epoch(0)
-    calibrate_activations(q, tr, num_batches=2)
+    calibrate_activations(q, tr, num_batches=2, calibration="moving_average")
     q.eval()
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "m.hawq"
@@ -191,7 +192,8 @@ def front_door_case() -> dict:
     net = _tiny_cnn(6)
     x, y = _images(64, seed=12)
     data = [((x[i:i + 16].float() - 128) / 64, y[i:i + 16]) for i in range(0, 64, 16)]
-    q, rep = hawqlib.quantize(net, data, target_compression=10, finetune=False, val_data=data, progress=False)
+    q, rep = hawqlib.quantize(net, data, target_compression=10, finetune=False, val_data=data, progress=False,
+                              calibration="moving_average")
     return {"bits": rep.bit_config.to_dict(), "order": [e.name for e in rep.order],
             "omega": [e.omega for e in rep.order], "lambda": [s.eigenvalue for s in rep.spectra],
             "val_top1": rep.val_top1, "output": _stats(q(data[0][0]))}

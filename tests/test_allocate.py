@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import re
 from dataclasses import dataclass
 
 import pytest
@@ -16,6 +15,8 @@ from hawqlib.order import finetune_order
 from hawqlib.sensitivity import allocation_table, sensitivities
 from hawqlib.quant import BitConfig, quantize_tensor
 from hawqlib.size import compression_ratio, fp32_size_bytes, model_size_bytes, weight_compression
+
+from conftest import DEVICES
 
 CHOICES = (2, 3, 4, 8)
 
@@ -331,3 +332,29 @@ def test_weight_measure_budget_is_the_papers_weight_compression():
     assert front[0].compression == pytest.approx(16.0) and front[-1].compression == pytest.approx(4.0)
     with pytest.raises(ValueError, match="valid: model, weights"):
         al.allocate_bits(model, spectra, target_compression=4.0, measure="bytes")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_shared_errors_and_the_size_only_budget_check(device):
+    """The errors computed once (error_table) give the same bits, order and table as computing them in each step,
+    on the model's device; the size-only budget check refuses exactly what allocate_bits refuses, same message."""
+    from hawqlib.sensitivity import error_table
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 16, 3), nn.Flatten(), nn.Linear(16 * 4, 10))
+    model = model.to(device)
+    spectra = [Spec(b.name, b.numel, float(v)) for b, v in zip(quant_blocks(model, "layer"), (3.0, 0.5, 9.0))]
+    choices = (2, 3, 4, 8)
+    errors = error_table(quant_blocks(model, "layer"), choices)
+    for measure in ("weights", "model"):
+        cfg = al.allocate_bits(model, spectra, target_compression=7, choices=choices, measure=measure)
+        assert al.allocate_bits(model, spectra, target_compression=7, choices=choices, measure=measure,
+                                errors=errors) == cfg
+        assert finetune_order(model, spectra, cfg, errors=errors) == finetune_order(model, spectra, cfg)
+        assert allocation_table(model, spectra, cfg, errors=errors) == allocation_table(model, spectra, cfg)
+        al.check_budget(model, target_compression=7, choices=choices, measure=measure)
+        with pytest.raises(ValueError) as full:
+            al.allocate_bits(model, spectra, target_compression=17, choices=choices, measure=measure)
+        with pytest.raises(ValueError) as sizes_only:
+            al.check_budget(model, target_compression=17, choices=choices, measure=measure)
+        assert str(sizes_only.value) == str(full.value)

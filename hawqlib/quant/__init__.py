@@ -25,11 +25,11 @@ from ..bitconfig import (ACT_RANGE_RULES, BITCONFIG_FORMAT, VALID_BITS, WEIGHT_S
                          check_bits)
 from .grids import MSE_ITERATIONS, quant_params, quant_scale, quantize_tensor, quantize_to_int, weight_code_limit
 from .modules import QUANT_MODULES, QuantAct, QuantConv2d, QuantLinear
-from .observer import ACT_MSE_SAMPLES, ACT_MSE_STEPS, act_mse_range
+from .observer import ACT_MSE_SAMPLES, ACT_MSE_STEPS, CALIBRATIONS, act_mse_range
 from .swap import calibrate_activations, quant_modules, quantize_model, set_quant_enabled
 
 __all__ = ["CODE_VERSION", "WEIGHT_SCALE_RULES", "MSE_ITERATIONS", "ACT_RANGE_RULES", "ACT_MSE_STEPS",
-    "ACT_MSE_SAMPLES", "act_mse_range",
+    "ACT_MSE_SAMPLES", "act_mse_range", "CALIBRATIONS",
     "VALID_BITS", "check_bits", "weight_code_limit", "quant_params", "quant_scale", "quantize_tensor", "quantize_to_int",
     "BitConfig", "QuantAct", "QuantConv2d", "QuantLinear", "QUANT_MODULES", "quantize_model",
     "quant_modules", "set_quant_enabled", "calibrate_activations", "BITCONFIG_FORMAT",

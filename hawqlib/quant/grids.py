@@ -76,16 +76,40 @@ def _odd_codes(y: torch.Tensor, top: int) -> torch.Tensor:
 
 def _mse_scale(w: torch.Tensor, per_channel: bool, top: int) -> torch.Tensor:
     """The half-step ``h`` minimizing ||Q(w) - w||^2 (per channel or per tensor), by alternating the
-    nearest odd codes and the least-squares ``h`` from the max |w| start (see the module docstring)."""
+    nearest odd codes and the least-squares ``h`` from the max |w| start (see the module docstring).
+
+    Vectorized over the channels, in preallocated buffers. A channel whose ``h`` stopped changing is at its
+    fixed point (its next step computes the same codes and the same ``h``), so the rows still moving are
+    carried on alone once they are at most 3/4 of those in the buffers: the same operations on each row, so
+    the same ``h`` to the bit (at least two rows stay together, as a single row's sum may be split across
+    threads where a row among several is not)."""
     x = w.detach().double().reshape(w.shape[0] if per_channel and w.dim() > 0 else 1, -1)
     s = x.abs().amax(dim=1, keepdim=True).clamp_min(_MIN_RANGE) / top
+    lo, hi = -(top + 1) // 2, (top - 1) // 2
+    rows, xa, sa = None, x, s          # rows: the indices of the rows in xa (None: all of them)
+    k, prod = torch.empty_like(xa), torch.empty_like(xa)
     for _ in range(MSE_ITERATIONS):
-        k = _odd_codes(x / s, top)
-        new = (x * k).sum(dim=1, keepdim=True) / (k * k).sum(dim=1, keepdim=True)
-        new = torch.where(new > 0, new, s)
-        if torch.equal(new, s):
+        torch.div(xa, sa, out=k)
+        k.mul_(0.5).floor_().clamp_(lo, hi).mul_(2).add_(1)          # _odd_codes(x / s, top), in place
+        num = torch.mul(xa, k, out=prod).sum(dim=1, keepdim=True)
+        new = num / torch.mul(k, k, out=prod).sum(dim=1, keepdim=True)
+        new = torch.where(new > 0, new, sa)
+        moving = (new != sa).reshape(-1)
+        n_moving = int(moving.sum())
+        if n_moving == 0:
             break
-        s = new
+        if rows is None:
+            s = new
+        else:
+            s = s.index_copy(0, rows, new)
+        sa = new
+        if n_moving <= 0.75 * xa.shape[0] and xa.shape[0] > 2:
+            if n_moving < 2:                 # keep a second row beside a lone moving one
+                moving[int(torch.argmin(moving.to(torch.uint8)))] = True
+            keep = moving.nonzero().reshape(-1)
+            rows = keep if rows is None else rows[keep]
+            xa, sa = xa[keep], sa[keep]
+            k, prod = torch.empty_like(xa), torch.empty_like(xa)
     s = s.float().clamp_min(_MIN_RANGE)
     return s.reshape(-1) if per_channel and w.dim() > 0 else s.reshape(())
 

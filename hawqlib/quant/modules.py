@@ -144,6 +144,16 @@ class QuantAct(nn.Module):
         self.zero_point.copy_(zero_point)
         return lo, hi
 
+    @torch.no_grad()
+    def set_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        """Set the range to ``[lo, hi]`` (0-dim tensors) as it is, and recompute ``scale``/``zero_point``
+        (calibration over all its batches, :class:`hawqlib.quant.observer.RangeCollector`)."""
+        self.running_min.copy_(lo)
+        self.running_max.copy_(hi)
+        scale, zero_point = affine_qparams(self.running_min, self.running_max, self.quant_min, self.quant_max)
+        self.scale.copy_(scale)
+        self.zero_point.copy_(zero_point)
+
     @property
     def learn_step(self) -> bool:
         """Whether the step (the ``scale`` buffer) is trained by gradient descent, LSQ-style (set by

@@ -29,8 +29,13 @@ import torch
 from ..bitconfig import check_bits
 from .ste import memory_format_of
 
-__all__ = ["ACT_MSE_STEPS", "ACT_MSE_SAMPLES", "act_mse_range", "batch_range", "moving_average_",
-           "affine_qparams"]
+__all__ = ["ACT_MSE_STEPS", "ACT_MSE_SAMPLES", "CALIBRATIONS", "act_mse_range", "batch_range", "moving_average_",
+           "affine_qparams", "RangeCollector"]
+
+#: How :func:`hawqlib.quant.swap.calibrate_activations` sets the ranges from its batches: from all of them at
+#: once (``"union"``, the default) or by the training rule's moving average (``"moving_average"``, the rule the
+#: book's stored runs were computed with).
+CALIBRATIONS = ("union", "moving_average")
 
 #: The least-squares activation range tries the shrink factors 1/K, 2/K, ..., 1 of each batch's range.
 ACT_MSE_STEPS = 20
@@ -89,6 +94,44 @@ def batch_range(x: torch.Tensor, bits: int, rule: str):
         flat = flat.permute(0, 2, 3, 1)
     lo, hi = torch.aminmax(flat)
     return (lo, hi), (act_mse_range(flat, bits, lo, hi) if rule == "mse" else (lo, hi))
+
+
+class RangeCollector:
+    """The range over ALL the batches one activation quantizer sees in calibration (``calibration="union"``).
+
+    Our choice, in place of the moving average for calibration (the moving average's first batch weighs
+    ``(1 - c)**(k-1)`` after ``k`` batches, so with ``c = 0.01`` the first batch decides the range and a later
+    batch of larger activations is clipped): the range is that of the union of the batches. Rule ``"minmax"``:
+    the union's ``[min, max]``; rule ``"mse"``: :func:`act_mse_range` on the union, i.e. the union's
+    ``[min, max]`` shrunk by the factor whose grid has the least squared error on the batches' strided samples
+    (at most :data:`ACT_MSE_SAMPLES` per batch) taken together. Tensors stay on the activations' device.
+    """
+
+    def __init__(self, bits: int, rule: str):
+        self.bits, self.rule = bits, rule
+        self.lo = self.hi = None
+        self.samples: list[torch.Tensor] = []
+
+    @torch.no_grad()
+    def add(self, x: torch.Tensor) -> None:
+        """Take in one batch of the quantizer's inputs."""
+        flat = x.detach()
+        if memory_format_of(flat) is torch.channels_last:
+            flat = flat.permute(0, 2, 3, 1)
+        lo, hi = torch.aminmax(flat)
+        self.lo = lo if self.lo is None else torch.minimum(self.lo, lo)
+        self.hi = hi if self.hi is None else torch.maximum(self.hi, hi)
+        if self.rule == "mse":
+            self.samples.append(_strided_sample(flat, ACT_MSE_SAMPLES).float().clone())
+
+    def range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(lo, hi)``, 0-dim tensors: the range of the batches taken in (see the class docstring)."""
+        if self.lo is None:
+            raise RuntimeError("no calibration batch reached this activation quantizer")
+        if self.rule != "mse":
+            return self.lo, self.hi
+        v = torch.cat(self.samples)
+        return act_mse_range(v, self.bits, self.lo, self.hi, samples=v.numel())
 
 
 @torch.no_grad()

@@ -14,6 +14,7 @@ The quantized model carries its effective config as ``qmodel.bit_config``; loadi
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import Iterable
 
@@ -23,6 +24,7 @@ from torch import nn
 from ..bitconfig import BitConfig, check_act_rule, check_bits, check_weight_rule
 from ..blocks import QUANT_TYPES, quant_blocks
 from .modules import QUANT_MODULES, QuantAct, QuantConv2d, QuantLinear
+from .observer import CALIBRATIONS, RangeCollector
 
 __all__ = ["quantize_model", "quant_modules", "set_quant_enabled", "calibrate_activations"]
 
@@ -123,27 +125,53 @@ def set_quant_enabled(qmodel: nn.Module, block_names: Iterable[str] | None, enab
 
 
 @torch.no_grad()
-def calibrate_activations(qmodel: nn.Module, batches: Iterable, *, num_batches: int | None = None) -> int:
+def calibrate_activations(qmodel: nn.Module, batches: Iterable, *, num_batches: int | None = None,
+                          calibration: str = "union") -> int:
     """Observe activation ranges on ``batches`` (inputs, or (inputs, labels) pairs) in eval mode.
 
-    BatchNorm statistics are not touched (the model runs in eval mode); every enabled
-    :class:`~hawqlib.quant.modules.QuantAct` updates its range by the moving-average rule. Returns the batches seen.
+    BatchNorm statistics are not touched (the model runs in eval mode). ``calibration``: ``"union"`` (the
+    default, our choice) sets every enabled :class:`~hawqlib.quant.modules.QuantAct`'s range from all the
+    batches at once (:class:`hawqlib.quant.observer.RangeCollector`), observed in one pass with the activation
+    quantizers switched off (each sees the network's full-precision activations, weights as they are
+    quantized: one pass cannot know a range before it has seen every batch); ``"moving_average"`` updates
+    each range batch by batch by the training rule (a quantizer's first batch dominates its range; the rule
+    of the book's stored runs). Returns the batches seen.
     """
-    acts = [m for m in qmodel.modules() if isinstance(m, QuantAct)]
+    if calibration not in CALIBRATIONS:
+        raise ValueError(f"unknown calibration {calibration!r}; valid: {', '.join(CALIBRATIONS)}")
+    if calibration == "union":
+        acts = [m for m in qmodel.modules() if isinstance(m, QuantAct) and m.enabled]
+    else:
+        acts = [m for m in qmodel.modules() if isinstance(m, QuantAct)]
+    collectors = {a: RangeCollector(a.bits, a.rule) for a in acts} if calibration == "union" else {}
+    hooks = [a.register_forward_pre_hook(lambda mod, args: collectors[mod].add(args[0])) for a in collectors]
     was_training = qmodel.training
     qmodel.eval()
     seen = 0
     try:
         for a in acts:
-            a.observe = True
-        for batch in batches:
-            if num_batches is not None and seen >= num_batches:
-                break
-            x = batch[0] if isinstance(batch, (tuple, list)) else batch
-            qmodel(x)
-            seen += 1
+            if calibration == "union":
+                a.enabled = False     # the identity; the hook still sees the input
+            else:
+                a.observe = True
+        # the moving average ran with autograd on, as it always did (its numbers are those of the stored runs)
+        with torch.no_grad() if calibration == "union" else contextlib.nullcontext():
+            for batch in batches:
+                if num_batches is not None and seen >= num_batches:
+                    break
+                x = batch[0] if isinstance(batch, (tuple, list)) else batch
+                qmodel(x)
+                seen += 1
     finally:
+        for h in hooks:
+            h.remove()
         for a in acts:
-            a.observe = None
+            if calibration == "union":
+                a.enabled = True
+            else:
+                a.observe = None
         qmodel.train(was_training)
+    for a, c in collectors.items():
+        if seen:
+            a.set_range(*c.range())
     return seen

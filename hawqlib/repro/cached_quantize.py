@@ -110,7 +110,7 @@ def _post_training(model, configs: dict, train, test, batches: int) -> dict:
         qm = quant.quantize_model(model, cfg)
         if cfg.act_bits is not None:
             train.set_epoch(0)
-            quant.calibrate_activations(qm, train, num_batches=batches)
+            quant.calibrate_activations(qm, train, num_batches=batches, calibration="moving_average")
         out[name] = {"top1": evaluate(qm, test)["top1"], "bit_config": cfg.to_dict()}
     return out
 
@@ -144,7 +144,8 @@ def quantized(model: torch.nn.Module, base: str, settings: dict, *, data_root=No
                                act_bits=s["act_bits"], choices=tuple(s["choices"]), finetune=schedule,
                                hessian_data=hbatch, hessian={k: h[k] for k in ("method", "solver", "tol", "max_iter")},
                                granularity=s["granularity"], val_data=te, packed_path=folder / "model.hawq",
-                               device="cpu", seed=s["seed"], progress=progress)
+                               device="cpu", seed=s["seed"], progress=progress,
+                               calibration="moving_average")  # the stored results' rule (book/choices.md)
         wall = time.perf_counter() - t0
         report = _as_stored(rep.to_dict())
         report["packed_path"] = "model.hawq"  # relative to the artifact folder, wherever it is

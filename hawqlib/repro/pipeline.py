@@ -312,7 +312,8 @@ def finetuned(model: torch.nn.Module, base: str, bit_config, order, cfg: dict, *
                                                 train_subset=ft["train_subset"], test_subset=ft["test_subset"])
     common = dict(lr=ft["lr"], checkpoint_dir=None, resume=True, progress=progress, seed=ft["seed"],
                   weight_decay=ft["weight_decay"], momentum=ft["momentum"], nesterov=ft["nesterov"],
-                  calibration_batches=ft["calibration_batches"])
+                  calibration_batches=ft["calibration_batches"],
+                  calibration="moving_average")  # the rule the stored runs used (not in their key; book/choices.md)
     staged_options = {k: ft[k] for k in _FT_OPTIONAL if k in ft}
 
     def compute(folder):
