@@ -109,7 +109,8 @@ def _losses(model: nn.Module, x, y, chunk: int) -> torch.Tensor:
 
 
 def single_block_damage(model: nn.Module, bits: Sequence[int], batch, *, granularity="layer",
-                        act_bits: int | None = None, calibration=None, chunk: int = 256) -> torch.Tensor:
+                        act_bits: int | None = None, calibration=None, calibration_rule: str = "union",
+                        chunk: int = 256) -> torch.Tensor:
     """The loss increase image by image when one block alone is quantized: a ``(blocks, len(bits), images)``
     tensor, blocks in module order at ``granularity``, on ``batch`` (an ``(inputs, targets)`` pair), eval mode.
 
@@ -117,6 +118,7 @@ def single_block_damage(model: nn.Module, bits: Sequence[int], batch, *, granula
     (:func:`hawqlib.quant.quantize_model`), its ranges calibrated on ``calibration`` (inputs, or an
     ``(inputs, targets)`` pair; required) with FP32 weights, and the reference is that model with FP32 weights
     (our choice: the increase is then the block's weights' alone, at the activations of the quantized model).
+    ``calibration_rule`` is :func:`hawqlib.quant.calibrate_activations`' ``calibration``.
     """
     if act_bits is not None and calibration is None:
         raise ValueError("single_block_damage(act_bits=...) needs calibration= images for the activation ranges")
@@ -132,7 +134,7 @@ def single_block_damage(model: nn.Module, bits: Sequence[int], batch, *, granula
             q.eval()
             set_quant_enabled(q, None, False, activations=False)
             if act_bits is not None:
-                calibrate_activations(q, [calibration])
+                calibrate_activations(q, [calibration], calibration=calibration_rule)
             if ref is None:
                 ref = _losses(q if act_bits is not None else model, x, y, chunk)
                 out = torch.empty(len(names), len(bits), len(x), dtype=torch.float64)

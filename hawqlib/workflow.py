@@ -398,9 +398,7 @@ def _quantize(model, train_data, dev, schedule, loss, opts, *, seed, target_comp
     packed_bytes = None
     if packed_path is not None:
         packed_path = str(Path(packed_path))
-        # A CPU copy until hawqlib.export writes tensors of any device (another change); the copy is the same model.
-        packed = qmodel if dev.type == "cpu" else copy.deepcopy(qmodel).cpu()
-        packed_bytes = save_packed(packed, packed_path)
+        packed_bytes = save_packed(qmodel, packed_path)  # writes a model of any device
         lap("export")
     report = QuantizeReport(
         bit_config=cfg, spectra=spectra, table=table, order=order, measure=measure,

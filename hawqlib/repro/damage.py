@@ -78,7 +78,9 @@ def damage(model: torch.nn.Module, base: str, P: dict, *, force: bool | None = N
         weights_s = time.perf_counter() - t
         t = time.perf_counter()
         a = single_block_damage(model, cfg["act_widths"], held, granularity=cfg["granularity"],
-                                act_bits=cfg["act_bits"], calibration=calib)
+                                act_bits=cfg["act_bits"], calibration=calib,
+                                # the rule the stored results used (before "union" became the default)
+                                calibration_rule="moving_average")
         act_s = time.perf_counter() - t
         n, m = len(blocks), cfg["n_images"]
         return {"blocks": [b.name for b in blocks], "bits": cfg["bits"], "act_widths": cfg["act_widths"],
@@ -111,7 +113,8 @@ def calibrated_top1(model: torch.nn.Module, base: str, bit_config: quant.BitConf
 
     def compute(folder):
         q = quant.quantize_model(model, bit_config)
-        quant.calibrate_activations(q, [pipeline.hessian_batch(S["calibration_images"], H["data_seed"], data_root)])
+        quant.calibrate_activations(q, [pipeline.hessian_batch(S["calibration_images"], H["data_seed"], data_root)],
+                                    calibration="moving_average")  # the stored results' rule, kept with their keys
         _, test = sources.resolve(data_root).loaders(batch_size=256, seed=0, test_subset=S["test_subset"])
         return evaluate(q, test)["top1"]
 
