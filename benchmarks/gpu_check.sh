@@ -19,7 +19,9 @@ if "$PY" -c "import pytest" 2>/dev/null; then
     "tests/test_quantize_api.py::test_the_callers_random_state_is_left_as_it_was" \
     "tests/test_quantize_api.py::test_calibration_covers_every_batch_by_default" \
     "tests/test_quant.py::test_union_calibration_on_the_model_device" \
-    "tests/test_allocate.py::test_shared_errors_and_the_size_only_budget_check" || status=1
+    "tests/test_allocate.py::test_shared_errors_and_the_size_only_budget_check" \
+    "tests/test_hessian_every_sample.py::test_the_hessian_runs_where_the_model_lives" \
+    "tests/test_size_export.py::test_every_parameter_and_buffer_round_trips_on_any_device" || status=1
 else
   echo "== device tests: skipped (pytest is not installed here)"
 fi

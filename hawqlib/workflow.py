@@ -19,9 +19,8 @@ default fine-tuning schedule is the optimizer recipe of the project's ``cpu`` pr
 (:mod:`hawqlib.repro.profiles`) at :data:`DEFAULT_STAGES` stages. The user's model is never modified.
 
 Devices: every step runs on ``device`` (default: where the model lives) and each batch is moved there: the
-Hessian, the quantization errors of the allocation and the order, calibration and fine-tuning. One copy is
-made elsewhere: the packed file is written from a CPU copy of the quantized model until :mod:`hawqlib.export`
-writes tensors of any device.
+Hessian, the quantization errors of the allocation and the order, calibration, fine-tuning and the packed
+file (:func:`hawqlib.export.save_packed` writes a model of any device); no copy is made elsewhere.
 
 Scale: each block's quantization error at each width is computed once per call
 (:func:`hawqlib.sensitivity.error_table`) and shared by the allocation, the order and the table; the budget is
@@ -64,7 +63,7 @@ HESSIAN_BATCHES = 4
 DEFAULT_STAGES = 4
 #: Batches that calibrate the activation ranges when fine-tuning is skipped (the cpu profile's number).
 CALIBRATION_BATCHES = 4
-_HESSIAN_OPTIONS = ("method", "solver", "tol", "max_iter", "chunk_size", "max_memory", "check_samples")
+_HESSIAN_OPTIONS = ("method", "solver", "tol", "max_iter", "chunk_size", "max_memory", "check_samples", "verify")
 
 
 @dataclass(frozen=True)

@@ -221,7 +221,9 @@ def top_eigenvalues(model: nn.Module, loss_fn, data, blocks=None, *, method: str
                             if not r <= tol:
                                 _unconverged(b, r, tol, dtype, "with a float64 Gauss-Newton product on all the data")
                                 note += "; failed verification"
-                            found[i] = (theta, y, it, hist, "gauss-newton", note + "; verified (float64 product)", r)
+                            else:
+                                note += "; verified (float64 product)"
+                            found[i] = (theta, y, it, hist, "gauss-newton", note, r)
                             bar.update(1)
                         stores[t] = None
                     del stores

@@ -142,7 +142,8 @@ def quantized(model: torch.nn.Module, base: str, settings: dict, *, data_root=No
                                     checkpoint_dir=str(folder / "run"))
         qmodel, rep = quantize(model, tr, target_compression=s["target_compression"], measure=s["measure"],
                                act_bits=s["act_bits"], choices=tuple(s["choices"]), finetune=schedule,
-                               hessian_data=hbatch, hessian={k: h[k] for k in ("method", "solver", "tol", "max_iter")},
+                               hessian_data=hbatch, hessian={**{k: h[k] for k in ("method", "solver", "tol", "max_iter")},
+                                        "verify": "autograd"},  # the stored results' verification
                                granularity=s["granularity"], val_data=te, packed_path=folder / "model.hawq",
                                device="cpu", seed=s["seed"], progress=progress,
                                calibration="moving_average")  # the stored results' rule (book/choices.md)

@@ -6,7 +6,7 @@ empirical Fisher trace of every block on the Hessian's sample (:func:`hawqlib.pr
 with the wall time and passes of each. :func:`calibrated_top1` is the test accuracy of a bit allocation after
 calibration only (no fine-tuning). Both are artifacts keyed by everything that determines them
 (:mod:`hawqlib.repro.artifacts`); the per-image damage is stored as tensors, read back with
-``torch.load(weights_only=True)`` after the artifact's digests are verified.
+``hawqlib.files.load_weights_only`` after the artifact's digests are verified.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import torch
 
 from .. import allocate, allocators, quant, size
 from ..blocks import quant_blocks
-from ..files import atomic_torch_save, atomic_write_json
+from ..files import atomic_torch_save, atomic_write_json, load_weights_only
 from ..predictors import empirical_fisher_traces, single_block_damage
 from ..sensitivity import quant_errors
 from ..train import evaluate
@@ -94,7 +94,7 @@ def damage(model: torch.nn.Module, base: str, P: dict, *, force: bool | None = N
 
     def load(folder):
         r = read_json(folder / "damage.json")
-        t = torch.load(folder / "damage.pt", map_location="cpu", weights_only=True)
+        t = load_weights_only(folder / "damage.pt")
         return {**r, "weights": t["weights"].double(), "act": t["act"].double()}
 
     return cached("damage", params, compute, save, load, force)

@@ -111,7 +111,9 @@ def spectrum(model: torch.nn.Module, base: str, cfg: dict, granularity="layer", 
             results = hessian.top_eigenvalues(model, torch.nn.CrossEntropyLoss(), batch, blocks,
                                               method=cfg["method"], solver=cfg["solver"], tol=cfg["tol"],
                                               max_iter=cfg["max_iter"], seed=cfg["seed"], return_vectors=vectors,
-                                              progress=progress)
+                                              # the stored spectra's verification (one autograd product),
+                                              # kept with their keys after the method's default moved
+                                              verify="autograd", progress=progress)
         for r in results:  # stored and returned on the CPU
             v = getattr(r, "vector", None)
             if isinstance(v, (list, tuple)):
