@@ -152,7 +152,9 @@ class ProfileTable(SphinxDirective):
             flat[name] = _flatten(p[section])
         keys = list(dict.fromkeys(k for f in flat.values() for k in f))
         rows = [[k] + [_fmt(flat[n][k]) if k in flat[n] else "-" for n in profiles.PROFILES] for k in keys]
-        return [_table(["parameter"] + list(profiles.PROFILES), rows)]
+        box = nodes.container(classes=["profile-table"])  # fixed layout: long values wrap in the column (hawq.css)
+        box += _table(["parameter"] + list(profiles.PROFILES), rows)
+        return [box]
 
 
 class TimingsTable(SphinxDirective):
