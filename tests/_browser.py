@@ -224,7 +224,9 @@ _REPORT_JS = r"""
     open_solutions: openSolutions,
     unrevealed_solutions: unrevealed,
     citations: cites.length,
-    bad_citations: cites.map(a => a.getAttribute('href')).filter(h => !/(^|\/)references\.html#./.test(h || '')),
+    // on the References page itself a citation links to its entry on the same page
+    bad_citations: cites.map(a => a.getAttribute('href')).filter(h => !(/(^|\/)references\.html#./.test(h || '')
+      || (/(^|\/)references\.html$/.test(location.pathname) && /^#./.test(h || '')))),
     height: document.documentElement.scrollHeight,
   });
 })()
