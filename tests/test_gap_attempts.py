@@ -243,7 +243,7 @@ def test_runs_differing_in_the_final_stage_alone_share_the_stages_before_it(task
     del c["sha256"]
     torch.save(c, f)
     trained = []
-    with pytest.warns(UserWarning, match="records no digest"):
+    with pytest.warns(UserWarning, match="records no SHA-256"):
         run("kd4", trained, share_from={"nodigest": tmp_path / "nodigest"}, **kd)
     assert trained[0] == 1                     # stage 1 trained here (stage 2, verified, may be taken)
     with pytest.raises(TypeError, match="share_from must be a dict"):
