@@ -552,6 +552,21 @@ def test_no_broken_internal_link(built):
     assert not broken, "broken internal links:\n" + "\n".join(broken[:30])
 
 
+def test_glued_tables_are_numbered_as_tables(built):
+    """A table a notebook glues into a named figure (``tab-...``) is captioned "Table N", a figure "Fig. N"."""
+    seen = {"tab": 0, "fig": 0}
+    for page in sorted((built.html / "executed").glob("*.html")):
+        html = page.read_text(encoding="utf-8")
+        for m in re.finditer(r'<figure[^>]*id="(tab|fig)-([^"]+)"[^>]*>(.*?)</figure>', html, re.S):
+            kind, body = m.group(1), m.group(3)
+            number = re.search(r'<span class="caption-number">([^<]*)</span>', body)
+            assert number, f"{page.name}: {kind}-{m.group(2)} has no caption number"
+            expected = "Table" if kind == "tab" else "Fig."
+            assert number.group(1).startswith(expected), (page.name, m.group(2), number.group(1))
+            seen[kind] += 1
+    assert seen["tab"] > 0 and seen["fig"] > 0, seen
+
+
 def test_pasted_values_match_the_notebooks(built):
     nb = nbformat.read(built.executed / "baseline.ipynb", as_version=4)
     glued = {o["metadata"]["scrapbook"]["name"]: o["data"] for c in nb.cells if c.cell_type == "code"

@@ -10,6 +10,8 @@
 - docstrings' norm bars (``|w|``) stay text on the API pages (:class:`NormBars`).
 - MathJax is served from the build itself (``_static/mathjax``, copied from the
   ``sphinx-mathjax-offline`` package), so formulas are typeset without network access.
+- a glued table (a ``glue:figure`` whose name starts with ``tab-``) is numbered with the tables, "Table 5.1",
+  not with the figures (:class:`GluedTablesAreTables`).
 - directive ``{our-choices}`` collects every "our choice" statement of the package: docstring
   paragraphs and ``# Our choice`` comment blocks, grouped by module, so the "Our choices" page
   stays complete as the code changes.
@@ -32,6 +34,7 @@ from docutils.parsers.rst import directives
 from docutils.transforms import Transform
 from docutils.utils import new_document
 from sphinx.errors import ExtensionError
+from sphinx.transforms import SphinxTransform
 from sphinx.util.docutils import SphinxDirective, SphinxRole
 
 CHOICE = re.compile(r"our choice(?!s)|choice \(ours|\(ours[,:)]", re.IGNORECASE)
@@ -377,11 +380,43 @@ def _drop_thebe(app, pagename, templatename, context, doctree):
                                    and "THEBE_JS_URL" not in str(getattr(js, "attributes", {}).get("body", ""))]
 
 
+class glued_table(nodes.figure):
+    """A table glued from a notebook: myst-nb's ``glue:figure`` wraps it in a figure, numbered as a table."""
+
+
+def _visit_glued_table(self, node):
+    node["classes"].append("glued-table")
+    self.visit_figure(node)
+
+
+def _depart_glued_table(self, node):
+    self.depart_figure(node)
+
+
+class GluedTablesAreTables(SphinxTransform):
+    """Turn every figure named ``tab-...`` (the notebooks name their glued tables so) into a
+    :class:`glued_table`, which Sphinx numbers with the tables. Runs before the labels are collected, and
+    points the document's ids at the new node so that references resolve to it."""
+
+    default_priority = 400
+
+    def apply(self, **kwargs):
+        for fig in list(self.document.findall(nodes.figure)):
+            if type(fig) is not nodes.figure or not any(i.startswith("tab-") for i in fig["ids"]):
+                continue
+            table = glued_table(fig.rawsource, *fig.children, **fig.attributes)
+            fig.replace_self(table)
+            for i in table["ids"]:
+                self.document.ids[i] = table
+
+
 def setup(app):
     """Register the roles and directives, and serve MathJax from the build."""
     app.connect("builder-inited", _check_mathjax)
     app.connect("build-finished", _copy_mathjax)
     app.add_transform(NormBars)
+    app.add_enumerable_node(glued_table, "table", html=(_visit_glued_table, _depart_glued_table))
+    app.add_transform(GluedTablesAreTables)
     app.connect("html-page-context", _drop_thebe)
     app.add_role("profile", ProfileRole())
     app.add_role("book-profile", BookProfileRole())
