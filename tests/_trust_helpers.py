@@ -1,4 +1,4 @@
-"""Helpers shared by the issue-17 tests (test_trust.py, test_trust_files.py)."""
+"""Helpers shared by the trust tests (test_trust.py, test_trust_files.py, test_trust_state.py)."""
 from __future__ import annotations
 
 import os
@@ -26,3 +26,22 @@ def tiny():
                         nn.Flatten(), nn.Linear(4, 5))
     g = torch.Generator().manual_seed(1)
     return net.eval(), (torch.randn(12, 3, 6, 6, generator=g), torch.randint(0, 5, (12,), generator=g))
+
+
+def image_folder(root: Path, per_class: int = 1, **save_kwargs) -> Path:
+    """A seeded CIFAR-10-shaped ImageFolder under ``root/cifar10/{train,test}/<class>/<class>_<k>.png``;
+    ``save_kwargs`` go to ``PIL.Image.save`` (``compress_level=0`` keeps an edited pixel's file the same size)."""
+    import numpy as np
+    from PIL import Image
+
+    from hawqlib.repro import data
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for cls in data.CIFAR10_CLASSES:
+            d = root / "cifar10" / split / cls
+            d.mkdir(parents=True)
+            for k in range(per_class):
+                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(d / f"{cls}_{k}.png",
+                                                                                       **save_kwargs)
+    return root

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _trust_helpers import ENV, cli, tiny
+from _trust_helpers import ENV, cli, image_folder, tiny
 from PIL import Image
 from torch import nn
 
@@ -83,21 +83,10 @@ def test_restricted_unpickler_admits_only_the_format(tmp_path):
 
 # ---------------------------------------------------------------------- 3. the decode cache follows its source
 
-def _image_folder(root: Path, per_class: int = 1) -> Path:
-    rng = np.random.default_rng(0)
-    for split in ("train", "test"):
-        for cls in data.CIFAR10_CLASSES:
-            d = root / "cifar10" / split / cls
-            d.mkdir(parents=True)
-            for k in range(per_class):
-                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(d / f"{cls}_{k}.png")
-    return root
-
-
 def test_edited_or_added_image_rebuilds_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("HAWQ_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("FORCE", raising=False)
-    root = _image_folder(tmp_path / "d")
+    root = image_folder(tmp_path / "d")
     first = data.cifar10("test", root, download=False)
     img = root / "cifar10" / "test" / "cat" / "cat_0.png"
     arr = np.asarray(Image.open(img)).copy()
@@ -225,7 +214,7 @@ def test_new_packed_files_record_their_architecture(tmp_path):
 
 def test_stray_files_are_skipped_and_bad_images_named(tmp_path, monkeypatch):
     monkeypatch.setenv("HAWQ_CACHE", str(tmp_path / "cache"))
-    root = _image_folder(tmp_path / "d")
+    root = image_folder(tmp_path / "d")
     clean = data.cifar10("train", root, download=False).digest
     cat = root / "cifar10" / "train" / "cat"
     (cat / ".DS_Store").write_bytes(b"\0\1junk")

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _trust_helpers import ENV, ROOT, cli, tiny
+from _trust_helpers import ENV, ROOT, cli, image_folder, tiny
 from PIL import Image
 
 from hawqlib import export, packfile
@@ -238,21 +238,10 @@ def test_garbage_under_a_valid_digest_is_refused_in_one_line(tmp_path, field, ga
 
 # ---------------------------------------------------------------------- 3. the decode cache follows the bytes
 
-def _tree(root: Path) -> Path:
-    rng = np.random.default_rng(0)
-    for split in ("train", "test"):
-        for cls in data.CIFAR10_CLASSES:
-            d = root / "cifar10" / split / cls
-            d.mkdir(parents=True)
-            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(d / f"{cls}_0.png",
-                                                                                   compress_level=0)
-    return root
-
-
 def test_an_edit_that_keeps_size_and_mtime_rebuilds_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("HAWQ_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("FORCE", raising=False)
-    root = _tree(tmp_path / "d")
+    root = image_folder(tmp_path / "d", compress_level=0)
     first = data.cifar10("test", root, download=False)
     img = root / "cifar10" / "test" / "cat" / "cat_0.png"
     st = img.stat()
@@ -269,7 +258,7 @@ def test_an_edit_that_keeps_size_and_mtime_rebuilds_the_cache(tmp_path, monkeypa
 
 def test_a_stray_class_folder_or_a_grayscale_image_is_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("HAWQ_CACHE", str(tmp_path / "cache"))
-    root = _tree(tmp_path / "d")
+    root = image_folder(tmp_path / "d", compress_level=0)
     stray = root / "cifar10" / "test" / "unicorn"
     stray.mkdir()
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(stray / "u.png")
