@@ -161,7 +161,13 @@ def finetune_case() -> dict:
 
 
 def export_case() -> dict:
-    """The packed file: its size, the integer codes it holds, and the model it restores."""
+    """The packed file: its size, the integer codes it holds, and the model it restores.
+
+    ``CODE_VERSION`` versions what a packed file decodes to (the codes, the scales, the restored model), which
+    is what a stored result's key is about. The size also follows the file's layout, versioned apart by
+    ``PACKED_FORMAT``, which every file names and :func:`hawqlib.export.load_packed` checks (older formats
+    are still read), so a new layout re-records this case (``--all``) without bumping ``CODE_VERSION``, as
+    ``hawqlib.packed/3`` did when it added digests (666 to 1,069 bytes, the codes and outputs unchanged)."""
     from hawqlib.bitconfig import BitConfig
     from hawqlib.export import load_packed, save_packed
     from hawqlib.quant import calibrate_activations, quantize_model
