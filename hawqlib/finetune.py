@@ -321,15 +321,16 @@ def staged_finetune(model: nn.Module, bit_config: BitConfig, order, train_data, 
                 dev = next(qmodel.parameters()).device
                 teacher = model if next(model.parameters()).device == dev else copy.deepcopy(model).to(dev)
                 loss_fn = DistillationLoss(teacher, **distill)
-            hook, stopped = None, []
-            if callback is not None:
-                def hook(rec, _stage=stage, _offset=done_epochs):
-                    # rank 0's answer on every rank, so that all stop (or go on to the next stage) together
-                    if hdist.broadcast_object(bool(callback(dict(rec, stage=_stage,
-                                                                  global_epoch=_offset + rec["epoch"])))):
-                        stopped.append(True)
-                        return True
-                    return False
+            stopped = []
+
+            def stop_hook(rec, _stage=stage, _offset=done_epochs):
+                # rank 0's answer on every rank, so that all stop (or go on to the next stage) together
+                if hdist.broadcast_object(bool(callback(dict(rec, stage=_stage,
+                                                              global_epoch=_offset + rec["epoch"])))):
+                    stopped.append(True)
+                    return True
+                return False
+            hook = stop_hook if callback is not None else None
             log = train(qmodel, _GlobalEpochs(train_data, done_epochs), val_data, config=cfg,
                         checkpoint_dir=sdir, resume=resume, progress=progress, callback=hook, loss_fn=loss_fn)
             log_epochs = log["epochs"]

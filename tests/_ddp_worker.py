@@ -56,10 +56,11 @@ def run_train(epochs: int, ckdir=None, stop_after: int | None = None, hang_after
     tr, te = loaders()
     cb = (lambda rec: rec["epoch"] >= stop_after) if stop_after else None
     if hang_after is not None:  # after the first epoch's checkpoint: say so, then wait to be killed
-        def cb(rec):
+        def hang(rec):
             if rec["epoch"] == 1:
                 hang_after.write_text(str(os.getpid()))  # epoch 1 checkpointed: the test kills this pid
                 time.sleep(300)
+        cb = hang
     log = train(net, tr, te, epochs=epochs, lr=0.05, checkpoint_dir=ckdir, progress=False, callback=cb)
     return {"state": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()},
             "metrics": [{k: v for k, v in r.items() if k not in ("wall_s", "images_per_s", "eval_s")}

@@ -223,7 +223,6 @@ def test_staged_recovers_what_direct_quantization_loses(task):
     """
     model, _, tr, te = task
     cfg = BitConfig.uniform(model, 2, act_bits=4)
-    names = [b.name for b in quant_blocks(model)]
     fp32 = evaluate(model, te)
     _, direct = direct_finetune(model, cfg, tr, te, epochs=5, lr=0.02, progress=False)
     # Omega order with unit eigenvalues: largest quantization error first

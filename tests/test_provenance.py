@@ -1,7 +1,6 @@
 """Issue 19's guarantees: seeded initial weights across processes, provenance in manifests, stored-only loads."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
