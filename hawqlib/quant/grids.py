@@ -105,9 +105,9 @@ def _mse_search(w: torch.Tensor, top: int) -> torch.Tensor:
     return s
 
 
-#: Float64 values of ``w`` searched together by :func:`_mse_scale` (our choice: 1 MiB per buffer, where
+#: Float64 values of ``w`` searched together by :func:`_mse_search` (our choice: 2 MiB per buffer, where
 #: the search on ResNet50's weights on one CPU thread was fastest; any size gives the same ``h``).
-_SLAB_ELEMENTS = 1 << 17
+_SLAB_ELEMENTS = 1 << 18
 
 
 def _mse_rows(x: torch.Tensor, s: torch.Tensor, top: int) -> torch.Tensor:
