@@ -61,9 +61,8 @@ def main() -> int:
     from hawqlib.train import evaluate
 
     dev = torch.device(args.device)
-    print(f"torch {torch.__version__}, device {dev}"
-          + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else f", {torch.get_num_threads()} thread(s)")
-          + f", size {args.size}")
+    where = f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else f", {torch.get_num_threads()} thread(s)"
+    print(f"torch {torch.__version__}, device {dev}{where}, size {args.size}")
     t = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
