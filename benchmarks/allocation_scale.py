@@ -8,15 +8,19 @@
    - ``before``: the flow before the errors were shared: a budget check by ``allocate_bits`` with unit
      eigenvalues, then ``allocate_bits``, ``finetune_order`` and ``allocation_table``, each quantizing the blocks
      again, with the weight scale search as it was (a fresh tensor per step);
-   - ``after``: the budget check from sizes alone (:func:`hawqlib.allocate.check_budget`), every block's error at
-     every width once (:func:`hawqlib.sensitivity.error_table`), shared by the three.
+   - ``whole``: the budget check from sizes alone (:func:`hawqlib.allocate.check_budget`), every block's error at
+     every width once (:func:`hawqlib.sensitivity.error_table`), shared by the three, with the scale search run
+     on each whole weight tensor at once (as before the search went slab by slab);
+   - ``after``: the same, with the scale search as :func:`hawqlib.quantize` runs it now (slab by slab, the
+     rows of a slab in the processor's cache).
 
-   Both must give the same bits, the same order and the same Omegas (checked). ``--skip-before`` times only
-   ``after``.
+   All must give the same bits, the same order, the same Omegas and the same errors (checked, to the bit).
+   ``--skip-before`` leaves out ``before`` (the slowest), ``--only-after`` times ``after`` alone.
 2. ``front``: :func:`hawqlib.quantize` with ``finetune=False`` on a ResNet50 (random weights), 16 random images
    of ``--size`` px for the Hessian, 4 calibration batches, the per-step seconds of ``report.timings``.
 
     python benchmarks/allocation_scale.py [--part alloc|front|both] [--threads 1] [--size 224] [--skip-before]
+                                          [--only-after]
 """
 from __future__ import annotations
 
@@ -77,27 +81,41 @@ def after(model, spectra, target):
     return cfg, order, table
 
 
+def whole(model, spectra, target):
+    slab = grids._SLAB_ELEMENTS
+    grids._SLAB_ELEMENTS = 1 << 62  # one slab holds every row of a tensor: the search as it was
+    try:
+        return after(model, spectra, target)
+    finally:
+        grids._SLAB_ELEMENTS = slab
+
+
 def alloc_part(args) -> None:
     torch.manual_seed(0)
     model = resnet50()
     r = random.Random(0)
     spectra = [Spectrum(b.name, b.numel, 10 ** r.uniform(-2, 2)) for b in quant_blocks(model, "layer")]
     print(f"ResNet50: {len(spectra)} blocks, {sum(s.numel for s in spectra):,} weights, target {args.target}x")
-    runs = [("after", after)] + ([] if args.skip_before else [("before", before)])
-    got = {}
+    runs = [("after", after)]
+    if not args.only_after:
+        runs += [("whole", whole)] + ([] if args.skip_before else [("before", before)])
+    got, cpu = {}, {}
     for name, fn in runs:
         t0 = time.perf_counter()
         c0 = time.process_time()
         got[name] = fn(model, spectra, args.target)
-        print(f"{name:>6}: {time.perf_counter() - t0:8.2f} s wall, {time.process_time() - c0:8.2f} s CPU")
-        got[name + "_s"] = time.perf_counter() - t0
-    if "before" in got:
-        (c1, o1, t1), (c2, o2, t2) = got["before"], got["after"]
+        cpu[name] = time.process_time() - c0
+        print(f"{name:>6}: {time.perf_counter() - t0:8.2f} s wall, {cpu[name]:8.2f} s CPU", flush=True)
+    c2, o2, t2 = got["after"]
+    for name in got:
+        if name == "after":
+            continue
+        c1, o1, t1 = got[name]
         same = c1 == c2 and [e.name for e in o1] == [e.name for e in o2]
         worst = max(abs(a.omega - b.omega) / max(abs(a.omega), 1e-300) for a, b in zip(o1, o2))
         worst_t = max(abs(a["quant_error"] - b["quant_error"]) / max(a["quant_error"], 1e-300) for a, b in zip(t1, t2))
-        print(f"same bits and order: {same}; largest relative difference of Omega {worst:.3g}, "
-              f"of the errors {worst_t:.3g}; after / before = {got['after_s'] / got['before_s']:.3f}")
+        print(f"{name} vs after: same bits and order: {same}; largest relative difference of Omega {worst:.3g}, "
+              f"of the errors {worst_t:.3g}; after / {name} = {cpu['after'] / cpu[name]:.3f} in CPU time")
 
 
 def front_part(args) -> None:
@@ -124,6 +142,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--max-iter", type=int, default=20)
     ap.add_argument("--skip-before", action="store_true")
+    ap.add_argument("--only-after", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)")

@@ -90,6 +90,61 @@ def test_mse_rule_lowers_the_error_per_channel_and_is_a_least_squares_fixed_poin
     assert quant_scale(w, bits, per_channel=False).dim() == 0
 
 
+def _plain_mse_search(w, per_channel, top):
+    """The least-squares scale search as the module docstring of hawqlib.quant.grids states it, one whole
+    tensor per operation, every channel to the last round: the float64 half-steps the fast search must give
+    bit for bit."""
+    from hawqlib.quant import grids
+    x = w.detach().double().reshape(w.shape[0] if per_channel and w.dim() > 0 else 1, -1)
+    s = x.abs().amax(dim=1, keepdim=True).clamp_min(grids._MIN_RANGE) / top
+    for _ in range(grids.MSE_ITERATIONS):
+        k = torch.floor(x / s * 0.5).clamp(-(top + 1) // 2, (top - 1) // 2) * 2 + 1
+        new = (x * k).sum(dim=1, keepdim=True) / (k * k).sum(dim=1, keepdim=True)
+        new = torch.where(new > 0, new, s)
+        if torch.equal(new, s):
+            break
+        s = new
+    return s
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("slab", ["default", 300])
+def test_mse_scale_search_equals_the_plain_loop_to_the_bit(threads, slab, monkeypatch):
+    """The slab-by-slab search that carries on only the moving channels gives the plain loop's float64 scales
+    exactly (so a change of the order of any sum would show):
+    several shapes (one row, rows of one weight, a lone last row, heavy tails, an all-zero channel), dtypes and
+    widths, whole slabs and slabs of a few rows (``slab`` = 300 values), one and two threads."""
+    from hawqlib.quant import grids
+    if slab != "default":
+        monkeypatch.setattr(grids, "_SLAB_ELEMENTS", slab)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(threads)
+        shapes = [(64, 32, 3, 3), (7, 100), (33, 50), (5, 1), (1, 40), (3, 2, 5, 5), (9,)]
+        checked = 0
+        for i, shape in enumerate(shapes):
+            w = torch.randn(shape, generator=g) * torch.logspace(-3, 1, shape[0]).view(-1, *([1] * (len(shape) - 1)))
+            if i % 2:
+                w = w * torch.rand(shape, generator=g).pow(8) * 10  # heavy tails: many clipped weights
+            if shape[0] > 3:
+                w[2] = 0.0
+            for dtype in (torch.float32, torch.float64, torch.float16):
+                wd = w.to(dtype)
+                for bits in (2, 3, 4, 5, 8):
+                    top = 2 ** bits - 1
+                    for pc in (True, False):
+                        want = _plain_mse_search(wd, pc, top)
+                        got = grids._mse_search(wd.reshape(want.shape[0], -1), top)
+                        assert got.dtype == torch.float64 and torch.equal(got, want), (shape, dtype, bits, pc)
+                        h = grids._mse_scale(wd, pc, top)   # the float32 scales quantize_tensor uses
+                        assert torch.equal(h, want.float().clamp_min(grids._MIN_RANGE).reshape(h.shape))
+                        checked += 1
+        assert checked == len(shapes) * 3 * 5 * 2
+    finally:
+        torch.set_num_threads(old)
+
+
 def test_unknown_scale_rule_is_named():
     with pytest.raises(ValueError, match=r"unknown scale rule 'minmax'; valid rules: 'mse', 'max'"):
         quantize_tensor(_weight(), 4, rule="minmax")
