@@ -9,6 +9,7 @@ missing figures are build warnings, and the runner builds with warnings as error
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import os
 import re
@@ -56,6 +57,40 @@ def test_api_reference_covers_every_module_on_its_floor():
         # autodoc's reST only renders inside eval-rst: a bare {automodule} block shows as literal text.
         assert text == bookbuild.api_page_text(name, hasattr(importlib.import_module(name), "__path__")), name
         assert "```{eval-rst}\n.. automodule:: " + name + "\n" in text
+
+
+#: The method's modules whose docstrings state the paper's formulas (issue 38: typeset on the API pages).
+FORMULA_MODULES = ("hawqlib.sensitivity", "hawqlib.order", "hawqlib.allocate", "hawqlib.quant.grids",
+                   "hawqlib.quant.observer", "hawqlib.quant.ste", "hawqlib.hessian", "hawqlib.hessian.solvers",
+                   "hawqlib.hessian.gauss_newton", "hawqlib.hessian.losses", "hawqlib.size")
+#: The paper's notation written as plain text: a block's symbol with its index, or a norm's double bars.
+_PLAIN_MATH = re.compile(r"\b(?:lambda_i|Omega_i|S_i|H_i|W_i|B_i|n_i)\b|\|\|")
+
+
+def _public_docstrings(module):
+    yield module.__name__, module.__doc__ or ""
+    for name, obj in vars(module).items():
+        if name.startswith("_") or getattr(obj, "__module__", None) != module.__name__:
+            continue
+        if inspect.isfunction(obj) or inspect.isclass(obj):
+            yield f"{module.__name__}.{name}", obj.__doc__ or ""
+            for mname, meth in (vars(obj).items() if inspect.isclass(obj) else ()):
+                if not mname.startswith("_") and (inspect.isfunction(meth) or isinstance(meth, property)):
+                    yield f"{module.__name__}.{name}.{mname}", meth.__doc__ or ""
+
+
+def test_the_method_docstrings_write_their_formulas_as_math():
+    """S_i, lambda_i, Omega_i and norms go through :math: or ``.. math::`` (MathJax typesets them on the API
+    pages), never as plain text; literals (``...``) are code and may name them."""
+    plain = []
+    for name in FORMULA_MODULES:
+        for where, doc in _public_docstrings(importlib.import_module(name)):
+            text = re.sub(r"\.\. math::\n(?:\n|[ \t]+.*\n)*", "", inspect.cleandoc(doc) + "\n")
+            text = re.sub(r"``.*?``", "", re.sub(r":math:`[^`]*`", "", text), flags=re.S)
+            plain += [f"{where}: ...{text[max(0, m.start() - 40):m.end() + 20]!r}" for m in _PLAIN_MATH.finditer(text)]
+    assert not plain, "formulas written as plain text:\n" + "\n".join(plain)
+    sens = importlib.import_module("hawqlib.sensitivity").__doc__
+    assert r":math:`S_i = \lambda_i / n_i`" in sens and r"\Omega_i(b) = \lambda_i \lVert Q_b(W_i) - W_i \rVert_2^2" in sens
 
 
 def test_config_and_toc_sit_at_the_top_of_the_repository():
