@@ -202,19 +202,28 @@ class TimingsTable(SphinxDirective):
         return out
 
 
+_PROVENANCE: dict = {}
+
+
 def _provenance(env, rel: str = "executed/timings.json"):
-    """Per notebook, the artifacts it used (:func:`hawqlib.repro.provenance.chapters`), and the machine labels."""
+    """Per notebook, the artifacts it used (:func:`hawqlib.repro.provenance.chapters`), and the machine labels.
+
+    Read once per version of ``timings.json`` in a build: every directive of the page shares the verification."""
     from hawqlib.repro import provenance
 
     path = Path(env.srcdir) / rel
     env.note_dependency(str(path))
-    entries = json.loads(path.read_text())["notebooks"]
-    chapters = provenance.chapters(entries)
-    machines: dict[str, str] = {}
-    for ch in chapters.values():
-        for e in ch["new"]:
-            machines.setdefault(e["machine"], f"M{len(machines) + 1}")
-    return chapters, machines
+    key = (str(path), path.stat().st_mtime_ns)
+    if key not in _PROVENANCE:
+        entries = json.loads(path.read_text())["notebooks"]
+        chapters = provenance.chapters(entries)
+        machines: dict[str, str] = {}
+        for ch in chapters.values():
+            for e in ch["new"]:
+                machines.setdefault(e["machine"], f"M{len(machines) + 1}")
+        _PROVENANCE.clear()
+        _PROVENANCE[key] = chapters, machines
+    return _PROVENANCE[key]
 
 
 class ProvenanceSummary(SphinxDirective):
