@@ -1,17 +1,21 @@
-"""Bit allocation: HAWQ section 3.1's rule (more bits for more sensitive blocks), solved exactly.
+r"""Bit allocation: HAWQ section 3.1's rule (more bits for more sensitive blocks), solved exactly.
 
-The paper sorts the blocks by their sensitivity ``S_i = lambda_i / n_i`` (section 3.1) and gives more
+The paper sorts the blocks by their sensitivity :math:`S_i = \lambda_i / n_i` (section 3.1) and gives more
 sensitive blocks more bits; the quantities and their notation are in :mod:`hawqlib.sensitivity`, the
 fine-tuning order of section 3.2 in :mod:`hawqlib.order`.
 
-Allocation (beyond the paper; the paper picks the exact bit numbers by hand within the S order).
-Our choice: among all assignments of bits from ``choices`` that are *monotone* in the S order
+Allocation (beyond the paper; the paper picks the exact bit numbers by hand within the :math:`S` order).
+Our choice: among all assignments of bits :math:`b_i` from ``choices`` that are *monotone* in the :math:`S` order
 (a more sensitive block never gets fewer bits than a less sensitive one) and whose model size
 (by :func:`hawqlib.size.model_size_bytes`) fits the budget, :func:`allocate_bits` returns the one
-that minimizes the total predicted perturbation ``sum_i Omega_i(b_i)`` (section 3.2's
-``Omega_i(b) = lambda_i ||Q_b(W_i) - W_i||_2^2``). This is solved exactly by
-dynamic programming over the blocks in S order, with the bit level of the last block as state and,
-in each state, the Pareto frontier of (size, perturbation) pairs of all monotone prefixes ending at
+that minimizes the total predicted perturbation (section 3.2's :math:`\Omega_i`)
+
+.. math::
+
+   \sum_i \Omega_i(b_i) , \qquad \Omega_i(b) = \lambda_i \, \lVert Q_b(W_i) - W_i \rVert_2^2 .
+
+This is solved exactly by dynamic programming over the blocks in :math:`S` order, with the bit level of the last
+block as state and, in each state, the Pareto frontier of (size, perturbation) pairs of all monotone prefixes ending at
 that level (a dominated prefix can be swapped for the one dominating it in any completion, so
 pruning it loses nothing). Sizes are counted in whole bits (integers), so the budget test is exact.
 The budget measures the weights' bits alone (``measure="weights"``, the default, the paper's "weight size
@@ -88,7 +92,7 @@ class _Problem:
     lam: list[float]
     S: list[float]
     choices: tuple[int, ...]
-    err: list[list[float]]      #: err[i][j] = ||Q_{choices[j]}(W_i) - W_i||^2
+    err: list[list[float]]      #: :math:`\lVert Q_{b_j}(W_i) - W_i \rVert_2^2`, :math:`b_j` = ``choices[j]``
     size_bits: list[list[int]]  #: size_bits[i][j] = bits block i adds at choices[j]
     base_bits: int              #: bits of everything not in a block (BN, biases, ...)
     fp32_bytes: float           #: size of the unquantized model
@@ -96,7 +100,7 @@ class _Problem:
     act_bits: int | None
 
     def cost(self, i: int, j: int) -> float:
-        """Omega_i at choices[j]; a negative lambda counts as 0 (see :func:`allocate_bits`)."""
+        r""":math:`\Omega_i` at ``choices[j]``; a negative :math:`\lambda_i` counts as 0 (see :func:`allocate_bits`)."""
         return max(self.lam[i], 0.0) * self.err[i][j]
 
 
@@ -259,7 +263,7 @@ def allocate_bits(model: nn.Module, spectra, *, target_size_mb: float | None = N
                   target_compression: float | None = None, choices=DEFAULT_CHOICES, policy: str = "hawq",
                   act_bits: int | None = None, granularity="layer", seed: int = 0, measure: str = "weights",
                   errors=None):
-    """The exact best monotone bit allocation under a size budget (see the module docstring); a ``BitConfig``.
+    r"""The exact best monotone bit allocation under a size budget (see the module docstring); a ``BitConfig``.
 
     Give exactly one budget: ``target_size_mb`` (model size in MB of :data:`MB` bytes, by
     :func:`hawqlib.size.model_size_bytes`) or ``target_compression`` (FP32 size / quantized size, at least).
@@ -271,8 +275,8 @@ def allocate_bits(model: nn.Module, spectra, *, target_size_mb: float | None = N
     omitted (the answer is that width everywhere; a given budget is still checked).
 
     Among the allocations monotone in the policy's block order and within budget, the result minimizes
-    ``sum_i lambda_i ||Q_{b_i}(W_i) - W_i||^2``; ties go to the smaller model. A negative top eigenvalue
-    counts as zero in that sum (with a warning). ``granularity`` selects the blocks
+    :math:`\sum_i \lambda_i \lVert Q_{b_i}(W_i) - W_i \rVert_2^2`; ties go to the smaller model. A negative
+    top eigenvalue counts as zero in that sum (with a warning). ``granularity`` selects the blocks
     (:func:`hawqlib.blocks.quant_blocks`) and must be the one the spectra were computed at; ``act_bits``
     is stored in the config. Raises ValueError when no allocation fits, stating the smallest size reachable.
     ``errors``: the blocks' quantization errors (:func:`hawqlib.sensitivity.error_table`) where the caller
@@ -348,7 +352,7 @@ class ParetoPoint:
     size_bytes: float
     size_mb: float
     compression: float          #: FP32 size / this size
-    perturbation: float         #: sum_i lambda_i ||Q_{b_i}(W_i) - W_i||^2
+    perturbation: float         #: :math:`\sum_i \lambda_i \lVert Q_{b_i}(W_i) - W_i \rVert_2^2`
     bits: dict                  #: block name -> bits
     mean_bits: float            #: weight-count-weighted mean bit width
 

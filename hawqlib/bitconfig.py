@@ -67,9 +67,16 @@ def check_act_rule(rule) -> str:
 class BitConfig:
     """A mixed-precision setting: weight bits per block, activation bits, and the block granularity.
 
-    ``weights`` maps block names (as :func:`hawqlib.blocks.quant_blocks` names them at
-    ``granularity``) to bits in 1..8; ``act_bits`` is the activation precision (None: activations
-    stay FP32). Bit values are checked on construction; block names by :meth:`validate`.
+    Bit values are checked on construction; block names by :meth:`validate`.
+
+    Parameters
+    ----------
+    weights : dict
+        Block name (as :func:`hawqlib.blocks.quant_blocks` names them at ``granularity``) -> bits in 1..8.
+    act_bits : int or None
+        The activation precision (None: activations stay FP32).
+    granularity : str or list
+        What a block is: ``"layer"``, ``"residual"`` or a list of module names.
     """
 
     weights: dict = field(default_factory=dict)

@@ -170,8 +170,20 @@ def arch_of(model: nn.Module) -> str | None:
 def save_packed(qmodel: nn.Module, path: str | os.PathLike, *, arch: str | None = None) -> int:
     """Write ``qmodel`` (from :func:`hawqlib.quant.swap.quantize_model`) to ``path`` in the packed format.
 
-    ``arch`` (optional) names a constructor of :func:`hawqlib.models.get` so that
-    :func:`load_packed` can rebuild the network without being given one. Returns the file size.
+    Parameters
+    ----------
+    qmodel : nn.Module
+        The quantized model, its quantized modules as :func:`hawqlib.quant.swap.quantize_model` makes them.
+    path : str or path
+        The file to write.
+    arch : str, optional
+        A constructor name of :func:`hawqlib.models.get`, recorded so that :func:`load_packed` can rebuild the
+        network without being given one.
+
+    Returns
+    -------
+    int
+        The file size in bytes.
     """
     cfg = getattr(qmodel, "bit_config", None)
     if not isinstance(cfg, BitConfig) or not any(isinstance(m, QUANT_MODULES) for m in qmodel.modules()):
@@ -217,9 +229,15 @@ def _check_accounted(entries: list, qmodel: nn.Module, where: str) -> None:
 def load_packed(path: str | os.PathLike, model: nn.Module | Callable[[], nn.Module] | None = None) -> nn.Module:
     """Rebuild the quantized model stored at ``path``, in eval mode.
 
-    ``model``: an FP32 instance of the architecture (left untouched) or a callable returning
-    one; None uses the ``arch`` recorded by :func:`save_packed`. In eval mode the result's
-    outputs equal those of the fake-quantized model that was saved, bit for bit.
+    In eval mode the result's outputs equal those of the fake-quantized model that was saved, bit for bit.
+
+    Parameters
+    ----------
+    path : str or path
+        The packed file (written by :func:`save_packed`).
+    model : nn.Module, callable or None
+        An FP32 instance of the architecture (left untouched) or a callable returning one; None uses the
+        ``arch`` recorded by :func:`save_packed`.
     """
     header, payload = read_packed(path)
     where = repr(os.fspath(path))

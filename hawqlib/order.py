@@ -1,12 +1,17 @@
-"""The fine-tuning order of HAWQ section 3.2: blocks by Omega_i at their assigned bits, largest first.
+r"""The fine-tuning order of HAWQ section 3.2: blocks by :math:`\Omega_i` at their assigned bits, largest first.
 
 After the bits are chosen (:mod:`hawqlib.allocate`), the paper quantizes and fine-tunes the network in
 stages, starting with the block whose quantization perturbs the loss most by the second-order model
-``Omega_i = lambda_i ||Q(W_i) - W_i||_2^2`` (:mod:`hawqlib.sensitivity`): it gets the most fine-tuning to
-recover, while the rest of the network is still in full precision and free to adapt to it.
-:func:`finetune_order` computes that order; for the paper's ablation it also gives the exact reverse
-(smallest Omega first) and a seeded random permutation. :func:`hawqlib.finetune.staged_finetune` takes its
-entries (or their names) as they come.
+(:mod:`hawqlib.sensitivity`)
+
+.. math::
+
+   \Omega_i = \lambda_i \, \lVert Q(W_i) - W_i \rVert_2^2 ,
+
+which gets the most fine-tuning to recover, while the rest of the network is still in full precision and
+free to adapt to it. :func:`finetune_order` computes that order; for the paper's ablation it also gives the
+exact reverse (smallest :math:`\Omega_i` first) and a seeded random permutation.
+:func:`hawqlib.finetune.staged_finetune` takes its entries (or their names) as they come.
 """
 from __future__ import annotations
 
@@ -25,7 +30,8 @@ ORDERS = ("omega", "reverse", "random")
 
 @dataclass(frozen=True)
 class OmegaEntry:
-    """A block in the fine-tuning order: ``omega`` = lambda ||Q(W) - W||_2^2 at ``bits`` (section 3.2)."""
+    r"""A block in the fine-tuning order: ``omega`` :math:`= \lambda \lVert Q(W) - W \rVert_2^2` at ``bits``
+    (section 3.2)."""
 
     name: str
     omega: float
@@ -40,14 +46,15 @@ class OmegaEntry:
 
 def finetune_order(model: nn.Module, spectra, bit_config, *, policy: str = "omega",
                    seed: int = 0, errors=None) -> list[OmegaEntry]:
-    """Blocks by ``Omega_i = lambda_i ||Q(W_i) - W_i||_2^2`` at their bits, largest first (paper section 3.2).
+    r"""Blocks by :math:`\Omega_i = \lambda_i \lVert Q(W_i) - W_i \rVert_2^2` at their bits, largest first (paper
+    section 3.2).
 
     Ties (e.g. several blocks left at 8 bits with tiny errors that coincide) keep module order.
     Negative eigenvalues are used as they are here (the order is the paper's rule, unclamped).
-    For the ablation, ``policy="reverse"`` returns the exact reverse (smallest Omega first) and
-    ``policy="random"`` a ``random.Random(seed)`` shuffle of the Omega order; each record still carries
-    its Omega. ``errors``: the blocks' quantization errors (:func:`hawqlib.sensitivity.error_table`) where the
-    caller has them already.
+    For the ablation, ``policy="reverse"`` returns the exact reverse (smallest :math:`\Omega_i` first) and
+    ``policy="random"`` a ``random.Random(seed)`` shuffle of the :math:`\Omega` order; each record still carries
+    its :math:`\Omega_i`. ``errors``: the blocks' quantization errors (:func:`hawqlib.sensitivity.error_table`) where
+    the caller has them already.
     """
     if policy not in ORDERS:
         raise ValueError(f"unknown fine-tuning order {policy!r}; valid: {', '.join(ORDERS)}")

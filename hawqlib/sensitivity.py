@@ -1,17 +1,17 @@
-"""The per-block quantities of HAWQ sections 3.1 and 3.2: sensitivity S_i and perturbation Omega_i.
+r"""The per-block quantities of HAWQ sections 3.1 and 3.2: sensitivity :math:`S_i` and perturbation :math:`\Omega_i`.
 
-Notation (paper section 3.1): block B_i holds the weights W_i (``n_i`` of them, see
-:mod:`hawqlib.blocks`); ``lambda_i`` is the top eigenvalue of its Hessian block H_i (from
+Notation (paper section 3.1): block :math:`B_i` holds the weights :math:`W_i` (:math:`n_i` of them, see
+:mod:`hawqlib.blocks`); :math:`\lambda_i` is the top eigenvalue of its Hessian block :math:`H_i` (from
 :mod:`hawqlib.hessian`). Then
 
-- **sensitivity** ``S_i = lambda_i / n_i`` (section 3.1, :func:`sensitivities`); the paper sorts
-  blocks by S_i and gives more sensitive blocks more bits (:mod:`hawqlib.allocate`);
-- **second-order perturbation** of quantizing B_i to ``b`` bits:
-  ``Omega_i(b) = lambda_i * ||Q_b(W_i) - W_i||_2^2`` (the quantity of section 3.2, i.e. the
-  quadratic model ``1/2 dW^T H_i dW`` bounded by its top eigenvalue, without the constant 1/2); it
-  orders the blocks for fine-tuning (:mod:`hawqlib.order`).
+- **sensitivity** :math:`S_i = \lambda_i / n_i` (section 3.1, :func:`sensitivities`); the paper sorts
+  blocks by :math:`S_i` and gives more sensitive blocks more bits (:mod:`hawqlib.allocate`);
+- **second-order perturbation** of quantizing :math:`B_i` to :math:`b` bits:
+  :math:`\Omega_i(b) = \lambda_i \lVert Q_b(W_i) - W_i \rVert_2^2` (the quantity of section 3.2, i.e. the
+  quadratic model :math:`\frac{1}{2} \Delta W_i^T H_i \Delta W_i` bounded by its top eigenvalue, without the
+  constant :math:`\frac{1}{2}`); it orders the blocks for fine-tuning (:mod:`hawqlib.order`).
 
-The quantizer behind ``Q_b`` is :func:`hawqlib.quant.grids.quantize_tensor` with the same settings that
+The quantizer behind :math:`Q_b` is :func:`hawqlib.quant.grids.quantize_tensor` with the same settings that
 :func:`hawqlib.quant.swap.quantize_model` uses, so the predicted perturbation is of the weights the
 fine-tuned model starts from. A spectrum is any object with ``.name``, ``.numel`` and ``.eigenvalue``
 (:class:`hawqlib.hessian.BlockSpectrum`, or a record of your own).
@@ -69,7 +69,7 @@ def _spectra_list(spectra) -> list:
 
 
 def sensitivities(spectra) -> dict[str, float]:
-    """S_i = lambda_i / n_i for each block (paper section 3.1), as ``{name: S_i}`` in the spectra's order.
+    r""":math:`S_i = \lambda_i / n_i` for each block (paper section 3.1), as ``{name: S_i}`` in the spectra's order.
 
     ``spectra`` is a sequence (or a name-keyed mapping) of objects with ``.name``, ``.numel`` and
     ``.eigenvalue`` (the top Hessian eigenvalue of the block; a sequence of eigenvalues counts by its max).
@@ -109,7 +109,8 @@ def match_blocks(model: nn.Module, spectra, granularity) -> tuple[list, list]:
 
 
 def quant_errors(block, choices) -> list[float]:
-    """``||Q_b(W_i) - W_i||_2^2`` of one block for each ``b`` in ``choices`` (summed over its weight tensors)."""
+    r""":math:`\lVert Q_b(W_i) - W_i \rVert_2^2` of one block for each ``b`` in ``choices`` (summed over its weight
+    tensors)."""
     out = []
     with torch.no_grad():
         for b in choices:
@@ -122,14 +123,16 @@ def quant_errors(block, choices) -> list[float]:
 
 
 def error_table(blocks, choices) -> dict[str, dict[int, float]]:
-    """``{block name: {b: ||Q_b(W_i) - W_i||^2}}`` for every block and every ``b`` in ``choices``: computed once
+    r"""``{block name: {b: error}}``, the error :math:`\lVert Q_b(W_i) - W_i \rVert_2^2` for every block and every
+    ``b`` in ``choices``: computed once
     and handed to :func:`hawqlib.allocate.allocate_bits`, :func:`hawqlib.order.finetune_order` and
     :func:`allocation_table` (``errors=``), so that one call quantizes each block at each width once."""
     return {b.name: dict(zip(choices, quant_errors(b, choices))) for b in blocks}
 
 
 def block_errors(blocks, choices, errors=None) -> list[list[float]]:
-    """``out[i][j] = ||Q_{choices[j]}(W_i) - W_i||^2``, read from ``errors`` (:func:`error_table`) where it has the
+    r"""``out[i][j]`` :math:`= \lVert Q_{b_j}(W_i) - W_i \rVert_2^2` with :math:`b_j` = ``choices[j]``, read from
+    ``errors`` (:func:`error_table`) where it has the
     entry, computed (:func:`quant_errors`) where it does not."""
     out = []
     for b in blocks:
@@ -141,12 +144,13 @@ def block_errors(blocks, choices, errors=None) -> list[list[float]]:
 
 
 def allocation_table(model: nn.Module, spectra, bit_config, *, errors=None) -> list[dict]:
-    """One row per block, in module order, for a given ``bit_config``.
+    r"""One row per block, in module order, for a given ``bit_config``.
 
-    Row keys: ``name``, ``numel`` (n_i), ``lambda`` (lambda_i), ``S`` (lambda_i/n_i), ``bits``,
-    ``quant_error`` (||Q(W_i)-W_i||^2), ``omega`` (lambda_i ||Q(W_i)-W_i||^2, the predicted
-    perturbation; a negative lambda counts as 0, as in :func:`hawqlib.allocate.allocate_bits`), ``size_bytes`` (the
-    block's packed weights and scales, by :func:`hawqlib.size.size_table`). ``errors``: the errors of
+    Row keys: ``name``, ``numel`` (:math:`n_i`), ``lambda`` (:math:`\lambda_i`), ``S`` (:math:`\lambda_i / n_i`),
+    ``bits``, ``quant_error`` (:math:`\lVert Q(W_i) - W_i \rVert_2^2`), ``omega``
+    (:math:`\lambda_i \lVert Q(W_i) - W_i \rVert_2^2`, the predicted perturbation; a negative lambda counts as 0, as
+    in :func:`hawqlib.allocate.allocate_bits`), ``size_bytes`` (the block's packed weights and scales, by
+    :func:`hawqlib.size.size_table`). ``errors``: the errors of
     :func:`error_table`, where the caller has them already.
     """
     blocks, specs = match_blocks(model, spectra, bit_config.granularity)

@@ -1,4 +1,4 @@
-"""What a (quantized) model weighs: the size accounting behind the paper's compression figures (section 4).
+r"""What a (quantized) model weighs: the size accounting behind the paper's compression figures (section 4).
 
 The paper reports a "weight size reduction" (13.1x for ResNet20 at 2 MP) and an "activation
 compression" (8x at 4-bit activations) without restating what it counts. Our accounting
@@ -6,13 +6,13 @@ compression" (8x at 4-bit activations) without restating what it counts. Our acc
 stored in, and :mod:`hawqlib.export` writes exactly these numbers to its packed file:
 
 - each quantized weight tensor (a Conv2d/Linear weight of a block of the BitConfig):
-  ``ceil(numel * bits / 8)`` bytes (its codes bit-packed, per tensor), plus **one FP32 scale per
-  output channel** (4 bytes each);
+  :math:`\lceil n \, b / 8 \rceil` bytes for :math:`n` weights at :math:`b` bits (its codes bit-packed, per tensor),
+  plus **one FP32 scale per output channel** (4 bytes each);
 - every other parameter (biases, unquantized weights): 4 bytes per element;
-- BatchNorm: **2 FP32 numbers per channel**, its inference form ``y = a x + b`` with
-  ``a = gamma / sqrt(var + eps)`` and ``b = beta - mean * a``: in eval mode the running mean and
-  variance fold into ``a`` and ``b``, so they are not counted separately (nor is
-  ``num_batches_tracked``, which inference never reads). For an affine BatchNorm this equals its
+- BatchNorm: **2 FP32 numbers per channel**, its inference form :math:`y = a x + b` with
+  :math:`a = \gamma / \sqrt{\sigma^2 + \epsilon}` and :math:`b = \beta - \mu a`: in eval mode the running mean
+  :math:`\mu` and variance :math:`\sigma^2` fold into :math:`a` and :math:`b`, so they are not counted separately (nor
+  is ``num_batches_tracked``, which inference never reads). For an affine BatchNorm this equals its
   parameter count, so the FP32 size of a model is exactly 4 bytes x its number of parameters
   (ResNet20: 4 x 269,722 = 1,078,888 bytes);
 - each activation quantizer (:class:`hawqlib.quant.modules.QuantAct`): its scale (FP32) and zero point
@@ -123,7 +123,8 @@ def compression_ratio(model: nn.Module, bit_config: BitConfig | None = None) -> 
 
 
 def weight_compression(model: nn.Module, bit_config: BitConfig | None = None) -> float:
-    """32 / mean weight bits over the quantized weights (weights alone; see the module docstring)."""
+    r""":math:`32 / \bar b`, :math:`\bar b = \sum_i n_i b_i / \sum_i n_i` the mean bits of the quantized weights
+    (:math:`n_i` weights at :math:`b_i` bits; weights alone, see the module docstring)."""
     bits = weight_bits_by_module(model, bit_config)
     if not bits:
         return 1.0

@@ -68,11 +68,30 @@ _HESSIAN_OPTIONS = ("method", "solver", "tol", "max_iter", "chunk_size", "max_me
 
 @dataclass(frozen=True)
 class FinetuneSchedule:
-    """Multi-stage fine-tuning (section 3.2): ``stages`` groups of blocks in Omega order, each followed by
+    r"""Multi-stage fine-tuning (section 3.2): ``stages`` groups of blocks in :math:`\Omega` order, each followed by
     ``epochs_per_stage`` epochs of SGD (cosine within the stage; see :func:`hawqlib.finetune.staged_finetune`).
 
-    ``stages=None``: :data:`DEFAULT_STAGES`, or one per block if there are fewer blocks.
-    ``checkpoint_dir``: where each epoch is checkpointed, so an interrupted call resumes there.
+    Parameters
+    ----------
+    stages : int or None
+        How many groups the blocks are quantized in, one group per stage. None: :data:`DEFAULT_STAGES`, or one
+        per block if there are fewer blocks.
+    epochs_per_stage : int
+        SGD epochs after each group is quantized (at least 1).
+    lr : float
+        The learning rate each stage starts from, decayed to 0 within the stage (cosine).
+    final_epochs : int
+        Epochs of one more stage with every block quantized (0: none).
+    momentum : float
+        SGD momentum.
+    nesterov : bool
+        Nesterov momentum.
+    weight_decay : float
+        SGD weight decay.
+    calibration_batches : int
+        Batches the activation ranges are calibrated on before the first stage.
+    checkpoint_dir : str or None
+        Where each epoch is checkpointed, so an interrupted call resumes there (None: nothing kept on disk).
     """
 
     stages: int | None = None
@@ -105,15 +124,50 @@ class _Spectrum(NamedTuple):
 
 @dataclass
 class QuantizeReport:
-    """What :func:`quantize` decided and measured.
+    r"""What :func:`quantize` decided and measured; :func:`quantize` fills every field (its constructor's
+    parameters, below).
 
-    ``spectra``: one :class:`hawqlib.hessian.BlockSpectrum` per block; ``table``: the allocation per block
-    (:func:`hawqlib.sensitivity.allocation_table`: lambda, S, bits, Omega, bytes); ``order``: the Omega order
-    (:class:`hawqlib.order.OmegaEntry`, first quantized first); ``weight_compression``: 32 / mean weight
-    bits; ``compression``: FP32 size / ``size_bytes``, the whole model as :mod:`hawqlib.size` counts it;
-    ``history``: the fine-tuning record (None when skipped); ``val_top1``/``fp32_val_top1``: top-1 (%) of the
-    quantized and of the original model on ``val_data`` (None without it); ``packed_bytes``: the size of the
-    file written to ``packed_path``.
+    Parameters
+    ----------
+    bit_config : BitConfig
+        The bits allocated to each block, the activation bits and the granularity.
+    spectra : list
+        One :class:`hawqlib.hessian.BlockSpectrum` per block: :math:`\lambda_i`, its residual, the route.
+    table : list of dict
+        The allocation per block (:func:`hawqlib.sensitivity.allocation_table`: :math:`n_i`, :math:`\lambda_i`,
+        :math:`S_i`, bits, :math:`\Omega_i`, bytes).
+    order : list
+        The :math:`\Omega` order (:class:`hawqlib.order.OmegaEntry`, first quantized first).
+    measure : str
+        What the budget counted: ``"weights"`` or ``"model"``.
+    target : dict
+        The budget as given: ``{"target_compression": ...}`` or ``{"target_size_mb": ...}``.
+    weight_compression : float
+        :math:`32 / \bar b`, the mean weight bits :math:`\bar b` (:func:`hawqlib.size.weight_compression`).
+    compression : float
+        FP32 size / ``size_bytes``, the whole model as :mod:`hawqlib.size` counts it.
+    activation_compression : float
+        32 / activation bits (1 when the activations stay FP32).
+    size_bytes : int
+        The quantized model's size (:func:`hawqlib.size.model_size_bytes`).
+    fp32_bytes : int
+        The FP32 model's size (:func:`hawqlib.size.fp32_size_bytes`).
+    hessian_samples : int
+        Samples in the batches the Hessian was taken on.
+    device : str
+        Where the work ran.
+    history : dict or None
+        The fine-tuning record (:func:`hawqlib.finetune.staged_finetune`); None when fine-tuning was skipped.
+    val_top1 : float or None
+        Top-1 (%) of the quantized model on ``val_data`` (None without it).
+    fp32_val_top1 : float or None
+        Top-1 (%) of the original model on ``val_data`` (None without it).
+    packed_path : str or None
+        The bit-packed file written (None: none).
+    packed_bytes : int or None
+        That file's size.
+    timings : dict or None
+        Seconds per step of the call.
     """
 
     bit_config: BitConfig
@@ -299,25 +353,66 @@ def quantize(model: nn.Module, train_data, *, target_compression: float | None =
              choices=DEFAULT_CHOICES, finetune=True, hessian_data=None, loss_fn=None, val_data=None,
              granularity="layer", hessian: Mapping | None = None, packed_path=None, device=None, seed: int = 0,
              progress: bool = True, calibration: str = "union") -> tuple[nn.Module, QuantizeReport]:
-    """HAWQ on ``model`` (sections 3.1-3.3): Hessian spectra, bits under a budget, Omega-ordered fine-tuning.
+    r"""HAWQ on ``model`` (sections 3.1-3.3): Hessian spectra, bits under a budget, :math:`\Omega`-ordered
+    fine-tuning.
 
-    ``train_data``: a re-iterable of ``(inputs, targets)`` batches with ``len`` (e.g. a DataLoader).
-    Budget: exactly one of ``target_compression`` (FP32 size / quantized size, at least) and
-    ``target_size_mb``, in ``measure`` (``"weights"``: weight bits alone; ``"model"``: the whole model by
-    :mod:`hawqlib.size`). ``act_bits``: activation bits (None: FP32); ``choices``: the bit widths a block may get.
-    ``finetune``: True (:class:`FinetuneSchedule` defaults), a schedule or a dict of its fields, or False
-    (quantize and calibrate the activations only). ``hessian_data``: None (the first :data:`HESSIAN_BATCHES`
-    batches of ``train_data``), a number of batches, a batch, or an iterable of batches. ``loss_fn``: the loss
-    whose Hessian is measured (default cross entropy). ``hessian``: options of
-    :func:`hawqlib.hessian.top_eigenvalues` (``method``, ``solver``, ``tol``, ``max_iter``, ...).
-    ``packed_path``: also write the bit-packed file there. ``device``: where the work runs (default: the
-    model's); batches are moved there. ``seed``: seeds the call's own torch random state (the caller's is left
-    as it was), the eigensolver and the fine-tuning. ``calibration``: how the activation ranges are calibrated
-    (:func:`hawqlib.quant.swap.calibrate_activations`): ``"union"`` over all the calibration batches (the
-    default, our choice), or ``"moving_average"``, the training rule (the book's stored runs).
+    Give exactly one budget, ``target_compression`` or ``target_size_mb``. Our choice: ``calibration="union"``
+    by default, the range over every calibration batch at once rather than the training rule's moving average
+    (:class:`hawqlib.quant.observer.RangeCollector` gives the reason).
 
-    ``model`` is left unchanged. Returns ``(qmodel, report)``: the quantized model on ``device`` in eval mode,
-    every block at its allocated bits, and a :class:`QuantizeReport`.
+    Parameters
+    ----------
+    model : nn.Module
+        The FP32 network (its Conv2d/Linear layers are quantized); left unchanged, the work is done on a copy.
+    train_data
+        A re-iterable of ``(inputs, targets)`` batches with ``len`` (e.g. a DataLoader): the fine-tuning data,
+        the activations' calibration batches and, by default, the Hessian's batches.
+    target_compression : float, optional
+        The budget as FP32 size / quantized size, at least, counted in ``measure``.
+    target_size_mb : float, optional
+        The budget as a size in MB (:data:`hawqlib.allocate.MB` bytes), at most, counted in ``measure``.
+    measure : str
+        What the budget counts: ``"weights"`` (the weight bits alone, the paper's "weight size reduction") or
+        ``"model"`` (the whole model as :mod:`hawqlib.size` counts it).
+    act_bits : int or None
+        Activation bits (None: the activations stay FP32).
+    choices : sequence of int
+        The bit widths a block may get.
+    finetune : bool, FinetuneSchedule or dict
+        True (:class:`FinetuneSchedule` defaults), a schedule or a dict of its fields, or False (quantize and
+        calibrate the activations only).
+    hessian_data : optional
+        None (the first :data:`HESSIAN_BATCHES` batches of ``train_data``), a number of batches of it, a batch,
+        or an iterable of batches.
+    loss_fn : optional
+        The loss whose Hessian is measured and that fine-tuning minimizes (default: cross entropy).
+    val_data : optional
+        Batches to evaluate on: after each fine-tuning stage, and the quantized and the original model at the
+        end (``report.val_top1``, ``report.fp32_val_top1``). None: no evaluation.
+    granularity : str or list of str
+        What a block is (:func:`hawqlib.blocks.quant_blocks`): ``"layer"``, ``"residual"`` or a list of module
+        names.
+    hessian : mapping, optional
+        Options of :func:`hawqlib.hessian.top_eigenvalues` (``method``, ``solver``, ``tol``, ``max_iter``, ...).
+    packed_path : str or path, optional
+        Also write the bit-packed file there (:func:`hawqlib.export.save_packed`).
+    device : optional
+        Where the work runs (default: the model's); batches are moved there.
+    seed : int
+        Seeds the call's own torch random state (the caller's is left as it was), the eigensolver and the
+        fine-tuning.
+    progress : bool
+        Show progress bars for the Hessian and the fine-tuning.
+    calibration : str
+        How the activation ranges are calibrated (:func:`hawqlib.quant.swap.calibrate_activations`):
+        ``"union"`` over all the calibration batches (the default) or ``"moving_average"``, the training rule
+        (the book's stored runs).
+
+    Returns
+    -------
+    tuple
+        ``(qmodel, report)``: the quantized model on ``device`` in eval mode, every block at its allocated
+        bits, and a :class:`QuantizeReport`.
     """
     _check_model(model)
     schedule = _check_schedule(finetune)

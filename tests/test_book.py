@@ -9,7 +9,9 @@ missing figures are build warnings, and the runner builds with warnings as error
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
+import os
 import re
 import subprocess
 import sys
@@ -21,7 +23,7 @@ import nbformat
 import pytest
 
 import hawqlib
-from hawqlib.repro import book, bookbuild, pages, profiles
+from hawqlib.repro import artifacts, book, bookbuild, pages, profiles, provenance
 
 from _book_smoke import ROOT, smoke_book
 
@@ -55,6 +57,40 @@ def test_api_reference_covers_every_module_on_its_floor():
         # autodoc's reST only renders inside eval-rst: a bare {automodule} block shows as literal text.
         assert text == bookbuild.api_page_text(name, hasattr(importlib.import_module(name), "__path__")), name
         assert "```{eval-rst}\n.. automodule:: " + name + "\n" in text
+
+
+#: The method's modules whose docstrings state the paper's formulas (issue 38: typeset on the API pages).
+FORMULA_MODULES = ("hawqlib.sensitivity", "hawqlib.order", "hawqlib.allocate", "hawqlib.quant.grids",
+                   "hawqlib.quant.observer", "hawqlib.quant.ste", "hawqlib.hessian", "hawqlib.hessian.solvers",
+                   "hawqlib.hessian.gauss_newton", "hawqlib.hessian.losses", "hawqlib.size")
+#: The paper's notation written as plain text: a block's symbol with its index, or a norm's double bars.
+_PLAIN_MATH = re.compile(r"\b(?:lambda_i|Omega_i|S_i|H_i|W_i|B_i|n_i)\b|\|\|")
+
+
+def _public_docstrings(module):
+    yield module.__name__, module.__doc__ or ""
+    for name, obj in vars(module).items():
+        if name.startswith("_") or getattr(obj, "__module__", None) != module.__name__:
+            continue
+        if inspect.isfunction(obj) or inspect.isclass(obj):
+            yield f"{module.__name__}.{name}", obj.__doc__ or ""
+            for mname, meth in (vars(obj).items() if inspect.isclass(obj) else ()):
+                if not mname.startswith("_") and (inspect.isfunction(meth) or isinstance(meth, property)):
+                    yield f"{module.__name__}.{name}.{mname}", meth.__doc__ or ""
+
+
+def test_the_method_docstrings_write_their_formulas_as_math():
+    """S_i, lambda_i, Omega_i and norms go through :math: or ``.. math::`` (MathJax typesets them on the API
+    pages), never as plain text; literals (``...``) are code and may name them."""
+    plain = []
+    for name in FORMULA_MODULES:
+        for where, doc in _public_docstrings(importlib.import_module(name)):
+            text = re.sub(r"\.\. math::\n(?:\n|[ \t]+.*\n)*", "", inspect.cleandoc(doc) + "\n")
+            text = re.sub(r"``.*?``", "", re.sub(r":math:`[^`]*`", "", text), flags=re.S)
+            plain += [f"{where}: ...{text[max(0, m.start() - 40):m.end() + 20]!r}" for m in _PLAIN_MATH.finditer(text)]
+    assert not plain, "formulas written as plain text:\n" + "\n".join(plain)
+    sens = importlib.import_module("hawqlib.sensitivity").__doc__
+    assert r":math:`S_i = \lambda_i / n_i`" in sens and r"\Omega_i(b) = \lambda_i \lVert Q_b(W_i) - W_i \rVert_2^2" in sens
 
 
 def test_config_and_toc_sit_at_the_top_of_the_repository():
@@ -345,14 +381,20 @@ def test_runner_rejects_bad_input(tmp_path):
         book.execute("baseline", "smoke", notebooks_dir=tmp_path / "nb", out_dir=tmp_path / "out")
 
 
-def test_runner_executes_with_profile_and_records_time(tmp_path):
+def test_runner_executes_with_profile_and_records_time(tmp_path, monkeypatch):
     nb_dir, out = tmp_path / "nb", tmp_path / "out"
+    monkeypatch.setenv("HAWQ_ARTIFACTS", str(tmp_path / "store"))
+    monkeypatch.delenv("FORCE", raising=False)
     _notebook(nb_dir / "ablation.ipynb",
               "import os, sys\nfrom myst_nb import glue\n"
               "glue('ablation_profile', profile, display=False)\n"
               "glue('ablation_env', os.environ['HAWQ_PROFILE'], display=False)\n"
               "glue('ablation_python', sys.executable, display=False)\n"
-              "glue('ablation_cwd', os.getcwd(), display=False)")
+              "glue('ablation_cwd', os.getcwd(), display=False)",
+              # an artifact the notebook computes: the runner records it for the Provenance page
+              "from hawqlib.repro import artifacts\n"
+              "_, folder = artifacts.cached('probe', {'n': 1}, lambda f: 1, "
+              "lambda f, v: (f / 'v.json').write_text('1') and None, lambda f: 1, None)")
     times = book.run_notebooks("smoke", notebooks_dir=nb_dir, out_dir=out, progress=False)
     assert list(times) == ["ablation"] and times["ablation"] > 0
     nb = nbformat.read(out / "ablation.ipynb", as_version=4)
@@ -365,6 +407,8 @@ def test_runner_executes_with_profile_and_records_time(tmp_path):
     assert nb.metadata["papermill"]["parameters"] == {"profile": "smoke"}
     timings = json.loads((out / "timings.json").read_text())["notebooks"]
     assert timings["ablation"]["profile"] == "smoke" and timings["ablation"]["wall_s"] == round(times["ablation"], 2)
+    probe = (tmp_path / "store").resolve() / f"probe-{artifacts.config_hash({'n': 1})}"
+    assert timings["ablation"]["artifacts"] == [str(probe)] and (probe / "manifest.json").is_file()
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")], "temp files left behind"
 
 
@@ -582,6 +626,32 @@ def test_pasted_values_match_the_notebooks(built):
     assert set(timings) == set(book.NOTEBOOKS)
     for name, entry in timings.items():
         assert f"{entry['wall_s']:.1f}" in reproduce, f"{name}'s wall time is not on the Reproduce page"
+
+
+_FOLDER = re.compile(r"\b(?:baseline_[a-z0-9_]+|spectrum|traces|landscape|finetune|calibrated|damage|quantize)"
+                     r"-[0-9a-f]{12}\b")  # the kinds of artifact the notebooks store
+
+
+def test_the_provenance_page_lists_every_artifact_the_chapters_read(built):
+    """Issue 38: every artifact a notebook used, and every artifact folder a chapter names, is on the Provenance
+    page with its manifest's wall time; with a fresh store (CI), so is every complete artifact in it."""
+    html = (built.html / "provenance.html").read_text(encoding="utf-8")
+    text = re.sub(r"<[^>]+>", "", html)
+    timings = json.loads((built.executed / "timings.json").read_text())["notebooks"]
+    used = {Path(p) for e in timings.values() for p in e["artifacts"]}
+    assert used, "the smoke book used no artifact at all"
+    for folder in used:
+        assert folder.name in text, f"{folder.name} (used) is not on the Provenance page"
+        wall = provenance.entry(folder)["wall_s"]
+        assert wall >= 0 and provenance.duration_text(wall) in text
+    named = set()
+    for path in built.executed.glob("*.ipynb"):
+        nb = nbformat.read(path, as_version=4)
+        named |= {m for c in nb.cells for o in c.get("outputs", []) for m in _FOLDER.findall(json.dumps(o))}
+    assert named <= {f.name for f in used}, f"folders a chapter names but no notebook used: {named - {f.name for f in used}}"
+    if not os.environ.get("HAWQ_BOOK_TEST_ARTIFACTS"):  # a fresh store holds only what the book computed
+        stored = {f.name for f in built.artifacts.iterdir() if (f / "manifest.json").is_file()}
+        assert stored <= {f.name for f in used}, f"stored but not on the page: {stored - {f.name for f in used}}"
 
 
 def test_executed_copies_are_from_the_smoke_profile(built):

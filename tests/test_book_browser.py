@@ -38,7 +38,7 @@ def chromium() -> str:
 
 
 def _is_chapter(doc: str) -> bool:
-    return doc.startswith(("method/", "executed/")) or doc in ("intro", "choices", "reproduce", "api/index")
+    return doc.startswith(("method/", "executed/")) or doc in ("intro", "choices", "reproduce", "provenance", "api/index")
 
 
 @pytest.fixture(scope="module")

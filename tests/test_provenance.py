@@ -78,3 +78,94 @@ def test_manifest_records_provenance_and_load_only_never_computes(tmp_path, monk
     assert machine["cpus"] == os.cpu_count() and machine["torch_threads"] == torch.get_num_threads()
     again = pipeline.finetuned(net, "r20", bc, order, FT, data_root=cifar_root, load_only=True)
     assert again is not None and again.folder == r.folder and again.top1 == r.top1
+
+
+# ----------------------------------------------------------------------------- issue 38: the provenance page
+
+def _stored(name: str, wall_s: float | None = None) -> Path:
+    """A small artifact ``probe-<key>`` computed through the cache (in the HAWQ_ARTIFACTS of the test)."""
+    def save(folder, value):
+        (folder / "value.json").write_text(json.dumps(value))
+        return {} if wall_s is None else {"wall_s": wall_s}
+
+    _, folder = artifacts.cached("probe", {"name": name, "code": {"step": 1}}, lambda f: {"name": name}, save,
+                                 lambda f: artifacts.read_json(f / "value.json"), False)
+    return folder
+
+
+def test_every_artifact_used_is_named_in_the_log(tmp_path, monkeypatch):
+    from hawqlib.repro.book import artifacts_used
+
+    monkeypatch.setenv("HAWQ_ARTIFACTS", str(tmp_path / "store"))
+    monkeypatch.delenv("FORCE", raising=False)
+    monkeypatch.delenv(artifacts.USE_LOG, raising=False)
+    quiet = _stored("quiet")  # no log named: nothing recorded anywhere
+    log = tmp_path / "used.log"
+    monkeypatch.setenv(artifacts.USE_LOG, str(log))
+    a = _stored("a")  # computed: named once its manifest is written
+    assert artifacts_used(log) == [str(a.resolve())]
+    b = _stored("b")
+    again = _stored("a")  # loaded: verified, named again; the reader keeps the first use
+    assert again == a
+    assert log.read_text().splitlines() == [str(a.resolve()), str(b.resolve()), str(a.resolve())]
+    assert artifacts_used(log) == [str(a.resolve()), str(b.resolve())]
+    assert str(quiet.resolve()) not in log.read_text()
+    assert artifacts_used(tmp_path / "no-such.log") == []
+
+
+def test_provenance_lists_each_artifact_once_from_its_verified_manifest(tmp_path, monkeypatch):
+    from hawqlib.repro import provenance
+
+    monkeypatch.setenv("HAWQ_ARTIFACTS", str(tmp_path))
+    monkeypatch.delenv("FORCE", raising=False)
+    a, b = _stored("a", wall_s=12.5), _stored("b", wall_s=7200.0)
+    timings = {"first": {"artifacts": [str(a), str(b)]}, "second": {"artifacts": [str(b)]},
+               "old": {"wall_s": 1.0}}
+    ch = provenance.chapters(timings, order=["first", "second", "old"])
+    assert list(ch) == ["first", "second", "old"]
+    assert [e["folder"] for e in ch["first"]["new"]] == [a.name, b.name] and ch["first"]["earlier"] == []
+    assert ch["second"] == {"recorded": True, "new": [], "earlier": [b.name]}  # listed once, named again
+    assert ch["old"]["recorded"] is False  # executed before the runner kept the list: said, not guessed
+    e = ch["first"]["new"][0]
+    assert e["kind"] == "probe" and e["wall_s"] == 12.5 and e["code"] == "step 1"
+    assert e["threads"] == torch.get_num_threads() and f"{os.cpu_count()} CPU cores" in e["machine"]
+    assert provenance.duration_text(12.5) == "12.5 s" and provenance.duration_text(7200.0) == "2.00 h"
+    # a file changed since the notebook ran: the page cannot be built from it
+    (b / "value.json").write_text('{"name": "changed"}')
+    with pytest.raises(artifacts.ArtifactError, match="does not match the SHA-256"):
+        provenance.chapters(timings, order=["first", "second", "old"])
+    # a wall time that is not seconds >= 0 is refused
+    c = _stored("c", wall_s=-1.0)
+    with pytest.raises(artifacts.ArtifactError, match="not seconds >= 0"):
+        provenance.entry(c)
+
+
+def test_provenance_describes_the_committed_kinds_from_their_parameters():
+    from hawqlib.repro import provenance
+
+    assert provenance.describe("baseline_resnet20", {"model": "resnet20", "train": {"seed": 0, "epochs": 200}}) \
+        == "FP32 resnet20 training, seed 0, 200 epochs"
+    bits = json.dumps({"act_bits": 4, "weights": {"conv1": 4, "fc": 2}})
+    assert provenance.describe("finetune", {"bit_config": bits, "direct": False, "finetune": {
+        "seed": 1, "stages": 4, "epochs_per_stage": 8, "final_epochs": 0}}) \
+        == "staged fine-tuning, W2-4A4, seed 1, 4 stages x 8 epochs"
+    assert provenance.describe("spectrum", {"granularity": "layer", "solver": "lanczos", "tol": 1e-4,
+                                            "data": {"cifar10_train": 512, "seed": 0}, "seed": 0}) \
+        == "top Hessian eigenvalue per layer block, lanczos, tol 0.0001, 512 images, seed 0"
+
+
+def test_the_provenance_page_has_a_table_per_chapter_and_sits_in_the_project_part():
+    import yaml
+
+    from hawqlib.repro import book
+
+    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
+    project = next(p for p in toc["parts"] if p["caption"] == "The project")
+    assert "provenance" in [c["file"] for c in project["chapters"]]
+    text = (ROOT / "book" / "provenance.md").read_text()
+    assert "{provenance-summary}" in text
+    tables = [ln.split()[-1] for ln in text.splitlines() if ln.startswith("```{provenance-table}")]
+    assert tables == list(book.NOTEBOOKS)  # every chapter, in book order
+    for name in book.NOTEBOOKS:
+        label = "provenance-" + name.replace("_", "-")
+        assert f"({label})=" in text and f"{{doc}}`executed/{name}`" in text

@@ -1,6 +1,7 @@
 """hawqlib.quantize, the front door (paper sections 3.1-3.3 in one call), its README snippet and its command."""
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import re
@@ -377,3 +378,78 @@ def test_command_quantizes_a_factory_model_with_its_weights(tmp_path, monkeypatc
     with pytest.raises(SystemExit, match="cannot import 'nosuchmodule'"):
         main(["quantize", "nosuchmodule:net", "--data", "usernet:data", "--target-compression", "8",
               "--out", str(out)])
+
+
+# ----------------------------------------------------------------------------- issue 38: every parameter documented
+
+_SECTIONS = ("Parameters", "Args", "Arguments", "Attributes")
+
+
+def documented_parameters(doc: str) -> set[str]:
+    """The names a docstring's Parameters section lists (numpy style: ``name : type`` under a dashed header;
+    Google style: ``name (type): text`` or ``name: text`` under ``Args:``), several names per line included."""
+    lines = inspect.cleandoc(doc or "").splitlines()
+    names: set[str] = set()
+    i = 0
+    while i < len(lines):
+        line = lines[i].strip()
+        numpy = line in _SECTIONS and i + 1 < len(lines) and set(lines[i + 1].strip()) == {"-"}
+        google = line.rstrip(":") in _SECTIONS and line.endswith(":")
+        if not (numpy or google):
+            i += 1
+            continue
+        i += 2 if numpy else 1
+        while i < len(lines):
+            raw = lines[i]
+            if numpy and i + 1 < len(lines) and raw.strip() and set(lines[i + 1].strip()) == {"-"}:
+                break  # the next numpy section
+            if google and raw.strip() and not raw.startswith((" ", "\t")):
+                break  # the next Google section (no longer indented)
+            if raw.strip() and (numpy and not raw.startswith((" ", "\t"))
+                                or google and len(raw) - len(raw.lstrip()) <= 4):
+                head = re.split(r"\s*\(|\s*:", raw.strip(), maxsplit=1)[0]
+                names |= {n.strip().lstrip("*") for n in head.split(",") if n.strip()}
+            i += 1
+    return names
+
+
+def test_the_docstring_parser_reads_both_styles_and_misses_an_undocumented_parameter():
+    def numpy_style(a, b, *, c=1):
+        """Do it.
+
+        Parameters
+        ----------
+        a, b : int
+            The two.
+
+        Returns
+        -------
+        int
+            Something.
+        """
+
+    def google_style(a, b):
+        """Do it.
+
+        Args:
+            a (int): one.
+            b: two,
+                continued.
+        """
+
+    assert documented_parameters(numpy_style.__doc__) == {"a", "b"}  # c is missing: the test below would fail
+    # prose after a numpy section is read as one more entry (napoleon renders it as a parameter): caught too
+    assert "Some prose." in documented_parameters("Do it.\n\nParameters\n----------\na : int\n    One.\n\n"
+                                                 "Some prose.\n")
+    assert documented_parameters(google_style.__doc__) == {"a", "b"}
+
+
+@pytest.mark.parametrize("name", hawqlib.__all__)
+def test_every_public_entry_point_documents_every_parameter(name):
+    """``hawqlib.__all__``: each callable's Parameters section lists exactly its signature's parameters."""
+    obj = getattr(hawqlib, name)
+    params = {p.name for p in inspect.signature(obj).parameters.values()
+              if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    documented = documented_parameters(inspect.getdoc(obj))
+    assert params <= documented, f"hawqlib.{name}: parameters not in its docstring: {sorted(params - documented)}"
+    assert documented <= params, f"hawqlib.{name}: its docstring lists non-parameters: {sorted(documented - params)}"

@@ -7,6 +7,10 @@
 - directive ``{profile-table}`` ``section`` tabulates one profile section for every profile.
 - directive ``{timings-table}`` tabulates ``executed/timings.json`` (notebook wall times written by
   :mod:`hawqlib.repro.book`) and the machine they ran on; a missing file is a build error.
+- directive ``{provenance-table}`` ``notebook`` tabulates the stored results (artifacts) that notebook read or
+  computed, from their verified manifests (:mod:`hawqlib.repro.provenance`, fed by ``executed/timings.json``);
+  ``{provenance-summary}`` counts them and lists the machines they ran on. An artifact that no longer
+  verifies is a build error.
 - docstrings' norm bars (``|w|``) stay text on the API pages (:class:`NormBars`).
 - MathJax is served from the build itself (``_static/mathjax``, copied from the
   ``sphinx-mathjax-offline`` package), so formulas are typeset without network access.
@@ -198,6 +202,97 @@ class TimingsTable(SphinxDirective):
                     + f"; {m.get('platform', '?')}; Python {m.get('python', '?')}, torch {m.get('torch', '?')} "
                       f"({m.get('torch_threads', '?')} threads).")
             out.append(nodes.paragraph(text=desc))
+        return out
+
+
+_PROVENANCE: dict = {}
+
+
+def _provenance(env, rel: str = "executed/timings.json"):
+    """Per notebook, the artifacts it used (:func:`hawqlib.repro.provenance.chapters`), and the machine labels.
+
+    Read once per version of ``timings.json`` in a build: every directive of the page shares the verification."""
+    from hawqlib.repro import provenance
+
+    path = Path(env.srcdir) / rel
+    env.note_dependency(str(path))
+    key = (str(path), path.stat().st_mtime_ns)
+    if key not in _PROVENANCE:
+        entries = json.loads(path.read_text())["notebooks"]
+        chapters = provenance.chapters(entries)
+        machines: dict[str, str] = {}
+        for ch in chapters.values():
+            for e in ch["new"]:
+                machines.setdefault(e["machine"], f"M{len(machines) + 1}")
+        _PROVENANCE.clear()
+        _PROVENANCE[key] = chapters, machines
+    return _PROVENANCE[key]
+
+
+class ProvenanceSummary(SphinxDirective):
+    """How many stored results the book read, their total wall time, where they are, and the machines (M1, ...)."""
+
+    has_content = False
+
+    def run(self):
+        from hawqlib.repro import provenance
+
+        try:
+            chapters, machines = _provenance(self.env)
+        except Exception as exc:  # unreadable timings, an artifact that no longer verifies
+            return [self.state.document.reporter.error(f"provenance-summary: {exc}", line=self.lineno)]
+        rows = [e for ch in chapters.values() for e in ch["new"]]
+        stores = sorted({e["where"] for e in rows})
+        missing = [n for n, ch in chapters.items() if not ch["recorded"]]
+        text = (f"{len(rows)} stored results, {provenance.duration_text(sum(e['wall_s'] for e in rows))} of wall "
+                f"time in all, stored under {', '.join(stores) or '(none)'}.")
+        out = [nodes.paragraph(text=text)]
+        if missing:
+            cmd = "python -m hawqlib book --only " + " ".join(missing)
+            out.append(nodes.paragraph("", "Not recorded for " + ", ".join(missing) + ": executed before the runner "
+                                       "kept the artifacts a notebook uses; ", nodes.literal(cmd, cmd),
+                                       nodes.Text(" records them.")))
+        out.append(_table(["machine", "processor, cores, accelerator; system; software"],
+                          [[label, desc] for desc, label in machines.items()]))
+        return out
+
+
+class ProvenanceTable(SphinxDirective):
+    """The stored results one notebook (argument) read or computed, one line each, from their manifests."""
+
+    required_arguments = 1
+    has_content = False
+
+    def run(self):
+        from hawqlib.repro import provenance
+
+        name = self.arguments[0]
+        try:
+            chapters, machines = _provenance(self.env)
+        except Exception as exc:
+            return [self.state.document.reporter.error(f"provenance-table: {exc}", line=self.lineno)]
+        if name not in chapters:
+            return [self.state.document.reporter.error(
+                f"provenance-table: executed/timings.json has no notebook {name!r} (it has: "
+                f"{', '.join(chapters) or 'none'}); run python -m hawqlib book --only {name}", line=self.lineno)]
+        ch = chapters[name]
+        if not ch["recorded"]:
+            cmd = f"python -m hawqlib book --only {name}"
+            return [nodes.paragraph("", f"Not recorded: {name} was executed before the runner kept the artifacts a "
+                                    "notebook uses (", nodes.literal(cmd, cmd), nodes.Text(" records them)."))]
+        out = []
+        if ch["new"]:
+            rows = [[e["folder"], e["what"], e["base"] or "-", provenance.duration_text(e["wall_s"]),
+                     "?" if e["threads"] is None else str(e["threads"]), machines[e["machine"]],
+                     e["finished"].replace("T", " ").rstrip("Z"), e["code"]] for e in ch["new"]]
+            box = nodes.container(classes=["provenance-table"])
+            box += _table(["artifact", "what (from its parameters)", "computed from", "wall time", "threads",
+                           "machine", "finished (UTC)", "code versions"], rows)
+            out.append(box)
+        if ch["earlier"]:
+            out.append(nodes.paragraph(text="Also reads, listed above: " + ", ".join(ch["earlier"]) + "."))
+        if not out:
+            out.append(nodes.paragraph(text="This chapter reads no stored result."))
         return out
 
 
@@ -423,4 +518,6 @@ def setup(app):
     app.add_directive("profile-table", ProfileTable)
     app.add_directive("timings-table", TimingsTable)
     app.add_directive("our-choices", OurChoices)
+    app.add_directive("provenance-summary", ProvenanceSummary)
+    app.add_directive("provenance-table", ProvenanceTable)
     return {"version": "0.1", "parallel_read_safe": True, "parallel_write_safe": True}

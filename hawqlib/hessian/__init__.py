@@ -1,18 +1,18 @@
-"""Per-block Hessian spectra: the top eigenvalue lambda_i and the trace of each block's Hessian H_i
+r"""Per-block Hessian spectra: the top eigenvalue :math:`\lambda_i` and the trace of each block's Hessian :math:`H_i`
 (paper section 3.1: "we compute the top eigenvalue of the Hessian of each block ... by power iteration").
 
-H_i is the diagonal block of the Hessian of the training loss over all samples given, as ``loss_fn``
+:math:`H_i` is the diagonal block of the Hessian of the training loss over all samples given, as ``loss_fn``
 defines it (a mean, weighted or not, or a sum; :mod:`~hawqlib.hessian.losses`), with respect to the
-block's weights W_i (biases and BatchNorm parameters excluded; see :mod:`hawqlib.blocks`).
+block's weights :math:`W_i` (biases and BatchNorm parameters excluded; see :mod:`hawqlib.blocks`).
 
-Two exact routes compute products H_i v (``method``):
+Two exact routes compute products :math:`H_i v` (``method``):
 
 ``"autograd"`` (:mod:`~hawqlib.hessian.autograd`)
-    Double backward (Pearlmutter's trick): differentiate <grad_W L, v> once more. Works for any model,
-    block and loss.
+    Double backward (Pearlmutter's trick): differentiate :math:`\langle \nabla_W L, v \rangle` once more. Works
+    for any model, block and loss.
 
 ``"gauss-newton"`` (:mod:`~hawqlib.hessian.gauss_newton`)
-    For one Conv2d/Linear layer in a network whose nonlinearities are piecewise linear, H_i equals its
+    For one Conv2d/Linear layer in a network whose nonlinearities are piecewise linear, :math:`H_i` equals its
     generalized Gauss-Newton block exactly; the products then need no double backward.
 
 ``"auto"`` (default) picks Gauss-Newton only where it is exact and establishes it on the run twice:
@@ -23,8 +23,8 @@ back to autograd with a warning (a forced ``"gauss-newton"`` raises instead). So
 :mod:`~hawqlib.hessian.solvers`): Lanczos with full reorthogonalization (default) and the paper's
 power iteration, both stopped on the Ritz residual. Every returned eigenpair is then *verified* by one
 fresh float64 product of the route proved exact on all the data (``verify="autograd"``: an autograd
-product, whatever the route): ``.residual`` is that ||H v - lambda v|| / |lambda| and ``.converged``
-means it is <= ``tol`` (:mod:`~hawqlib.hessian.orchestrate` gives the order of work). "Top"
+product, whatever the route): ``.residual`` is that :math:`\lVert H v - \lambda v \rVert / |\lambda|` and
+``.converged`` means it is at most ``tol`` (:mod:`~hawqlib.hessian.orchestrate` gives the order of work). "Top"
 eigenvalue means the one of largest magnitude. Everything runs where the model lives (CPU or CUDA).
 
 Project choices stated here once: eigenvalues and traces are computed with the model in eval mode,

@@ -1,27 +1,32 @@
-"""The exact Gauss-Newton route to H_i v for one Conv2d/Linear layer of a network whose nonlinearities
-are piecewise linear (paper section 3.1 needs H_i's top eigenvalue; this route gets its products
+r"""The exact Gauss-Newton route to :math:`H_i v` for one Conv2d/Linear layer of a network whose nonlinearities
+are piecewise linear (paper section 3.1 needs the top eigenvalue of :math:`H_i`; this route gets its products
 without double backward).
 
 For such a layer (ReLU, max/avg pooling, residual additions, BatchNorm with running statistics), the
 logits are piecewise linear in that layer's weights, so the Hessian block equals the generalized
-Gauss-Newton block exactly (the logits' second derivative in W_i vanishes almost everywhere)::
+Gauss-Newton block exactly (the logits' second derivative in :math:`W_i` vanishes almost everywhere):
 
-    H_i = (1/N) sum_n f_n J_n^T (diag(p_n) - p_n p_n^T) J_n
+.. math::
 
-with J_n = d logits_n / d W_i, p_n = softmax(logits_n) and f_n the sample's factor in the user's
+   H_i = \frac{1}{N} \sum_n f_n \, J_n^T \left( \operatorname{diag}(p_n) - p_n p_n^T \right) J_n
+
+with :math:`J_n = \partial z_n / \partial W_i` the Jacobian of the logits :math:`z_n`,
+:math:`p_n = \operatorname{softmax}(z_n)` and :math:`f_n` the sample's factor in the user's
 cross-entropy (1 for a plain mean; class weights, ``ignore_index``, label smoothing and
 ``reduction="sum"`` in :class:`~hawqlib.hessian.losses.LossSpec`). Our implementation (our choice):
-since Lambda_n = diag(p_n) - p_n p_n^T annihilates the all-ones vector, it equals E^T Lambda'_n E with
-E = [I_{C-1} | -1] and Lambda'_n its leading (C-1)x(C-1) block; writing Lambda'_n = L_n L_n^T
-(eigen-factor, exact for the positive semi-definite Lambda'_n), H_i = (1/N) sum_n sum_k r_nk r_nk^T
-with r_nk = sqrt(f_n) J_n^T E^T L_n[:, k]. The C-1 "whitened" output gradients of *every* layer come
-from C-1 ordinary backward passes per data chunk (no double backward). Per layer we then keep either
+since :math:`\Lambda_n = \operatorname{diag}(p_n) - p_n p_n^T` annihilates the all-ones vector, it equals
+:math:`E^T \Lambda'_n E` with :math:`E = [I_{C-1} \mid -\mathbf{1}]` and :math:`\Lambda'_n` its leading
+:math:`(C-1) \times (C-1)` block; writing :math:`\Lambda'_n = L_n L_n^T` (eigen-factor, exact for the positive
+semi-definite :math:`\Lambda'_n`), :math:`H_i = \frac{1}{N} \sum_n \sum_k r_{nk} r_{nk}^T` with
+:math:`r_{nk} = \sqrt{f_n} \, J_n^T E^T L_n[:, k]`. The :math:`C-1` "whitened" output gradients of *every* layer
+come from :math:`C-1` ordinary backward passes per data chunk (no double backward). Per layer we then keep either
 
-* ``"jacobian"`` storage: the rows r_nk themselves (N x (C-1) x numel), when that is no larger than
-  1.5x the alternative (computed for all C-1 directions of a chunk in one batched matrix product); a
-  product R^T (R v) is then one pass over the rows, a cache-sized slab at a time; or
-* ``"activation"`` storage: the layer input (N x |in|) and the whitened output gradients
-  (N x (C-1) x |out|); a product is one layer forward with weight v and one weight gradient.
+* ``"jacobian"`` storage: the rows :math:`r_{nk}` themselves (:math:`N \times (C-1) \times n_i` numbers), when that
+  is no larger than 1.5x the alternative (computed for all :math:`C-1` directions of a chunk in one batched matrix
+  product); a product :math:`R^T (R v)` is then one pass over the rows, a cache-sized slab at a time; or
+* ``"activation"`` storage: the layer input (:math:`N \times d_{in}`) and the whitened output gradients
+  (:math:`N \times (C-1) \times d_{out}`); a product is one layer forward with weight :math:`v` and one weight
+  gradient.
 
 Layers are processed in groups whose storage fits ``max_memory`` bytes: each group costs one pass over
 the data, and the autograd graph lives for one chunk only. Groups are packed from the output side, so
@@ -77,7 +82,7 @@ def _is_cross_entropy(loss_fn) -> str | None:
 
 
 def gauss_newton_exact(model: nn.Module, loss_fn, block: Block) -> tuple[bool, str]:
-    """Whether H_i equals its Gauss-Newton block exactly for this model, loss and block; and why not.
+    """Whether :math:`H_i` equals its Gauss-Newton block exactly for this model, loss and block; and why not.
 
     Conditions (checked structurally; ``"auto"`` additionally proves it numerically): the block is
     one Conv2d or Linear weight, not re-parametrized; the loss is cross-entropy (``nn.CrossEntropyLoss``

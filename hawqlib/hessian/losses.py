@@ -1,20 +1,22 @@
-"""The loss whose Hessian is taken (paper section 3.1), as the user defines it over *all* the data.
+r"""The loss whose Hessian is taken (paper section 3.1), as the user defines it over *all* the data.
 
 The data is processed in chunks, so the loss over all of it must be rebuilt from per-chunk values.
 :class:`LossSpec` knows how for:
 
 * ``nn.CrossEntropyLoss`` / ``F.cross_entropy`` and ``nn.NLLLoss`` / ``F.nll_loss``, every option:
   ``reduction="mean"`` is a mean weighted by ``weight[y_n]`` over the samples whose target is not
-  ``ignore_index`` (PyTorch's definition, label smoothing included), so chunk c counts with
-  Z_c / sum_c Z_c where Z_c is its sum of those weights; ``reduction="sum"`` counts every chunk once;
-  class-probability targets are a plain mean over the batch;
+  ``ignore_index`` (PyTorch's definition, label smoothing included), so chunk :math:`c` counts with
+  :math:`Z_c / \sum_{c'} Z_{c'}` where :math:`Z_c` is its sum of those weights; ``reduction="sum"`` counts every chunk
+  once; class-probability targets are a plain mean over the batch;
 * any other loss (an ``nn`` loss module or a callable): its value on a batch must be the mean over the
   batch (chunks count with their size) or, for ``reduction="sum"``, the sum; :meth:`LossSpec.check_split`
   tests this on a sample of the data and raises when neither holds (a weighted mean cannot be split).
 
 ``reduction="none"`` (not a scalar) is refused. For the Gauss-Newton route, cross-entropy's Hessian in
-the logits of sample n is c_n (diag(p_n) - p_n p_n^T) with c_n = (1 - eps) weight[y_n] + (eps / C)
-sum(weight) (0 when ignored; sum_k weight_k q_nk for probability targets q), over the normalizer above;
+the logits of sample :math:`n` is :math:`c_n \left( \operatorname{diag}(p_n) - p_n p_n^T \right)` with
+:math:`c_n = (1 - \varepsilon) \, w_{y_n} + (\varepsilon / C) \sum_k w_k` (:math:`w` the class weights,
+:math:`\varepsilon` the label smoothing; 0 when ignored; :math:`\sum_k w_k q_{nk}` for probability targets
+:math:`q`), over the normalizer above;
 :meth:`LossSpec.sample_factors` gives the per-sample factors, None where all are 1 (plain mean).
 """
 from __future__ import annotations

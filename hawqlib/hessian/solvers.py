@@ -1,7 +1,7 @@
-"""Eigensolvers for the top (largest-magnitude) eigenpair of a symmetric operator given by its
+r"""Eigensolvers for the top (largest-magnitude) eigenpair of a symmetric operator given by its
 products (paper section 3.1: "we compute the top eigenvalue ... by power iteration"): the paper's
 power iteration and Lanczos with full reorthogonalization. Both stop on the Ritz residual
-||A y - theta y|| / |theta| <= tol, never on the change of the estimate; they know nothing of
+:math:`\lVert A y - \theta y \rVert / |\theta| \le` ``tol``, never on the change of the estimate; they know nothing of
 networks (the operator is any ``matvec`` on flat vectors).
 """
 from __future__ import annotations
@@ -15,7 +15,8 @@ __all__ = ["lanczos", "power_iteration", "ritz_residual"]
 
 
 def ritz_residual(norm_r: float, theta: float) -> float:
-    """||A y - theta y|| / |theta| from the residual norm (0 for an exact zero pair, inf for theta = 0)."""
+    r""":math:`\lVert A y - \theta y \rVert / |\theta|` from the residual norm ``norm_r`` (0 for an exact zero pair,
+    inf for :math:`\theta = 0`)."""
     if theta == 0.0:
         return 0.0 if norm_r == 0.0 else math.inf
     return norm_r / abs(theta)
@@ -23,10 +24,11 @@ def ritz_residual(norm_r: float, theta: float) -> float:
 
 def lanczos(matvec: Callable[[torch.Tensor], torch.Tensor], n: int, *, tol: float = 1e-4,
             max_iter: int = 100, generator: torch.Generator | None = None, dtype=torch.float64, device=None):
-    """Top (largest-magnitude) eigenpair of a symmetric operator by Lanczos with full reorthogonalization.
+    r"""Top (largest-magnitude) eigenpair of a symmetric operator by Lanczos with full reorthogonalization.
 
     ``matvec`` maps a flat float64 vector of length ``n`` to a flat vector. Stops when the Ritz
-    residual |beta_k s_k| / |theta| (= ||A y - theta y|| / |theta| in exact arithmetic) is <= tol.
+    residual :math:`|\beta_k s_k| / |\theta|` (:math:`= \lVert A y - \theta y \rVert / |\theta|` in exact
+    arithmetic) is at most ``tol``.
     Returns ``(theta, y, iterations, converged, history)``; ``y`` is the unit Ritz vector.
     The Lanczos basis is kept in float64 (8 * n * max_iter bytes; our choice, for reorthogonalization
     accurate to well below any tolerance we use). ``device``: where the vectors live (the operator's);
@@ -70,10 +72,11 @@ def lanczos(matvec: Callable[[torch.Tensor], torch.Tensor], n: int, *, tol: floa
 def power_iteration(matvec: Callable[[torch.Tensor], torch.Tensor], n: int, *, tol: float = 1e-4,
                     max_iter: int = 100, generator: torch.Generator | None = None, dtype=torch.float64,
                     device=None):
-    """Top (largest-magnitude) eigenpair by the paper's power iteration, stopped on the Ritz residual.
+    r"""Top (largest-magnitude) eigenpair by the paper's power iteration, stopped on the Ritz residual.
 
-    Each iteration: w = A v, lambda = v.w, residual = ||w - lambda v|| / |lambda| (explicit), then
-    v = w / ||w||. Returns ``(lambda, v, iterations, converged, history)``. ``device``: as for :func:`lanczos`.
+    Each iteration: :math:`w = A v`, :math:`\lambda = v^T w`, residual
+    :math:`\lVert w - \lambda v \rVert / |\lambda|` (explicit), then :math:`v = w / \lVert w \rVert`. Returns
+    ``(lambda, v, iterations, converged, history)``. ``device``: as for :func:`lanczos`.
     """
     v = torch.randn(n, generator=generator, dtype=dtype).to(device)
     v /= v.norm()

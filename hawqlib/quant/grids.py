@@ -1,38 +1,40 @@
-"""The uniform weight grid Q(W_i) and the quantizer of a tensor (paper section 3.2).
+r"""The uniform weight grid :math:`Q(W_i)` and the quantizer of a tensor (paper section 3.2).
 
-HAWQ quantizes each block B_i to its own number of bits (section 3.2); the paper does not restate its
+HAWQ quantizes each block :math:`B_i` to its own number of bits (section 3.2); the paper does not restate its
 quantizer. Everything below that is not in the paper is **our choice**, with its reason:
 
 Weights (our choice): uniform, **symmetric, per output channel** (dim 0 of a Conv2d/Linear weight),
-**mid-rise**: for ``b`` bits the ``2**b`` levels are the odd multiples of a half-step ``h_c``,
-``Q(W_c) = h_c * j``, ``j`` the odd integer nearest to ``W_c / h_c`` with ``|j| <= 2**b - 1``
-(:func:`weight_code_limit`); one FP32 ``h_c`` per channel. At 2 bits the grid is
-``{-3h, -h, h, 3h}``, at 4 bits 16 levels. Reason: a ``b``-bit code field holds ``2**b`` values, and
+**mid-rise**: for :math:`b` bits the :math:`2^b` levels are the odd multiples of a half-step :math:`h_c`,
+:math:`Q(W_c) = h_c \, j`, :math:`j` the odd integer nearest to :math:`W_c / h_c` with :math:`|j| \le 2^b - 1`
+(:func:`weight_code_limit`); one FP32 :math:`h_c` per channel. At 2 bits the grid is
+:math:`\{-3h, -h, h, 3h\}`, at 4 bits 16 levels. Reason: a :math:`b`-bit code field holds :math:`2^b` values, and
 HAWQ's budget is counted in those bits; the symmetric grid with an exact zero (torch.ao's
-"restricted range", ``[-(2**(b-1) - 1), 2**(b-1) - 1]``) uses only ``2**b - 1`` of them, which at 2 bits
-is the ternary ``{-s, 0, s}``: about 1.58 bits of information stored in 2. The mid-rise grid keeps
+"restricted range", :math:`[-(2^{b-1} - 1), 2^{b-1} - 1]`) uses only :math:`2^b - 1` of them, which at 2 bits
+is the ternary :math:`\{-s, 0, s\}`: about 1.58 bits of information stored in 2. The mid-rise grid keeps
 the symmetry (no bias between positive and negative weights, which the full signed range
-``[-2**(b-1), 2**(b-1) - 1]`` would add) and uses every code; it has no zero level, which weights do
+:math:`[-2^{b-1}, 2^{b-1} - 1]` would add) and uses every code; it has no zero level, which weights do
 not need. ``benchmarks/weight_grid.py`` measures the two on ResNet20 (squared error, top-1 before
 and after a short fine-tuning); its figures are in ``benchmarks/README.md``.
 
-The half-step (our choice, ``rule="mse"``, the default) is the one that minimizes ``||Q(W_c) - W_c||^2``:
-starting from ``max|W_c| / (2**b - 1)``, we alternate the nearest codes for the current ``h`` and the
-least-squares ``h`` for the current codes, ``h = <W_c, j> / <j, j>``, each step lowering the error,
-until ``h`` stops changing or for at most :data:`MSE_ITERATIONS` rounds (in float64). Reasons:
-``||Q(W_i) - W_i||^2`` is the very perturbation HAWQ's second-order estimate and its Omega order weigh
-by lambda_i (paper section 3.2), so the grid that minimizes it is the one the method's own model
-prefers; and at low bits the max |w| grid wastes its few levels on a handful of outliers.
+The half-step (our choice, ``rule="mse"``, the default) is the one that minimizes
+:math:`\lVert Q(W_c) - W_c \rVert_2^2`: starting from :math:`\max |W_c| / (2^b - 1)`, we alternate the nearest
+codes for the current :math:`h` and the least-squares :math:`h` for the current codes,
+:math:`h = \langle W_c, j \rangle / \langle j, j \rangle`, each step lowering the error,
+until :math:`h` stops changing or for at most :data:`MSE_ITERATIONS` rounds (in float64). Reasons:
+:math:`\lVert Q(W_i) - W_i \rVert_2^2` is the very perturbation HAWQ's second-order estimate and its
+:math:`\Omega` order weigh by :math:`\lambda_i` (paper section 3.2), so the grid that minimizes it is the one the
+method's own model prefers; and at low bits the max |w| grid wastes its few levels on a handful of outliers.
 ``benchmarks/weight_scale_rule.py`` measures both rules side by side on ResNet20 (squared error,
 a short quantization-aware fine-tuning at 2 bits); its figures are in ``benchmarks/README.md``.
-The price: weights beyond ``(2**b - 1) h_c`` are clipped (their error exceeds half a step, ``h_c``);
+The price: weights beyond :math:`(2^b - 1) h_c` are clipped (their error exceeds half a step, :math:`h_c`);
 the straight-through gradient (:mod:`hawqlib.quant.ste`) stays the identity for every weight.
-``rule="max"`` gives the grid whose top level is ``max|W_c|`` (no clipping, error at most ``h_c``) for
-comparison. The codes fit in ``b`` bits for :mod:`hawqlib.export` as ``(j + 2**b - 1) / 2``.
+``rule="max"`` gives the grid whose top level is :math:`\max |W_c|` (no clipping, error at most :math:`h_c`)
+for comparison. The codes fit in :math:`b` bits for :mod:`hawqlib.export` as :math:`(j + 2^b - 1) / 2`.
 
-One bit: the same grid, ``{-h_c, +h_c}`` (``sign(0) = +1``), with ``h_c = mean|W_c|`` under either rule,
-the binary-weight rule of XNOR-Net: the mean |w| is the half-step minimizing ``||Q(W_c) - W_c||^2``
-for a fixed sign pattern (it is where the alternation above stops after one round).
+One bit: the same grid, :math:`\{-h_c, +h_c\}` (``sign(0) = +1``), with :math:`h_c = \operatorname{mean} |W_c|`
+under either rule, the binary-weight rule of XNOR-Net: the mean :math:`|w|` is the half-step minimizing
+:math:`\lVert Q(W_c) - W_c \rVert_2^2` for a fixed sign pattern (it is where the alternation above stops after
+one round).
 """
 from __future__ import annotations
 
@@ -147,21 +149,23 @@ def _mse_rows(x: torch.Tensor, s: torch.Tensor, top: int) -> torch.Tensor:
 
 
 def weight_code_limit(bits: int) -> int:
-    """The largest weight code, ``2**bits - 1``: weight codes are the odd integers in ``[-limit, limit]``."""
+    """The largest weight code, :math:`2^b - 1` at :math:`b` = ``bits``: weight codes are the odd integers in
+    ``[-limit, limit]``."""
     return 2 ** check_bits(bits) - 1
 
 
 @torch.no_grad()
 def quant_params(w: torch.Tensor, bits: int, *, per_channel: bool = True, symmetric: bool = True,
                  rule: str = "mse"):
-    """The quantization grid of ``w``: ``(scale, zero_point, qmin, qmax)``.
+    r"""The quantization grid of ``w``: ``(scale, zero_point, qmin, qmax)``.
 
     ``scale`` is a float32 tensor of shape ``[w.shape[0]]`` (per channel) or ``[]`` (per tensor);
     ``zero_point`` an int32 tensor of the same shape. Symmetric: zero point 0, ``scale`` the half-step
-    ``h`` of the grid and ``(qmin, qmax) = (-(2**b - 1), 2**b - 1)`` the range of its odd codes (the
-    weight is ``code * h``), ``h`` by ``rule``: ``"mse"`` the one with the least squared error, ``"max"``
-    ``max|w| / (2**b - 1)`` (see the module docstring); for 1 bit ``h = mean|w|`` under either rule.
-    Asymmetric: the range ``[min(w, 0), max(w, 0)]`` on codes ``[0, 2**b - 1]`` (``rule`` does not apply).
+    :math:`h` of the grid and ``(qmin, qmax)`` :math:`= (-(2^b - 1), 2^b - 1)` the range of its odd codes (the
+    weight is ``code * h``), :math:`h` by ``rule``: ``"mse"`` the one with the least squared error, ``"max"``
+    :math:`\max |w| / (2^b - 1)` (see the module docstring); for 1 bit :math:`h = \operatorname{mean} |w|` under
+    either rule. Asymmetric: the range :math:`[\min(w, 0), \max(w, 0)]` on codes :math:`[0, 2^b - 1]` (``rule``
+    does not apply).
     """
     _check_tensor(w)
     bits = check_bits(bits)
@@ -196,7 +200,7 @@ def quant_scale(w: torch.Tensor, bits: int, *, per_channel: bool = True, symmetr
 
 def quantize_tensor(w: torch.Tensor, bits: int, *, per_channel: bool = True, symmetric: bool = True,
                     rule: str = "mse") -> torch.Tensor:
-    """Q(w): ``w`` fake-quantized to ``bits`` (a float tensor of the same shape and dtype).
+    """:math:`Q(w)`: ``w`` fake-quantized to ``bits`` (a float tensor of the same shape and dtype).
 
     Differentiable with the straight-through estimator: the gradient with respect to ``w`` is the
     identity, clipped weights included. See the module docstring for the grid (our choice: symmetric,
@@ -209,10 +213,11 @@ def quantize_tensor(w: torch.Tensor, bits: int, *, per_channel: bool = True, sym
 @torch.no_grad()
 def quantize_to_int(w: torch.Tensor, bits: int, *, per_channel: bool = True, symmetric: bool = True,
                     scale: torch.Tensor | None = None, rule: str = "mse"):
-    """The integer codes of Q(w): ``(k, scale)`` with ``k`` an integer tensor and ``Q(w) == k * scale`` exactly.
+    r"""The integer codes of :math:`Q(w)`: ``(k, scale)`` with ``k`` an integer tensor and ``Q(w) == k * scale``
+    exactly.
 
     ``scale`` is broadcast along dim 0 when per channel. Symmetric codes are the odd integers in
-    ``[-(2**b - 1), 2**b - 1]`` (``{-1, +1}`` at 1 bit; int16 at 8 bits); asymmetric codes are returned
+    :math:`[-(2^b - 1), 2^b - 1]` (:math:`\{-1, +1\}` at 1 bit; int16 at 8 bits); asymmetric codes are returned
     centred (``q - zero_point``), so the same identity holds. A given ``scale`` (symmetric only)
     replaces the one ``rule`` computes from ``w``.
     """

@@ -1,24 +1,23 @@
-"""How an activation quantizer chooses its range (paper section 4: the activation bits of its results).
+r"""How an activation quantizer chooses its range (paper section 4: the activation bits of its results).
 
-HAWQ quantizes activations as well as weights (the "a-bits" of its tables, section 4) without
-restating how; our choice, in the manner of torch.ao's ``MovingAverageMinMaxObserver``: per-tensor
-affine quantization (:class:`hawqlib.quant.modules.QuantAct`) whose range ``[lo, hi]`` is a moving
-average over the batches seen in training (:func:`moving_average_`): ``lo <- lo + c (batch_lo - lo)`` and
-likewise for ``hi``, with ``c = 0.01`` and the first observed batch initializing both; the range always
-includes zero; in eval mode the range is frozen. What each batch contributes depends on the range rule
-(:func:`batch_range`). ``rule="mse"`` (our choice, the default): the batch's ``[min, max]`` shrunk by the
-factor ``f`` in ``{1/K, 2/K, ..., 1}`` (:data:`ACT_MSE_STEPS` = K) whose grid gives the least squared
-quantization error on an evenly strided sample of at most :data:`ACT_MSE_SAMPLES` of the batch's
-elements (:func:`act_mse_range`). Reason: the same as for the weights' least-squares scale
-(:mod:`hawqlib.quant.grids`); at 4 bits a grid stretched to a batch's largest activation spends most of
-its 15 steps on a few outliers, and clipping them costs less than coarsening every other value
-(``benchmarks/act_range_rule.py`` measures both rules on ResNet20). ``rule="minmax"`` contributes the
-batch's ``[min, max]`` itself (torch.ao's rule).
+HAWQ quantizes activations as well as weights (the "a-bits" of its tables, section 4) without restating how; our
+choice, in the manner of torch.ao's ``MovingAverageMinMaxObserver``: per-tensor affine quantization
+(:class:`hawqlib.quant.modules.QuantAct`) whose range :math:`[lo, hi]` is a moving average over the batches seen
+in training (:func:`moving_average_`): :math:`lo \leftarrow lo + c \, (lo_{batch} - lo)` and likewise for
+:math:`hi`, with :math:`c = 0.01` and the first observed batch initializing both; the range always includes zero;
+in eval mode the range is frozen. What each batch contributes depends on the range rule (:func:`batch_range`).
+``rule="mse"`` (our choice, the default): the batch's :math:`[\min, \max]` shrunk by the factor
+:math:`f \in \{1/K, 2/K, \ldots, 1\}` (:data:`ACT_MSE_STEPS` = :math:`K`) whose grid gives the least squared
+quantization error on an evenly strided sample of at most :data:`ACT_MSE_SAMPLES` of the batch's elements
+(:func:`act_mse_range`). Reason: the same as for the weights' least-squares scale (:mod:`hawqlib.quant.grids`); at
+4 bits a grid stretched to a batch's largest activation spends most of its 15 steps on a few outliers, and
+clipping them costs less than coarsening every other value (``benchmarks/act_range_rule.py`` measures both rules
+on ResNet20). ``rule="minmax"`` contributes the batch's ``[min, max]`` itself (torch.ao's rule).
 
-With the range ``[lo, hi]`` and ``n = 2**b - 1`` (:func:`affine_qparams`): ``scale = (hi - lo) / n`` and
-``zero_point = round(-lo / scale)``. Inputs after a ReLU have ``lo = 0``, so the grid is unsigned
-``{0, s, ..., n s}``; signed inputs get an asymmetric grid. A channels_last batch is reduced in its
-memory order (our choice, for speed: the same values, read contiguously).
+With the range :math:`[lo, hi]` and :math:`n = 2^b - 1` (:func:`affine_qparams`): :math:`s = (hi - lo) / n` (the
+``scale``) and ``zero_point`` :math:`= \operatorname{round}(-lo / s)`. Inputs after a ReLU have :math:`lo = 0`, so
+the grid is unsigned :math:`\{0, s, \ldots, n s\}`; signed inputs get an asymmetric grid. A channels_last batch is
+reduced in its memory order (our choice, for speed: the same values, read contiguously).
 """
 from __future__ import annotations
 
@@ -100,8 +99,8 @@ class RangeCollector:
     """The range over ALL the batches one activation quantizer sees in calibration (``calibration="union"``).
 
     Our choice, in place of the moving average for calibration (the moving average's first batch weighs
-    ``(1 - c)**(k-1)`` after ``k`` batches, so with ``c = 0.01`` the first batch decides the range and a later
-    batch of larger activations is clipped): the range is that of the union of the batches. Rule ``"minmax"``:
+    :math:`(1 - c)^{k-1}` after :math:`k` batches, so with :math:`c = 0.01` the first batch decides the range and a
+    later batch of larger activations is clipped): the range is that of the union of the batches. Rule ``"minmax"``:
     the union's ``[min, max]``; rule ``"mse"``: :func:`act_mse_range` on the union, i.e. the union's
     ``[min, max]`` shrunk by the factor whose grid has the least squared error on the batches' strided samples
     (at most :data:`ACT_MSE_SAMPLES` per batch) taken together. Tensors stay on the activations' device.

@@ -84,9 +84,10 @@ class FakeQuantSTE(torch.autograd.Function):
 
 
 def odd_grid(x: torch.Tensor, h, top: int) -> torch.Tensor:
-    """``h * j`` with ``j`` the odd code nearest to ``x / h``, ``|j| <= top``, without autograd.
+    r""":math:`h j` with :math:`j` the odd code nearest to :math:`x / h`, :math:`|j| \le` ``top``, without autograd.
 
-    In place on one buffer: ``m = clamp(floor(x / 2h), -(top+1)/2, (top-1)/2)``, ``j = 2m + 1``.
+    In place on one buffer: :math:`m = \min(\max(\lfloor x / 2h \rfloor, -(t+1)/2), (t-1)/2)` with :math:`t` =
+    ``top``, and :math:`j = 2m + 1`.
     ``fl(j * h)`` is the last operation, so ``Q(w) == j * h`` holds exactly in float32.
     """
     t = torch.mul(x.detach(), 0.5 / h)

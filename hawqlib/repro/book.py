@@ -12,7 +12,9 @@
    notebook and the failing cell, keeps its partial copy as ``<name>.failed.ipynb`` for inspection and removes
    any older executed copy, so a stale result is never built into the book.
 2. Each notebook's wall time goes to ``book/executed/timings.json`` (with the machine it ran on);
-   the book's "Reproduce it" page shows them.
+   the book's "Reproduce it" page shows them. So do the artifact folders the notebook loaded or computed
+   (recorded through ``HAWQ_ARTIFACT_LOG``, :func:`hawqlib.repro.artifacts.manifest.note_use`); the
+   "Provenance" page lists them from their manifests (:mod:`hawqlib.repro.provenance`).
 3. ``jupyter-book build`` renders the book with warnings as errors, without executing these notebooks again
    (only the method pages' exercise solutions run at build time). Every
    executed notebook the table of contents lists must exist and come from the requested
@@ -43,7 +45,7 @@ from .paths import find_checkout, project_root
 from ..files import atomic_write_json
 
 __all__ = ["NOTEBOOKS", "NotebookError", "available", "kernel_spec_dir", "artifacts_for", "execute",
-           "run_notebooks", "run", "main"]
+           "artifacts_used", "run_notebooks", "run", "main"]
 
 #: The notebooks, in book order. Each is ``notebooks/<name>.ipynb`` and becomes ``book/executed/<name>``.
 NOTEBOOKS = ("baseline", "hessian_spectrum", "loss_landscape", "bit_allocation", "resnet20_cifar10",
@@ -146,13 +148,16 @@ def _check_source(path: Path) -> None:
 
 
 def execute(name: str, profile: str, *, notebooks_dir: str | os.PathLike | None = None,
-            out_dir: str | os.PathLike | None = None, force: bool = False, progress: bool = True) -> float:
+            out_dir: str | os.PathLike | None = None, force: bool = False, progress: bool = True,
+            artifact_log: str | os.PathLike | None = None) -> float:
     """Execute ``notebooks/<name>.ipynb`` at ``profile`` into ``<out_dir>/<name>.ipynb``; return wall seconds.
 
-    The kernel sees ``HAWQ_PROFILE=<profile>`` and, when ``force``, ``FORCE=1``; its working
-    directory is the notebooks folder. ``PYTHONHASHSEED`` is ``0`` unless already set (our choice:
-    string hashing, hence set iteration order, is then the same in every run, so outputs are too). The output is renamed into place only after every cell
-    ran. On failure raises :class:`NotebookError` naming the notebook and the failing cell.
+    The kernel sees ``HAWQ_PROFILE=<profile>`` and, when ``force``, ``FORCE=1``; with ``artifact_log``,
+    ``HAWQ_ARTIFACT_LOG=<artifact_log>``, so that every artifact it uses is appended there
+    (:func:`artifacts_used` reads it back). Its working directory is the notebooks folder. ``PYTHONHASHSEED``
+    is ``0`` unless already set (our choice: string hashing, hence set iteration order, is then the same in
+    every run, so outputs are too). The output is renamed into place only after every cell ran. On failure
+    raises :class:`NotebookError` naming the notebook and the failing cell.
     """
     import papermill as pm
     from papermill.exceptions import PapermillExecutionError
@@ -175,6 +180,8 @@ def execute(name: str, profile: str, *, notebooks_dir: str | os.PathLike | None 
         env = {"JUPYTER_PATH": jpath, "HAWQ_PROFILE": profile, "FORCE": "1" if force else None,
                "HAWQ_ARTIFACTS": artifacts_for(profile) or _default_store(nb_dir),
                "PYTHONHASHSEED": os.environ.get("PYTHONHASHSEED", "0")}
+        if artifact_log is not None:
+            env["HAWQ_ARTIFACT_LOG"] = str(Path(artifact_log).resolve())
         t0 = time.perf_counter()
         try:
             with _environ(**env):
@@ -225,6 +232,14 @@ def _machine() -> dict:
     return info
 
 
+def artifacts_used(log: str | os.PathLike) -> list[str]:
+    """The artifact folders named in a ``HAWQ_ARTIFACT_LOG`` file, each once, in the order first used."""
+    path = Path(log)
+    if not path.is_file():
+        return []
+    return list(dict.fromkeys(ln.strip() for ln in path.read_text().splitlines() if ln.strip()))
+
+
 def _read_timings(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())
@@ -239,7 +254,8 @@ def run_notebooks(profile: str, only: Sequence[str] | None = None, *, force: boo
     """Execute the available notebooks (or ``only`` those) at ``profile``; return ``{name: wall seconds}``.
 
     Wall times are merged into ``<out_dir>/timings.json`` after each notebook, so an interrupted
-    run keeps the times it measured.
+    run keeps the times it measured, with the absolute paths of the artifact folders the notebook used
+    (``artifacts``, in the order first used; :func:`artifacts_used`).
     """
     from ..progress import bar as progress_bar, write as progress_write
 
@@ -264,14 +280,18 @@ def run_notebooks(profile: str, only: Sequence[str] | None = None, *, force: boo
     bar = progress_bar(names, desc=f"notebooks ({profile})", unit="nb", disable=not (progress and _tty()))
     for i, name in enumerate(bar, 1):
         bar.set_postfix_str(name)
-        wall = execute(name, profile, notebooks_dir=nb_dir, out_dir=out, force=force, progress=progress)
+        with tempfile.TemporaryDirectory(prefix="hawqlib-used-") as logdir:
+            log = Path(logdir) / "artifacts.log"
+            wall = execute(name, profile, notebooks_dir=nb_dir, out_dir=out, force=force, progress=progress,
+                           artifact_log=log)
+            used = artifacts_used(log)
         times[name] = wall
         if progress:
             progress_write(f"notebook {i}/{len(names)} {name} ({profile}): {wall:.1f} s")
         record = _read_timings(timings_path)
         record["notebooks"][name] = {"profile": profile, "wall_s": round(wall, 2), "force": bool(force),
                                      "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                                     "machine": machine}
+                                     "machine": machine, "artifacts": used}
         atomic_write_json(timings_path, record)
     return times
 

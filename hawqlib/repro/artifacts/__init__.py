@@ -30,7 +30,8 @@ The modules, one concept each, each importing only those above it:
 
 - :mod:`~hawqlib.repro.artifacts.files`: folder locks and the temp files an interrupted writer left (the atomic
   writes and file digests are the method's, :mod:`hawqlib.files`);
-- :mod:`~hawqlib.repro.artifacts.manifest`: keys, artifact folders, manifests, verification, sealing;
+- :mod:`~hawqlib.repro.artifacts.manifest`: keys, artifact folders, manifests, verification, sealing, and the log
+  of the artifacts a process used (``HAWQ_ARTIFACT_LOG``, read by the book's provenance page);
 - :mod:`~hawqlib.repro.artifacts.step`: :func:`~hawqlib.repro.artifacts.step.cached`, the load-or-compute step behind
   every cached step of :mod:`hawqlib.repro.pipeline`, and the recording and replay of its warnings.
 
@@ -40,9 +41,9 @@ Nothing here is from the paper; it is this project's machinery for computing eac
 from __future__ import annotations
 
 from .files import FolderBusyError, folder_lock, remove_orphan_tmp
-from .manifest import (MANIFEST, RESUME_STATE, ArtifactError, artifact_dir, artifacts_root, complete, config_hash,
-                       force_recompute, invalidate, is_complete, read_manifest, result_files, seal, seal_all,
-                       verify, write_manifest)
+from .manifest import (MANIFEST, RESUME_STATE, USE_LOG, ArtifactError, artifact_dir, artifacts_root, complete,
+                       config_hash, force_recompute, invalidate, is_complete, note_use, read_manifest, result_files,
+                       seal, seal_all, verify, write_manifest)
 from .step import artifact_threads, artifact_wall_s, cached, compute_recording, read_json, recording, replay
 
 __all__ = [
@@ -51,7 +52,7 @@ __all__ = [
     # manifest
     "config_hash", "artifacts_root", "artifact_dir", "write_manifest", "read_manifest", "is_complete",
     "force_recompute", "ArtifactError", "complete", "verify", "invalidate", "seal", "seal_all",
-    "result_files", "RESUME_STATE", "MANIFEST",
+    "result_files", "RESUME_STATE", "MANIFEST", "USE_LOG", "note_use",
     # step
     "cached", "recording", "compute_recording", "replay", "read_json", "artifact_wall_s", "artifact_threads",
 ]

@@ -12,6 +12,11 @@ manifest edited by hand or one written for other parameters raises :class:`Artif
 the file and the fix; it is never silently recomputed over. A manifest written before digests were
 recorded is refused the same way until :func:`seal` records them. One process at a time computes
 an artifact (:func:`hawqlib.repro.artifacts.files.folder_lock`).
+
+Which artifacts a process used: when ``HAWQ_ARTIFACT_LOG`` names a file, every artifact verified (:func:`verify`,
+hence every load) or completed (:func:`write_manifest`) appends its folder's absolute path to it, one line each
+(:func:`note_use`). The book runner sets it for each notebook, so the book's provenance page lists exactly the
+stored results each chapter read (:mod:`hawqlib.repro.provenance`).
 """
 from __future__ import annotations
 
@@ -30,9 +35,11 @@ from .files import folder_lock
 
 __all__ = ["config_hash", "artifacts_root", "artifact_dir", "write_manifest", "read_manifest", "is_complete",
            "force_recompute", "ArtifactError", "complete", "verify", "invalidate", "seal", "seal_all",
-           "result_files", "RESUME_STATE", "MANIFEST"]
+           "result_files", "RESUME_STATE", "MANIFEST", "USE_LOG", "note_use"]
 
 MANIFEST = "manifest.json"
+#: Environment variable naming the file :func:`note_use` appends to (unset: nothing is recorded).
+USE_LOG = "HAWQ_ARTIFACT_LOG"
 #: Resume state that may sit in an artifact folder but is not part of its result (not digested).
 RESUME_STATE = ("checkpoint.pt", "run")
 
@@ -90,6 +97,22 @@ def _fix(folder: Path) -> str:
             f"{folder / MANIFEST} (this artifact alone) or set FORCE=1 (every artifact the command reaches)")
 
 
+def note_use(folder: str | os.PathLike) -> None:
+    """Append the absolute path of the artifact ``folder`` to the file ``HAWQ_ARTIFACT_LOG`` names, if any.
+
+    One ``write`` of one line to a file opened for appending, so lines from processes sharing the log
+    (a notebook and a command it starts) do not interleave.
+    """
+    log = os.environ.get(USE_LOG)
+    if not log:
+        return
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (str(Path(folder).resolve()) + "\n").encode())
+    finally:
+        os.close(fd)
+
+
 def write_manifest(folder: str | os.PathLike, params: Any, *, wall_s: float, **facts: Any) -> Path:
     """Write ``manifest.json`` (parameters, versions, machine, wall time, facts, the SHA-256 of every file
     of :func:`result_files`): marks the artifact complete. Call it last, once every file is written."""
@@ -109,7 +132,9 @@ def write_manifest(folder: str | os.PathLike, params: Any, *, wall_s: float, **f
         **facts,
         "files": _file_records(folder, result_files(folder)),
     }
-    return _write_sealed(folder, manifest)
+    path = _write_sealed(folder, manifest)
+    note_use(folder)
+    return path
 
 
 def read_manifest(folder: str | os.PathLike) -> dict | None:
@@ -161,6 +186,7 @@ def verify(folder: str | os.PathLike) -> dict:
             raise ArtifactError(f"{path} does not match the SHA-256 its manifest records ({size} bytes, "
                                 f"{rec.get('bytes')} recorded): changed or corrupted since it was written; "
                                 f"{_fix(folder)}")
+    note_use(folder)
     return m
 
 
