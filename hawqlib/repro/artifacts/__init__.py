@@ -31,6 +31,9 @@ The modules, one concept each, each importing only those above it:
 - :mod:`~hawqlib.repro.artifacts.files`: folder locks and the temp files an interrupted writer left (the atomic
   writes and file digests are the method's, :mod:`hawqlib.files`);
 - :mod:`~hawqlib.repro.artifacts.manifest`: keys, artifact folders, manifests, verification, sealing;
+- :mod:`~hawqlib.repro.artifacts.published`: the committed results a profile loads read-only (its ``loads``)
+  instead of recomputing them;
+- :mod:`~hawqlib.repro.artifacts.ledger`: which artifacts this process computed and which it loaded;
 - :mod:`~hawqlib.repro.artifacts.step`: :func:`~hawqlib.repro.artifacts.step.cached`, the load-or-compute step behind
   every cached step of :mod:`hawqlib.repro.pipeline`, and the recording and replay of its warnings.
 
@@ -43,6 +46,8 @@ from .files import FolderBusyError, folder_lock, remove_orphan_tmp
 from .manifest import (MANIFEST, RESUME_STATE, ArtifactError, artifact_dir, artifacts_root, complete, config_hash,
                        force_recompute, invalidate, is_complete, read_manifest, result_files, seal, seal_all,
                        verify, write_manifest)
+from .ledger import entries as ledger_entries
+from .published import find, loaded_kinds, published_copy
 from .step import artifact_threads, artifact_wall_s, cached, compute_recording, read_json, recording, replay
 
 __all__ = [
@@ -52,6 +57,8 @@ __all__ = [
     "config_hash", "artifacts_root", "artifact_dir", "write_manifest", "read_manifest", "is_complete",
     "force_recompute", "ArtifactError", "complete", "verify", "invalidate", "seal", "seal_all",
     "result_files", "RESUME_STATE", "MANIFEST",
+    # published, ledger
+    "loaded_kinds", "published_copy", "find", "ledger_entries",
     # step
     "cached", "recording", "compute_recording", "replay", "read_json", "artifact_wall_s", "artifact_threads",
 ]
