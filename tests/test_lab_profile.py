@@ -150,6 +150,9 @@ def test_a_lab_step_loads_a_published_copy_and_computes_the_rest_into_scratch(tm
     ledger.clear()
     cached(**_step("spectrum", 7, calls))  # a second lab run: its own store's copy, computed by the first
     assert "Loaded from this profile's own store" in pages.live_note(profiles.get("lab"))
+    # a run the lab cannot load is computed at the published profile, whose results the lab then loads
+    assert "--profile cpu hawq" in pages.missing_runs({"hawq": {0: None}}, "lab")
+    assert "--profile smoke hawq" in pages.missing_runs({"hawq": {0: None}}, "smoke")
     assert pages.live_note(profiles.get("cpu")).count("\n") == 0  # the published page: one line
 
     # a published copy that fails verification is an error, never passed over for a recomputation

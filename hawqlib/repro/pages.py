@@ -95,9 +95,10 @@ def live_note(profile: Mapping) -> str:
              + (_kinds(live) if live else "no stored result") + "."]
     if published:
         parts.append(f"Loaded read-only from the published results (the `{PUBLISHED_PROFILE}` profile's committed "
-                     f"artifacts, steps of hours): {_kinds(published)}.")
+                     f"artifacts, steps too long to run live): {_kinds(published)}.")
     if own:
-        parts.append(f"Loaded from this profile's own store, computed by an earlier run of it: {_kinds(own)}.")
+        parts.append(f"Loaded from this profile's own store, computed earlier at this profile (by an earlier page "
+                     f"of this run, or an earlier run): {_kinds(own)}.")
     parts.append("Allocations, orders, tables and figures are computed from these each time the page runs.")
     return " ".join(parts)
 
@@ -179,7 +180,8 @@ def run_minutes(result) -> float:
 
 def missing_runs(runs: Mapping, profile: str, *, what: str = "them") -> str:
     """Markdown naming the seeds of ``runs`` (as for :func:`seeds_table`, keyed by run name) not stored yet,
-    with the ``python -m hawqlib finetune`` command that computes them and how long the stored runs take here
+    with the ``python -m hawqlib finetune`` command that computes them (at the published profile when ``profile``
+    loads its fine-tuned runs from there, as the ``lab`` profile does) and how long the stored runs take here
     (:func:`run_minutes`, measured from their histories); ``""`` when every seed is stored. ``what`` names the
     runs in the sentence (``"them"``, or e.g. ``"them (each longer than a row of the table)"``).
     """
@@ -188,6 +190,11 @@ def missing_runs(runs: Mapping, profile: str, *, what: str = "them") -> str:
         return ""
     minutes = [run_minutes(r) for by_seed in runs.values() for r in by_seed.values() if r is not None]
     names = " ".join(dict.fromkeys(name for name, by_seed in runs.items() if None in by_seed.values()))
+    from .artifacts.published import loaded_kinds
+    from .paths import PUBLISHED_PROFILE
+
+    if "finetune" in loaded_kinds(profile):  # a profile that loads its runs from the published ones (lab)
+        profile = PUBLISHED_PROFILE
     took = (f"; at their median epoch times here, the stored runs take {min(minutes):.0f} to {max(minutes):.0f} "
             f"minutes each" if len(minutes) > 1 else
             f"; at its median epoch time here, the stored run takes {minutes[0]:.0f} minutes" if minutes else "")
