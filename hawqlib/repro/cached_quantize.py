@@ -127,7 +127,7 @@ def quantized(model: torch.nn.Module, base: str, settings: dict, *, data_root=No
     s = {k: settings[k] for k in SETTINGS_KEYS}
     h, ft = {k: s["hessian"][k] for k in _HESSIAN_KEYS}, {k: s["finetune"][k] for k in _FINETUNE_KEYS}
     params = {"base": base, "settings": {**s, "hessian": h, "finetune": ft}, "code": code_versions()}
-    if load_only and not artifacts.is_complete(artifacts.artifact_dir(KIND, params), params):
+    if load_only and artifacts.find(KIND, params) is None:  # a published copy counts
         return None
 
     def compute(folder: Path) -> dict:
@@ -177,6 +177,6 @@ def quantized(model: torch.nn.Module, base: str, settings: dict, *, data_root=No
                 **{k: m[k] for k in ("packed_top1", "finetune_s", "hessian_s")}}
 
     r, folder = cached(KIND, params, compute, save, load, force)
-    if artifacts.is_complete(folder, params) and (folder / "run").exists():
+    if folder.parent == artifacts.artifacts_root() and artifacts.is_complete(folder, params) and (folder / "run").exists():
         shutil.rmtree(folder / "run")  # the resume state is dead weight once the artifact is complete
     return QuantizedRun(wall_s=float(artifacts.read_manifest(folder)["wall_s"]), folder=folder, **r)

@@ -19,6 +19,10 @@ keeps numbers on one line and lets headers wrap between words.
 A page computed at the ``smoke`` profile opens its verdicts with :func:`smoke_note`, so that a test build is
 never read as results.
 
+Every page ends with :func:`live_note`: which of its stored results this execution computed and which it loaded
+(and from which store), from the artifact ledger (:mod:`hawqlib.repro.artifacts.ledger`). At the published profile it
+is one line; at the ``lab`` profile it names the steps recomputed live and those loaded from the published results.
+
 Result pages list every fine-tuning seed of their runs the same way: :func:`seeds_table` (one line per seed,
 stored or not) and :func:`missing_runs` (what is not stored yet, and the command that computes it).
 """
@@ -26,7 +30,8 @@ from __future__ import annotations
 
 from typing import Iterable, Mapping
 
-__all__ = ["READER_TAGS", "reader_copy", "smoke_note", "table", "seeds_table", "missing_runs", "run_minutes"]
+__all__ = ["READER_TAGS", "reader_copy", "smoke_note", "live_note", "table", "seeds_table", "missing_runs",
+           "run_minutes"]
 
 #: Tag on a cell of the source notebook -> tag the runner adds in the executed copy.
 READER_TAGS = {"parameters": "remove-cell", "injected-parameters": "remove-cell"}
@@ -51,6 +56,51 @@ def smoke_note(profile: Mapping) -> str:
         return ""
     return ("*Smoke profile: a schedule of minutes on a small subset of the data, run to check that the "
             "pipeline works; its numbers are not results.* ")
+
+
+#: What an artifact kind holds, in a page's words (:func:`live_note`); a kind not listed reads as its name.
+KIND_WORDS = {"baseline_resnet20": "the FP32 ResNet20 baseline", "baseline_vit_cifar": "the FP32 ViT baseline",
+              "spectrum": "Hessian spectra", "traces": "Hessian traces", "landscape": "loss landscapes",
+              "finetune": "fine-tuned runs", "quantize": "the front door's quantized ViT",
+              "damage": "the measured quantization damage", "calibrated": "calibrated-only accuracies"}
+
+
+def _kinds(entries) -> str:
+    counts: dict[str, int] = {}
+    for e in entries:
+        counts[e.kind] = counts.get(e.kind, 0) + 1
+    return ", ".join(f"{KIND_WORDS.get(k, k)} ({n})" for k, n in counts.items())
+
+
+def live_note(profile: Mapping) -> str:
+    """Markdown saying which stored results of this page were computed when it was executed and which were
+    loaded, from the artifact ledger of this process (:mod:`hawqlib.repro.artifacts.ledger`); call it last.
+
+    At the published profile it is one italic line with the two counts. At any other profile it names the kinds
+    computed live, those loaded from the published results (read-only, the profile's ``loads``) and those loaded
+    from the profile's own store (computed by an earlier run of it), each with its count.
+    """
+    from .artifacts import ledger
+    from .paths import PUBLISHED_PROFILE
+
+    entries = ledger.entries()
+    live = [e for e in entries if e.how == ledger.COMPUTED]
+    published = [e for e in entries if e.how == ledger.PUBLISHED]
+    own = [e for e in entries if e.how == ledger.LOADED]
+    name = profile["name"]
+    if name == PUBLISHED_PROFILE:
+        return (f"*The `{name}` profile's stored results on this page: {len(own)} loaded, {len(live)} computed when "
+                "the page was executed; allocations, orders, tables and figures are computed from them each time.*")
+    parts = [f"**Computed live and loaded ({name} profile).** Computed when this page was executed: "
+             + (_kinds(live) if live else "no stored result") + "."]
+    if published:
+        parts.append(f"Loaded read-only from the published results (the `{PUBLISHED_PROFILE}` profile's committed "
+                     f"artifacts, steps too long to run live): {_kinds(published)}.")
+    if own:
+        parts.append(f"Loaded from this profile's own store, computed earlier at this profile (by an earlier page "
+                     f"of this run, or an earlier run): {_kinds(own)}.")
+    parts.append("Allocations, orders, tables and figures are computed from these each time the page runs.")
+    return " ".join(parts)
 
 
 def table(df, formats: Mapping[str, str] | None = None, *, text: Iterable[str] = (), index: bool = True,
@@ -130,7 +180,8 @@ def run_minutes(result) -> float:
 
 def missing_runs(runs: Mapping, profile: str, *, what: str = "them") -> str:
     """Markdown naming the seeds of ``runs`` (as for :func:`seeds_table`, keyed by run name) not stored yet,
-    with the ``python -m hawqlib finetune`` command that computes them and how long the stored runs take here
+    with the ``python -m hawqlib finetune`` command that computes them (at the published profile when ``profile``
+    loads its fine-tuned runs from there, as the ``lab`` profile does) and how long the stored runs take here
     (:func:`run_minutes`, measured from their histories); ``""`` when every seed is stored. ``what`` names the
     runs in the sentence (``"them"``, or e.g. ``"them (each longer than a row of the table)"``).
     """
@@ -139,6 +190,11 @@ def missing_runs(runs: Mapping, profile: str, *, what: str = "them") -> str:
         return ""
     minutes = [run_minutes(r) for by_seed in runs.values() for r in by_seed.values() if r is not None]
     names = " ".join(dict.fromkeys(name for name, by_seed in runs.items() if None in by_seed.values()))
+    from .artifacts.published import loaded_kinds
+    from .paths import PUBLISHED_PROFILE
+
+    if "finetune" in loaded_kinds(profile):  # a profile that loads its runs from the published ones (lab)
+        profile = PUBLISHED_PROFILE
     took = (f"; at their median epoch times here, the stored runs take {min(minutes):.0f} to {max(minutes):.0f} "
             f"minutes each" if len(minutes) > 1 else
             f"; at its median epoch time here, the stored run takes {minutes[0]:.0f} minutes" if minutes else "")

@@ -12,6 +12,9 @@ permission). The rules:
   a process computing at a profile other than the published one (:func:`use_profile`, or
   ``HAWQ_PROFILE``) uses ``data/scratch/<profile>`` there instead (``./hawq-artifacts/scratch/<profile>``
   outside a checkout), which git ignores: smoke and paper runs never land beside the committed results;
+- the **published store** (:func:`published_root`): the checkout's ``data/artifacts``, whatever the profile; a
+  profile that loads some steps from it (the ``lab`` profile's ``loads``, :mod:`hawqlib.repro.artifacts.published`)
+  reads it and never writes there;
 - the **decode cache** (:func:`cache_dir`): the same with ``HAWQ_CACHE``, ``data/cache`` and ``./hawq-cache``;
 - the **checkout** (:func:`project_root`: notebooks, the book, ``data/`` for CIFAR-10): the one the package
   is imported from when it is imported from a checkout (a development install), else the one around the
@@ -24,7 +27,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["is_checkout", "find_checkout", "project_root", "use_profile", "artifacts_root", "cache_dir"]
+__all__ = ["is_checkout", "find_checkout", "project_root", "use_profile", "profile_in_use", "artifacts_root",
+           "published_root", "cache_dir"]
 
 #: The profile whose results are published (committed under ``data/artifacts``); :mod:`hawqlib.repro.profiles`'s default.
 PUBLISHED_PROFILE = "cpu"
@@ -82,6 +86,11 @@ def use_profile(name: str | None) -> None:
     _PROFILE_IN_USE = name
 
 
+def profile_in_use() -> str:
+    """The profile this process computes at: :func:`use_profile`'s, else ``HAWQ_PROFILE``, else the published one."""
+    return _PROFILE_IN_USE or os.environ.get("HAWQ_PROFILE") or PUBLISHED_PROFILE
+
+
 def artifacts_root() -> Path:
     """``HAWQ_ARTIFACTS``, else the working directory's checkout's ``data/artifacts``, else ``./hawq-artifacts``;
     for a profile other than the published one, ``scratch/<profile>`` beside (see the module docstring)."""
@@ -92,6 +101,13 @@ def artifacts_root() -> Path:
     if not profile or profile == PUBLISHED_PROFILE:
         return root
     return (root.parent / "scratch" if root.name == "artifacts" else root / "scratch") / profile
+
+
+def published_root() -> Path:
+    """Where the published profile's results are committed: the ``data/artifacts`` of the working directory's
+    checkout, else of the package's (:func:`project_root`). ``HAWQ_ARTIFACTS`` does not move it: the book runner
+    sets that variable to a scratch folder for the other profiles, and this is the store they may read."""
+    return (find_checkout() or project_root()) / "data" / "artifacts"
 
 
 def cache_dir() -> Path:

@@ -308,7 +308,7 @@ def finetuned(model: torch.nn.Module, base: str, bit_config, order, cfg: dict, *
         raise ValueError(f"direct fine-tuning takes none of {sorted(_FT_OPTIONAL)}; got {sorted(set(ft) - set(_FT_KEYS))}")
     params = {"base": base, "bit_config": bit_config.to_dict(), "order": order, "direct": bool(direct),
               "finetune": ft, "code": _finetune_code()}
-    if load_only and not hdist.on_main(artifacts.is_complete, artifacts.artifact_dir("finetune", params), params):
+    if load_only and hdist.on_main(artifacts.find, "finetune", params) is None:  # a published copy counts
         return None
     tr, te = sources.resolve(data_root).loaders(batch_size=ft["batch_size"], seed=ft["seed"],
                                                 train_subset=ft["train_subset"], test_subset=ft["test_subset"])
@@ -366,7 +366,8 @@ def finetuned(model: torch.nn.Module, base: str, bit_config, order, cfg: dict, *
                                                               "packed_bytes")}}
 
     r, folder = _cached("finetune", params, compute, save, load, force)
-    if hdist.is_main() and artifacts.is_complete(folder, params) and (folder / "run").exists():
+    if (hdist.is_main() and folder.parent == artifacts.artifacts_root() and artifacts.is_complete(folder, params)
+            and (folder / "run").exists()):  # never in a published copy (read-only)
         # The resume state (per-epoch checkpoints with optimizer state, one model per stage: several times
         # the model's size) is dead weight once the artifact is complete; what the notebooks read stays.
         shutil.rmtree(folder / "run")

@@ -3,7 +3,9 @@
 Profiles are data, not code paths: a notebook reads ``get(name)`` and passes the values on.
 ``smoke`` runs every notebook in minutes on 2 CPU cores (tests, CI); ``cpu`` is what the
 book publishes (hours on a 2-core CPU, resumable); ``paper`` is the paper-scale schedule
-for a GPU.
+for a GPU; ``lab`` runs every notebook on a laptop's CPU in about a quarter of an hour with the
+published results behind it: it loads the hours-long steps (its ``loads``) from the committed ``cpu``
+artifacts, read-only (:mod:`hawqlib.repro.artifacts.published`), and recomputes the cheap ones.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import os
 
 from .paths import PUBLISHED_PROFILE
 
-__all__ = ["PROFILES", "DEFAULT_PROFILE", "get", "current", "for_model"]
+__all__ = ["PROFILES", "DEFAULT_PROFILE", "LAB_LOADS", "get", "current", "for_model"]
 
 #: The profile whose results the book publishes.
 DEFAULT_PROFILE = PUBLISHED_PROFILE
@@ -199,6 +201,12 @@ def _with(base: dict, **changes) -> dict:
     return out
 
 
+#: The kinds of artifact the ``lab`` profile loads from the published store instead of computing them: the FP32
+#: baselines (hours), the fine-tuned runs (hours each), the front door's run on the ViT (half an hour) and the
+#: measured damage of the sensitivity chapter (minutes on one thread, and the calibration screen's bits read it).
+#: Their settings in the ``lab`` profile are the ``cpu`` ones, so that their keys are the committed ones.
+LAB_LOADS = ("baseline_resnet20", "baseline_vit_cifar", "finetune", "quantize", "damage")
+
 PROFILES: dict[str, dict] = {
     "smoke": {
         "description": "every notebook in minutes on 2 CPU cores; what tests and CI run",
@@ -244,6 +252,42 @@ PROFILES: dict[str, dict] = {
         "imagenet": copy.deepcopy(_IMAGENET_CPU),
         "own_network": copy.deepcopy(_OWN_NETWORK_CPU),
         "sensitivity": copy.deepcopy(_SENSITIVITY_CPU),
+    },
+    "lab": {
+        "description": ("every notebook on a laptop's CPU in about a quarter of an hour: the published baseline and "
+                        "fine-tuned runs loaded, the cheap steps recomputed"),
+        "loads": list(LAB_LOADS),
+        # Loaded (LAB_LOADS): the cpu settings, which key the committed artifacts.
+        "baseline": dict(_BASELINE_CPU),
+        # Recomputed. The spectrum the allocation reads keeps the cpu settings (512 images, seconds on a quiet
+        # machine): the allocation and the orders, hence the keys of the loaded fine-tuned runs, are then the
+        # published ones. Our choice for the chapter's extra figures: the layer granularity alone (the residual one
+        # costs ten times the layer one), the convergence curves to 1e-5 (not 1e-6), the stability figure at 64 to
+        # 256 images with 3 seeds (not up to 1024 with 5): about a minute instead of several.
+        "hessian": _with(_HESSIAN_CPU, granularities=["layer"],
+                         convergence={"solvers": ["lanczos", "power"], "tol": 1e-5, "max_iter": 100},
+                         stability={"n_samples": [64, 128, 256], "seeds": [0, 1, 2]}),
+        # Our choice: half the images and a coarser grid (21 points, an 11 x 11 surface): the curves keep their
+        # shape, the 2-D surface costs a quarter of the cpu one.
+        "landscape": _with(_LANDSCAPE_CPU, n_samples=256, points=21, grid=11),
+        "allocation": copy.deepcopy(_ALLOCATION_CPU),
+        # Loaded: the cpu schedule, seeds and attempts, which key the committed runs; none computed by a notebook.
+        "finetune": copy.deepcopy(_FINETUNE_CPU),
+        # Recomputed on every run: the headline run's bits and order fine-tuned in one stage of one epoch on 5,000
+        # training images, evaluated on 2,000 test images (our choice: about a minute on 2 cores), shown beside
+        # the stored run so that a reader sees the fine-tuning step work and what one short stage gets.
+        "live_finetune": {"run": "hawq", "stages": 1, "epochs_per_stage": 1, "final_epochs": 0,
+                          "train_subset": 5000, "test_subset": 2000},
+        "ablation": copy.deepcopy(_ABLATION_CPU),
+        # Recomputed: the synthetic-image spectra at half the images and a looser tolerance (no accuracy is claimed
+        # on synthetic images; the page shows the route and the allocation it gives).
+        "imagenet": _with(_IMAGENET_CPU, synthetic={"n_samples": 4, "image_size": dict(
+                              _IMAGENET_CPU["synthetic"]["image_size"])}, tol=1e-2, max_iter=20),
+        # Loaded: the ViT baseline and the front door's run (cpu settings).
+        "own_network": copy.deepcopy(_OWN_NETWORK_CPU),
+        # The measured damage is loaded (its key: the cpu images); recomputed: the predictors, the calibration
+        # screen on 500 test images (not 2,000) and a bootstrap of 200 resamples (not 1,000).
+        "sensitivity": _with(_SENSITIVITY_CPU, test_subset=500, bootstrap=200),
     },
     "paper": {
         "description": "the paper-scale schedule, for a GPU",

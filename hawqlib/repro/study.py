@@ -168,3 +168,19 @@ class Study:
         if compute is None:
             compute = bool(self.P["finetune"].get("notebooks_compute", True)) or force_recompute()
         return {s: self.run(name, s, load_only=not compute) for s in experiments.seeds(self.P, name)}
+
+    def live_run(self, name: str | None = None) -> pipeline.FinetuneResult | None:
+        """Run ``name`` (default: the profile's ``live_finetune.run``) fine-tuned in the profile's short
+        ``live_finetune`` schedule (the ``lab`` profile: one stage of one epoch on a subset of the training set),
+        from the same baseline, bits and order as the stored run; ``None`` when the profile has no
+        ``live_finetune`` section. Its key differs from the stored run's (the schedule is in it), so it is
+        computed into the profile's own store, once."""
+        live = self.P.get("live_finetune")
+        if not live:
+            return None
+        name = name or live["run"]
+        spec = self.specs([name])[name]
+        cfg = dict(experiments.finetune_settings(self.P, spec), **{k: v for k, v in live.items() if k != "run"})
+        return pipeline.finetuned(self.model, self.base, spec.bit_config, None if spec.direct else list(spec.order),
+                                  cfg, direct=spec.direct, progress=self.progress, data_root=self.source,
+                                  provenance={"baseline": self.base, "spectrum": self.spectrum()[1].name})

@@ -32,6 +32,10 @@ The modules, one concept each, each importing only those above it:
   writes and file digests are the method's, :mod:`hawqlib.files`);
 - :mod:`~hawqlib.repro.artifacts.manifest`: keys, artifact folders, manifests, verification, sealing, and the log
   of the artifacts a process used (``HAWQ_ARTIFACT_LOG``, read by the book's provenance page);
+- :mod:`~hawqlib.repro.artifacts.published`: the committed results a profile loads read-only (its ``loads``)
+  instead of recomputing them;
+- :mod:`~hawqlib.repro.artifacts.ledger`: which artifacts this process computed and which it loaded (in memory,
+  for the page's own note; the provenance log above is the record across processes);
 - :mod:`~hawqlib.repro.artifacts.step`: :func:`~hawqlib.repro.artifacts.step.cached`, the load-or-compute step behind
   every cached step of :mod:`hawqlib.repro.pipeline`, and the recording and replay of its warnings.
 
@@ -44,6 +48,8 @@ from .files import FolderBusyError, folder_lock, remove_orphan_tmp
 from .manifest import (MANIFEST, RESUME_STATE, USE_LOG, ArtifactError, artifact_dir, artifacts_root, complete,
                        config_hash, force_recompute, invalidate, is_complete, note_use, read_manifest, result_files,
                        seal, seal_all, verify, write_manifest)
+from .ledger import entries as ledger_entries
+from .published import find, loaded_kinds, published_copy
 from .step import artifact_threads, artifact_wall_s, cached, compute_recording, read_json, recording, replay
 
 __all__ = [
@@ -53,6 +59,8 @@ __all__ = [
     "config_hash", "artifacts_root", "artifact_dir", "write_manifest", "read_manifest", "is_complete",
     "force_recompute", "ArtifactError", "complete", "verify", "invalidate", "seal", "seal_all",
     "result_files", "RESUME_STATE", "MANIFEST", "USE_LOG", "note_use",
+    # published, ledger
+    "loaded_kinds", "published_copy", "find", "ledger_entries",
     # step
     "cached", "recording", "compute_recording", "replay", "read_json", "artifact_wall_s", "artifact_threads",
 ]

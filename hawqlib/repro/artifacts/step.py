@@ -17,9 +17,11 @@ import warnings
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
+from . import ledger
 from .files import folder_lock, remove_orphan_tmp
 from .manifest import (MANIFEST, ArtifactError, artifact_dir, complete, force_recompute, invalidate, read_manifest,
                        write_manifest)
+from .published import published_copy
 
 __all__ = ["cached", "recording", "compute_recording", "replay", "read_json", "artifact_wall_s", "artifact_threads"]
 
@@ -87,7 +89,11 @@ def cached(kind: str, params: dict, compute, save, load, force: bool | None, *, 
 
     ``compute(folder)`` returns the value; ``save(folder, value)`` writes its files and may return extra
     manifest facts (a ``wall_s`` there replaces the measured one); ``load(folder)`` reads the value back.
-    ``force=None`` reads ``FORCE`` from the environment. Returns ``(value, folder)``. Warnings raised
+    ``force=None`` reads ``FORCE`` from the environment. Returns ``(value, folder)``. When the profile in use
+    loads ``kind`` from the published store (:mod:`hawqlib.repro.artifacts.published`) and a complete copy is
+    there, that copy is loaded (``folder`` is then the published one) and nothing is written; ``FORCE=1``
+    computes into the profile's own store instead. The :mod:`~hawqlib.repro.artifacts.ledger` notes which
+    happened. Warnings raised
     inside hawqlib while computing are stored in the manifest and replayed on every load, so a result
     warns the same whether it was just computed or read back; for an artifact sealed before warnings
     were recorded, ``legacy_warnings(value)`` (when given) rebuilds them from the stored value.
@@ -104,11 +110,16 @@ def cached(kind: str, params: dict, compute, save, load, force: bool | None, *, 
     folder = artifact_dir(kind, params)
     force = force_recompute() if force is None else force
 
-    def stored():
-        value = load(folder)
-        _replay_stored(folder, value, legacy_warnings)
-        return value, folder
+    def stored(where=folder, how=ledger.LOADED):
+        value = load(where)
+        _replay_stored(where, value, legacy_warnings)
+        ledger.note(kind, where, how)
+        return value, where
 
+    if not force:
+        published = published_copy(kind, params)  # read-only: loaded, never locked nor written
+        if published is not None:
+            return stored(published, ledger.PUBLISHED)
     if not force and complete(folder, params):  # verified: every file's SHA-256 (manifest.verify)
         return stored()
     with folder_lock(folder):  # one writer per artifact; a second process gets the holder's PID
@@ -124,6 +135,7 @@ def cached(kind: str, params: dict, compute, save, load, force: bool | None, *, 
             facts["warnings"] = list(recorded)  # an empty list too: the artifact says it warned of nothing
             write_manifest(folder, params, wall_s=facts.pop("wall_s", wall), **facts)
     replay(recorded)
+    ledger.note(kind, folder, ledger.COMPUTED)
     return value, folder
 
 
