@@ -194,25 +194,36 @@ def test_a_checkpoint_without_its_digest_is_refused(tmp_path):
 
 @pytest.mark.parametrize("run", ["finetune-8f80f523c4c9", "finetune-4244427c9192"])
 def test_the_committed_runs_still_resume(run, tmp_path):
-    """Their history.json predates digests: accepted because every stage it records is its verified checkpoint;
-    the same file with a stage's epochs edited is refused."""
+    """A committed resume state reads back: with the digest its history.json records (the runs rewrite it at each
+    stage), and in the form written before histories had digests (that digest removed), which is accepted because
+    every stage it records is its verified checkpoint. Either form with a stage's epochs edited is refused."""
     src = ROOT / "data" / "artifacts" / run / "run"
     if not (src / "history.json").is_file():
-        pytest.skip(f"{src} is not in this checkout")
+        pytest.skip(f"{src} is not in this checkout (the run completed and its run/ folder was removed)")
     root = tmp_path / "run"
     shutil.copytree(src, root)
-    hist = json.loads((root / "history.json").read_text())
-    assert "sha256" not in hist
-    with pytest.warns(UserWarning, match="written before fine-tuning histories recorded a SHA-256"):
-        cached = _read_cached(root / "history.json", hist["plan"])
-    assert sorted(cached) == sorted(s["stage"] for s in hist["stages"])
+    hist_path = root / "history.json"
+    hist = json.loads(hist_path.read_text())
+    digest = hist.pop("sha256", None)
     for ckpt in root.rglob("*.pt"):
         assert "sha256" in load_checkpoint(ckpt)
+    stages = sorted(s["stage"] for s in hist["stages"])
+    if digest is not None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert sorted(_read_cached(hist_path, hist["plan"])) == stages
+    hist_path.write_text(json.dumps(hist))  # the pre-digest form of the same record
+    with pytest.warns(UserWarning, match="written before fine-tuning histories recorded a SHA-256"):
+        assert sorted(_read_cached(hist_path, hist["plan"])) == stages
     done = next(s for s in hist["stages"] if s["epochs"])
     done["epochs"][0]["train_loss"] = 0.0
-    (root / "history.json").write_text(json.dumps(hist))
+    hist_path.write_text(json.dumps(hist))
     with pytest.raises(CheckpointError, match=f"stage {done['stage']} does not match"):
-        _read_cached(root / "history.json", hist["plan"])
+        _read_cached(hist_path, hist["plan"])
+    if digest is not None:
+        hist_path.write_text(json.dumps({**hist, "sha256": digest}))
+        with pytest.raises(CheckpointError, match="does not match the SHA-256 it records"):
+            _read_cached(hist_path, hist["plan"])
 
 
 @pytest.mark.parametrize("field,garbage,match", [
