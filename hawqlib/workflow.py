@@ -3,8 +3,8 @@
 One call chains the paper's steps, each done by the module that owns it:
 
 1. the top Hessian eigenvalue lambda_i of every block (section 3.1, :func:`hawqlib.hessian.top_eigenvalues`;
-   the exact Gauss-Newton route where the network is piecewise linear, autograd elsewhere, e.g. GELU or
-   LayerNorm);
+   the exact Gauss-Newton route where the network is piecewise linear and few classes make it the cheaper
+   one, autograd elsewhere, e.g. GELU or LayerNorm, or ImageNet's 1000 classes);
 2. the mixed-precision bits, more bits to blocks of larger S_i = lambda_i / n_i, under a size budget
    (section 3.1, :func:`hawqlib.allocate.allocate_bits`);
 3. the Omega_i = lambda_i ||Q(W_i) - W_i||^2 order (section 3.2, :func:`hawqlib.order.finetune_order`)

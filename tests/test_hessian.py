@@ -167,6 +167,27 @@ def test_auto_picks_gauss_newton_where_exact_and_autograd_elsewhere():
     assert abs(res[0].eigenvalue - e) <= RTOL * abs(e)
 
 
+def test_auto_weighs_the_cost_of_gauss_newton_against_autograd():
+    """Many classes make Gauss-Newton's storage (C - 1 backward passes per group of layers) costlier than
+    autograd's solves: ``auto`` then takes autograd and says why; the eigenvalues are the same Hessian's."""
+    torch.manual_seed(0)
+    wide = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 80)).double()  # 80 classes, 2 blocks
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(16, 6, generator=g, dtype=torch.float64), torch.randint(0, 80, (16,), generator=g)
+    loss = nn.CrossEntropyLoss()
+    assert 80 > 2 * H.AUTO_SOLVE_PRODUCTS * H.HVP_PASSES  # one group: 80 passes against 2 blocks' solves
+    auto = H.top_eigenvalues(wide, loss, (x, y), progress=False, tol=1e-8)
+    assert [r.method for r in auto] == ["autograd"] * 2
+    assert all("the cheaper exact route here" in r.note and "80 classes" in r.note for r in auto)
+    forced = H.top_eigenvalues(wide, loss, (x, y), method="gauss-newton", progress=False, tol=1e-8)
+    assert [r.method for r in forced] == ["gauss-newton"] * 2
+    for a, f in zip(auto, forced):
+        assert abs(a.eigenvalue - f.eigenvalue) <= 1e-6 * abs(f.eigenvalue)
+    # the same two blocks with few classes: Gauss-Newton is the cheaper route and is kept
+    few = H.top_eigenvalues(mlp(), loss, data_vec(), progress=False)
+    assert {r.method for r in few} == {"gauss-newton"}
+
+
 def test_gauss_newton_refused_where_not_exact():
     xv, yv = data_vec()
     with pytest.raises(H.HessianError, match="smooth module"):

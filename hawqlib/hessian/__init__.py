@@ -19,7 +19,9 @@ Two exact routes compute products :math:`H_i v` (``method``):
 on every sample, by recording in every chunk's forward whether an operation between the layer's
 output and the logits is not (piecewise) linear (:mod:`~hawqlib.hessian.identity`), and numerically
 on a seeded sample spread over the data (:mod:`~hawqlib.hessian.proof`); a block failing either falls
-back to autograd with a warning (a forced ``"gauss-newton"`` raises instead). Solvers (``solver``,
+back to autograd with a warning (a forced ``"gauss-newton"`` raises instead). For eigenvalues it also
+weighs the cost: with many classes (ImageNet's 1000) building the Gauss-Newton storage, C - 1 backward
+passes per group of layers, outweighs autograd's products, and autograd is used. Solvers (``solver``,
 :mod:`~hawqlib.hessian.solvers`): Lanczos with full reorthogonalization (default) and the paper's
 power iteration, both stopped on the Ritz residual. Every returned eigenpair is then *verified* by one
 fresh float64 product of the route proved exact on all the data (``verify="autograd"``: an autograd
@@ -39,12 +41,14 @@ from __future__ import annotations
 
 from .autograd import hvp
 from .gauss_newton import SMOOTH_MODULES, gauss_newton_exact
-from .orchestrate import METHODS, PROOF_DIRECTIONS, PROOF_RTOL, SOLVERS, VERIFY, top_eigenvalues, traces
+from .orchestrate import (AUTO_SOLVE_PRODUCTS, HVP_PASSES, METHODS, PROOF_DIRECTIONS, PROOF_RTOL, SOLVERS, VERIFY,
+                          top_eigenvalues, traces)
 from .results import BlockSpectrum, BlockTrace, HessianError, load_spectra, save_spectra
 from .solvers import lanczos, power_iteration
 
 __all__ = [
     "BlockSpectrum", "BlockTrace", "HessianError", "top_eigenvalues", "traces", "hvp",
     "gauss_newton_exact", "lanczos", "power_iteration", "save_spectra", "load_spectra",
-    "METHODS", "SOLVERS", "VERIFY", "SMOOTH_MODULES", "PROOF_RTOL", "PROOF_DIRECTIONS",
+    "METHODS", "SOLVERS", "VERIFY", "SMOOTH_MODULES", "PROOF_RTOL", "PROOF_DIRECTIONS", "AUTO_SOLVE_PRODUCTS",
+    "HVP_PASSES",
 ]

@@ -10,7 +10,11 @@ Order of work, shared by both entry points (:func:`_prepare`):
    per-sample (:func:`~hawqlib.hessian.inputs.check_operator`), and a loss we cannot read must split
    over chunks;
 2. routes: Gauss-Newton where :func:`~hawqlib.hessian.gauss_newton.gauss_newton_exact` allows it and the
-   layer runs once per forward, autograd elsewhere (``method="auto"``);
+   layer runs once per forward, autograd elsewhere (``method="auto"``); for eigenvalues ``"auto"`` then
+   weighs the cost (:func:`_gauss_newton_costlier`): building the Gauss-Newton storage takes one forward
+   and C - 1 backward passes over the data per group of layers (C classes), which for many classes
+   (ImageNet's 1000) outweighs the autograd route's few products per block, and then every block goes
+   to autograd with a note saying why;
 3. the identity H_i = G_i, on two independent lines: (a) on *every* sample, during every chunk's
    forward of the Gauss-Newton pass (:mod:`~hawqlib.hessian.identity`: no operation between the
    layer's output and the logits other than linear or piecewise linear); (b) numerically, on a float64
@@ -54,7 +58,7 @@ from .results import BlockSpectrum, BlockTrace, HessianError
 from .solvers import lanczos, power_iteration, ritz_residual
 
 __all__ = ["top_eigenvalues", "traces", "METHODS", "SOLVERS", "VERIFY", "PROOF_RTOL", "PROOF_DIRECTIONS",
-           "VERIFY_FLOOR"]
+           "VERIFY_FLOOR", "AUTO_SOLVE_PRODUCTS", "HVP_PASSES"]
 
 METHODS = ("auto", "autograd", "gauss-newton")
 SOLVERS = ("lanczos", "power")
@@ -64,6 +68,26 @@ VERIFY = ("operator", "autograd")
 #: a verified residual below VERIFY_FLOOR units of rounding of the model's dtype is rounding, not a wrong
 #: route (our choice): a Gauss-Newton result failing tol only by that much is not recomputed on autograd
 VERIFY_FLOOR = 1000
+#: our choice: the Hessian-vector products one autograd Lanczos solve is assumed to take, its verification
+#: included, when ``"auto"`` weighs the two routes (the order of the iteration counts the stored spectra
+#: of the book record at the default ``tol``)
+AUTO_SOLVE_PRODUCTS = 12
+#: one Hessian-vector product by double backward in passes over the data: the forward, the backward that
+#: keeps its graph, and the backward of that backward
+HVP_PASSES = 3
+
+
+def _gauss_newton_costlier(blocks: int, groups: int, C: int) -> str:
+    """Why the autograd route is cheaper for ``blocks`` Gauss-Newton-eligible blocks stored in ``groups``
+    passes with ``C`` classes ("" when it is not), both counted in passes over the data: Gauss-Newton's
+    storage costs ``groups * C`` (a forward and C - 1 backward passes each; its products then read the
+    storage only), autograd ``blocks * AUTO_SOLVE_PRODUCTS * HVP_PASSES``."""
+    gn, ag = groups * C, blocks * AUTO_SOLVE_PRODUCTS * HVP_PASSES
+    if gn <= ag:
+        return ""
+    return (f"autograd: the cheaper exact route here (Gauss-Newton's storage needs {groups} pass(es) of a "
+            f"forward and {C - 1} backward passes for {C} classes, about {gn} passes over the data against "
+            f"about {ag} for autograd's solves)")
 
 
 def _check_verify(verify):
@@ -188,6 +212,11 @@ def top_eigenvalues(model: nn.Module, loss_fn, data, blocks=None, *, method: str
                 srec = {j: rec[i] for j, i in enumerate(gn)}
                 sorder = [gn.index(i) for i in order if i in gn]
                 kinds, groups = plan_groups(sub, srec, sorder, data.n, C, torch.finfo(dtype).bits // 8, max_memory)
+                why = _gauss_newton_costlier(len(gn), len(groups), C) if method == "auto" else ""
+                if why:  # step 2 of the module docstring: the cost, weighed
+                    for i in gn:
+                        routes[i], notes[i] = "autograd", why
+                    groups = []
                 for grp in groups:
                     gblocks = [sub[j] for j in grp]
                     stores, record = gn_capture(model, spec, data, gblocks, {t: kinds[j] for t, j in enumerate(grp)},
