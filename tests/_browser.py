@@ -223,6 +223,12 @@ _REPORT_JS = r"""
     solutions: solutions.length,
     open_solutions: openSolutions,
     unrevealed_solutions: unrevealed,
+    // table headers in the paper's notation written as plain text instead of typeset math
+    plain_math_headers: [...article.querySelectorAll('th')].map(t => {
+        const c = t.cloneNode(true); c.querySelectorAll('mjx-container, .math').forEach(m => m.remove());
+        return c.textContent.trim(); })
+      .filter(h => /\b(?:lambda_i|Omega_i|S_i|H_i|W_i|n_i|alpha_max)\b|\|\|/.test(h)).slice(0, 5),
+    math_headers: [...article.querySelectorAll('th mjx-container')].length,
     citations: cites.length,
     // on the References page itself a citation links to its entry on the same page
     bad_citations: cites.map(a => a.getAttribute('href')).filter(h => !(/(^|\/)references\.html#./.test(h || '')

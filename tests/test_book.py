@@ -120,6 +120,12 @@ def test_table_helper_formats_columns_and_rejects_unknown_ones():
     assert "text-align: left" in html  # the string column
     with pytest.raises(KeyError, match="top1"):
         pages.table(df, {"top1": "{:.2f}"})
+    # headers in the paper's notation are typeset: n_i as inline math, text escaped, $...$ as math
+    assert '<span class="math notranslate nohighlight">\\(n_i\\)</span></th>' in html and ">n_i<" not in html
+    assert pages.header_html("a < $b_i$") == 'a &lt; <span class="math notranslate nohighlight">\\(b_i\\)</span>'
+    assert all(not _PLAIN_MATH.search(pages.header_html(k).split("<span")[0]) for k in pages.MATH_HEADERS)
+    with pytest.raises(ValueError, match="unpaired"):
+        pages.header_html("cost in $")
 
 
 def test_artifacts_of_other_profiles_go_where_git_ignores_them(monkeypatch):

@@ -115,6 +115,12 @@ def test_a_screenshot_of_every_chapter(pages):
         assert shot.is_file() and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", shot
 
 
+def test_table_headers_typeset_the_papers_notation(pages):
+    """Headers such as lambda_i or ||Q(W)-W||^2 are shown as formulas (hawqlib.repro.pages.MATH_HEADERS)."""
+    assert not _bad(pages, "plain_math_headers"), f"plain-text math in table headers: {_bad(pages, 'plain_math_headers')}"
+    assert sum(r["math_headers"] for d, r in pages.items() if d.startswith("executed/")) >= 5
+
+
 def test_equations_fit_the_text_column(pages):
     """Every display equation, as MathJax typesets it, fits the text column at 1280 px (a wider one is clipped
     or scrolls sideways: split it into aligned lines)."""

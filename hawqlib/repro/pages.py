@@ -14,7 +14,9 @@ Code that computes a result stays visible.
 
 Tables: :func:`table` returns a pandas ``Styler`` with one number format per column and text columns
 left-aligned; the book's stylesheet (``book/_static/hawq.css``) gives it the theme's table look,
-keeps numbers on one line and lets headers wrap between words.
+keeps numbers on one line and lets headers wrap between words. Headers are typeset: a column named in the
+paper's notation in code (``"lambda_i"``, ``"Omega_i"``, :data:`MATH_HEADERS`) is shown as the formula, and
+any ``$...$`` in a header is typeset by MathJax, as inline math in the text is.
 
 A page computed at the ``smoke`` profile opens its verdicts with :func:`smoke_note`, so that a test build is
 never read as results.
@@ -28,10 +30,11 @@ stored or not) and :func:`missing_runs` (what is not stored yet, and the command
 """
 from __future__ import annotations
 
+import html
 from typing import Iterable, Mapping
 
 __all__ = ["READER_TAGS", "reader_copy", "smoke_note", "live_note", "table", "seeds_table", "missing_runs",
-           "run_minutes"]
+           "run_minutes", "MATH_HEADERS", "header_html"]
 
 #: Tag on a cell of the source notebook -> tag the runner adds in the executed copy.
 READER_TAGS = {"parameters": "remove-cell", "injected-parameters": "remove-cell"}
@@ -103,13 +106,47 @@ def live_note(profile: Mapping) -> str:
     return " ".join(parts)
 
 
+#: Column names the notebooks use in code (plain text, easy to index) -> the header a reader sees.
+MATH_HEADERS = {
+    "n_i": "$n_i$",
+    "lambda_i": r"$\lambda_i$",
+    "S_i": "$S_i$",
+    "Omega_i": r"$\Omega_i$",
+    "Omega rank": r"$\Omega$ rank",
+    "||Q(W)-W||^2": r"$\lVert Q(W_i) - W_i \rVert^2$",
+    "||Q_2(W)-W||": r"$\lVert Q_2(W_i) - W_i \rVert$",
+    "lambda_i / n_i": r"$\lambda_i / n_i$",
+    "trace": r"$\mathrm{tr}(H_i)$",
+    "trace / n_i": r"$\mathrm{tr}(H_i) / n_i$",
+    "tr(H_i) / n_i": r"$\mathrm{tr}(H_i) / n_i$",
+    "tr(F_i)": r"$\mathrm{tr}(F_i)$",
+    "max relative std of lambda_i": r"max relative std of $\lambda_i$",
+    "loss rise at +alpha_max (measured)": r"loss rise at $+\alpha_{\max}$ (measured)",
+    "loss rise at +alpha_max (0.5 lambda alpha^2)":
+        r"loss rise at $+\alpha_{\max}$ ($\frac{1}{2} \lambda_i \alpha_{\max}^2$)",
+}
+
+
+def header_html(label) -> str:
+    """The HTML of a table header: :data:`MATH_HEADERS`' formula for a name in the paper's notation; every
+    ``$...$`` part as inline math (the markup Sphinx gives ``$...$`` in text, which MathJax typesets); the rest
+    escaped."""
+    text = MATH_HEADERS.get(str(label), str(label))
+    parts = text.split("$")
+    if len(parts) % 2 == 0:
+        raise ValueError(f"table header {text!r} has an unpaired '$'; write math as $...$")
+    return "".join(html.escape(p) if k % 2 == 0 else
+                   f'<span class="math notranslate nohighlight">\\({html.escape(p)}\\)</span>'
+                   for k, p in enumerate(parts))
+
+
 def table(df, formats: Mapping[str, str] | None = None, *, text: Iterable[str] = (), index: bool = True,
           caption: str | None = None, na_rep: str = "-"):
     """``df`` as a Styler for a page: ``formats`` maps a column to a format (``"{:.2f}"``, ``"{:+.2f}"``).
 
     Columns in ``text`` (and any column of strings) are left-aligned and may wrap; every other cell is
     a number on one line. ``index=False`` hides the index. Put units in the column names
-    (``"top-1 (%)"``, ``"size (KiB)"``), not in the cells.
+    (``"top-1 (%)"``, ``"size (KiB)"``), not in the cells. Headers go through :func:`header_html`.
     """
     formats = dict(formats or {})
     unknown = set(formats) - set(df.columns)
@@ -120,6 +157,7 @@ def table(df, formats: Mapping[str, str] | None = None, *, text: Iterable[str] =
     text_cols = [c for c in df.columns if c in set(text) or not is_numeric_dtype(df[c]) and c not in formats]
     sty = df.style.format(formats, na_rep=na_rep) if formats else df.style.format(na_rep=na_rep)
     sty = sty.set_table_attributes('class="dataframe hawq-table"')
+    sty = sty.format_index(header_html, axis="columns")
     if text_cols:
         sty = sty.set_properties(subset=text_cols, **{"text-align": "left", "white-space": "normal"})
     if not index:
