@@ -96,6 +96,15 @@ def test_the_labs_baseline_and_runs_resolve_to_committed_artifacts(tmp_path, mon
     assert None not in found.values(), [k for k, r in found.items() if r is None]
     assert all(r.folder.parent == PUBLISHED for r in found.values())
     assert len({r.folder for r in found.values()}) == len(found) >= 5
+    # the Hessian chapter's residual-granularity spectrum: the committed one, loaded (loads_matching); the layer
+    # one is not loaded (the lab recomputes it)
+    ledger.clear()
+    res, rfolder = study.spectrum("residual", vectors=False)
+    assert rfolder.parent == PUBLISHED and len(res) == 11
+    assert [e.how for e in artifacts.ledger_entries() if e.kind == "spectrum"] == [ledger.PUBLISHED]
+    assert not artifacts.loads("spectrum", {"granularity": "layer"}, "lab")
+    assert artifacts.loads("spectrum", {"granularity": "residual", "tol": 1.0}, "lab")
+    assert not artifacts.loads("spectrum", {"granularity": "residual"}, "smoke")
     # nothing was written: not in the published store, not in the lab's (everything there was loaded)
     assert _snapshot(PUBLISHED) == before
     assert not (tmp_path / "lab").exists() or not any((tmp_path / "lab").iterdir())

@@ -49,7 +49,7 @@ from .manifest import (MANIFEST, RESUME_STATE, USE_LOG, ArtifactError, artifact_
                        config_hash, force_recompute, invalidate, is_complete, note_use, read_manifest, result_files,
                        seal, seal_all, verify, write_manifest)
 from .ledger import entries as ledger_entries
-from .published import find, loaded_kinds, published_copy
+from .published import find, loaded_kinds, loads, published_copy
 from .step import artifact_threads, artifact_wall_s, cached, compute_recording, read_json, recording, replay
 
 __all__ = [
@@ -60,7 +60,7 @@ __all__ = [
     "force_recompute", "ArtifactError", "complete", "verify", "invalidate", "seal", "seal_all",
     "result_files", "RESUME_STATE", "MANIFEST", "USE_LOG", "note_use",
     # published, ledger
-    "loaded_kinds", "published_copy", "find", "ledger_entries",
+    "loaded_kinds", "loads", "published_copy", "find", "ledger_entries",
     # step
     "cached", "recording", "compute_recording", "replay", "read_json", "artifact_wall_s", "artifact_threads",
 ]

@@ -1,7 +1,9 @@
 """Published copies: the committed results a profile may load, read-only, instead of recomputing them.
 
 A profile may name, in its ``loads`` list (:mod:`hawqlib.repro.profiles`), kinds of artifact that take hours
-(the FP32 baseline, the fine-tuned runs): for those, a step first looks for a complete artifact with the very
+(the FP32 baseline, the fine-tuned runs), and in its ``loads_matching`` list single artifacts of other kinds by
+the settings they were computed with (a mapping of ``kind`` and some of its fields, e.g. the spectrum at the
+residual granularity): for those, a step first looks for a complete artifact with the very
 same key in the published store (:func:`hawqlib.repro.paths.published_root`, the checkout's ``data/artifacts``)
 and loads it from there, verified like any other (:func:`hawqlib.repro.artifacts.manifest.complete`). Nothing is
 ever written there: what is not found is computed into the profile's own store (``data/scratch/<profile>``),
@@ -19,7 +21,7 @@ from typing import Any
 from .. import paths
 from .manifest import artifacts_root, complete, config_hash
 
-__all__ = ["loaded_kinds", "published_dir", "published_copy", "find"]
+__all__ = ["loaded_kinds", "loads", "published_dir", "published_copy", "find"]
 
 
 def loaded_kinds(profile: str | None = None) -> tuple[str, ...]:
@@ -34,10 +36,26 @@ def loaded_kinds(profile: str | None = None) -> tuple[str, ...]:
     return tuple(PROFILES.get(name, {}).get("loads", ()))
 
 
+def loads(kind: str, params: Any, profile: str | None = None) -> bool:
+    """Whether ``profile`` (default: the one in use) loads artifact ``kind``/``params`` from the published store:
+    ``kind`` is in its ``loads``, or an entry of its ``loads_matching`` names ``kind`` and fields ``params`` has
+    with the same values."""
+    from ..profiles import PROFILES
+
+    if kind in loaded_kinds(profile):
+        return True
+    name = profile or paths.profile_in_use()
+    if name == paths.PUBLISHED_PROFILE or not isinstance(params, dict):
+        return False
+    return any(m.get("kind") == kind and all(k in params and params[k] == v for k, v in m.items() if k != "kind")
+               for m in PROFILES.get(name, {}).get("loads_matching", ()))
+
+
 def published_dir(kind: str, params: Any) -> Path | None:
-    """The folder artifact ``kind``/``params`` has in the published store when the profile in use loads ``kind``
-    from there and writes elsewhere; None otherwise. Not checked for completeness (:func:`published_copy` is)."""
-    if kind not in loaded_kinds():
+    """The folder artifact ``kind``/``params`` has in the published store when the profile in use loads it from
+    there (:func:`loads`) and writes elsewhere; None otherwise. Not checked for completeness
+    (:func:`published_copy` is)."""
+    if not loads(kind, params):
         return None
     root = paths.published_root()
     if root.resolve() == artifacts_root().resolve():
