@@ -126,6 +126,9 @@ def test_table_helper_formats_columns_and_rejects_unknown_ones():
     assert all(not _PLAIN_MATH.search(pages.header_html(k).split("<span")[0]) for k in pages.MATH_HEADERS)
     with pytest.raises(ValueError, match="unpaired"):
         pages.header_html("cost in $")
+    # a named index heads its column in the one header row (no row of its own)
+    named = pages.table(df.set_index("block"), {"top-1 (%)": "{:.2f}"}).to_html()
+    assert named.count("<tr>") == 3 and ">block</th>" in named and "blank" not in named
 
 
 def test_artifacts_of_other_profiles_go_where_git_ignores_them(monkeypatch):

@@ -146,8 +146,12 @@ def table(df, formats: Mapping[str, str] | None = None, *, text: Iterable[str] =
 
     Columns in ``text`` (and any column of strings) are left-aligned and may wrap; every other cell is
     a number on one line. ``index=False`` hides the index. Put units in the column names
-    (``"top-1 (%)"``, ``"size (KiB)"``), not in the cells. Headers go through :func:`header_html`.
+    (``"top-1 (%)"``, ``"size (KiB)"``), not in the cells. Headers go through :func:`header_html`; a named
+    (single-level) index is shown as the first column.
     """
+    if index and df.index.nlevels == 1 and df.index.name is not None:
+        # a named index becomes the first column: its name heads it in the header row, not on a row of its own
+        df, index = df.reset_index(), False
     formats = dict(formats or {})
     unknown = set(formats) - set(df.columns)
     if unknown:
