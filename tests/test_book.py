@@ -606,10 +606,16 @@ def test_no_broken_internal_link(built):
 
 
 def test_glued_tables_are_numbered_as_tables(built):
-    """A table a notebook glues into a named figure (``tab-...``) is captioned "Table N", a figure "Fig. N"."""
+    """A table a notebook glues into a named figure (``tab-...``), or shows under its cell with a caption
+    (``pages.table(..., caption=...)``), is captioned "Table N"; a figure "Fig. N". Every table the pages
+    helper made is one of them."""
     seen = {"tab": 0, "fig": 0}
     for page in sorted((built.html / "executed").glob("*.html")):
         html = page.read_text(encoding="utf-8")
+        spans = [m.span() for m in re.finditer(r'<figure[^>]*id="tab-[^"]*"[^>]*>.*?</figure>', html, re.S)]
+        loose = [m.start() for m in re.finditer(r'<table[^>]*hawq-table', html)
+                 if not any(a < m.start() < b for a, b in spans)]
+        assert not loose, f"{page.name}: {len(loose)} table(s) without a table number (give pages.table a caption)"
         for m in re.finditer(r'<figure[^>]*id="(tab|fig)-([^"]+)"[^>]*>(.*?)</figure>', html, re.S):
             kind, body = m.group(1), m.group(3)
             number = re.search(r'<span class="caption-number">([^<]*)</span>', body)

@@ -22,6 +22,7 @@
 """
 from __future__ import annotations
 
+import html
 import importlib
 import inspect
 import io
@@ -505,6 +506,44 @@ class GluedTablesAreTables(SphinxTransform):
                 self.document.ids[i] = table
 
 
+_CAPTION = re.compile(r"<caption[^>]*>(.*?)</caption>", re.S)
+
+
+def _caption_children(text: str) -> list[nodes.Node]:
+    """Caption text as nodes, its ``$...$`` parts as inline math (typeset like the text's)."""
+    return [nodes.Text(p) if k % 2 == 0 else nodes.math(p, p) for k, p in enumerate(text.split("$")) if p]
+
+
+class CaptionedTablesAreTables(SphinxTransform):
+    """Number the captioned tables a notebook shows under its cells (:func:`hawqlib.repro.pages.table` with
+    ``caption=``) as tables: the HTML caption becomes the caption of a :class:`glued_table` ("Table N.M ..."),
+    whose id is ``tab-<page>-<n>``. Tables already in a figure (``glue:figure``) are left to
+    :class:`GluedTablesAreTables`."""
+
+    default_priority = 400
+
+    def apply(self, **kwargs):
+        page = re.sub(r"[^a-z0-9]+", "-", self.env.docname.lower()).strip("-")
+        n = 0
+        for raw in list(self.document.findall(nodes.raw)):
+            text = raw.astext()
+            if raw.get("format") != "html" or "hawq-table" not in text:
+                continue
+            m = _CAPTION.search(text)
+            parent, in_figure = raw.parent, False
+            while parent is not None:
+                in_figure = in_figure or isinstance(parent, nodes.figure)
+                parent = parent.parent
+            if m is None or in_figure:
+                continue
+            n += 1
+            caption = html.unescape(re.sub(r"<[^>]+>", "", m.group(1))).strip()
+            table = glued_table("", nodes.raw("", text.replace(m.group(0), "", 1), format="html"),
+                                nodes.caption(caption, "", *_caption_children(caption)), ids=[f"tab-{page}-{n}"])
+            raw.replace_self(table)
+            self.document.ids[table["ids"][0]] = table
+
+
 def setup(app):
     """Register the roles and directives, and serve MathJax from the build."""
     app.connect("builder-inited", _check_mathjax)
@@ -512,6 +551,7 @@ def setup(app):
     app.add_transform(NormBars)
     app.add_enumerable_node(glued_table, "table", html=(_visit_glued_table, _depart_glued_table))
     app.add_transform(GluedTablesAreTables)
+    app.add_transform(CaptionedTablesAreTables)
     app.connect("html-page-context", _drop_thebe)
     app.add_role("profile", ProfileRole())
     app.add_role("book-profile", BookProfileRole())

@@ -147,7 +147,8 @@ def table(df, formats: Mapping[str, str] | None = None, *, text: Iterable[str] =
     Columns in ``text`` (and any column of strings) are left-aligned and may wrap; every other cell is
     a number on one line. ``index=False`` hides the index. Put units in the column names
     (``"top-1 (%)"``, ``"size (KiB)"``), not in the cells. Headers go through :func:`header_html`; a named
-    (single-level) index is shown as the first column.
+    (single-level) index is shown as the first column. ``caption``: one sentence saying what the table shows
+    (``$...$`` for math); the book numbers a captioned table shown under its cell as a table ("Table 4.2").
     """
     if index and df.index.nlevels == 1 and df.index.name is not None:
         # a named index becomes the first column: its name heads it in the header row, not on a row of its own
@@ -167,7 +168,7 @@ def table(df, formats: Mapping[str, str] | None = None, *, text: Iterable[str] =
     if not index:
         sty = sty.hide(axis="index")
     if caption:
-        sty = sty.set_caption(caption)
+        sty = sty.set_caption(html.escape(caption))
     return sty
 
 
@@ -175,12 +176,12 @@ def table(df, formats: Mapping[str, str] | None = None, *, text: Iterable[str] =
 SEED_COLUMNS = ("top-1 (%)", "from packed file (%)", "wall time (min)", "torch threads", "artifact")
 
 
-def seeds_table(runs: Mapping, *, level: str = "run"):
+def seeds_table(runs: Mapping, *, level: str = "run", caption: str | None = None):
     """One line per seed of ``runs`` (``{row label: {seed: result, or None when not stored}}``, results as
     :meth:`hawqlib.repro.study.Study.run_seeds` returns them): its accuracy, the accuracy of its packed file, the
     wall time its fine-tuning took (a stage it took from another run counts as that run spent it,
     :mod:`hawqlib.finetune`), the torch threads it ran with and its artifact folder; a seed not
-    stored reads ``"not stored yet"``. A :func:`table` indexed by (``level``, seed).
+    stored reads ``"not stored yet"``. A :func:`table` indexed by (``level``, seed), with ``caption``.
     """
     import pandas as pd
 
@@ -199,7 +200,7 @@ def seeds_table(runs: Mapping, *, level: str = "run"):
             rows.append(row)
     frame = pd.DataFrame(rows, columns=[level, "seed", *SEED_COLUMNS]).set_index([level, "seed"])
     sty = table(frame, {"top-1 (%)": "{:.2f}", "from packed file (%)": "{:.2f}", "wall time (min)": "{:.1f}",
-                        "torch threads": "{:.0f}"}, text=["artifact"])
+                        "torch threads": "{:.0f}"}, text=["artifact"], caption=caption)
     sty = sty.set_properties(subset=["artifact"], **{"white-space": "nowrap"})  # a folder name is one word
     # A run's label wraps beside its seeds, so that the folder names fit the text column.
     return sty.set_table_styles([{"selector": "tbody th.level0", "props": "white-space: normal; min-width: 8em;"}],
