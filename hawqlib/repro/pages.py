@@ -106,7 +106,10 @@ def live_note(profile: Mapping) -> str:
     return " ".join(parts)
 
 
-#: Column names the notebooks use in code (plain text, easy to index) -> the header a reader sees.
+#: Column names the notebooks use in code (plain text, easy to index) -> the header a reader sees, with
+#: ``$...$`` typeset (the mapping's values are LaTeX source, not shown here).
+#:
+#: :meta hide-value:
 MATH_HEADERS = {
     "n_i": "$n_i$",
     "lambda_i": r"$\lambda_i$",
