@@ -118,6 +118,7 @@ def test_table_helper_formats_columns_and_rejects_unknown_ones():
     html = pages.table(df, {"top-1 (%)": "{:.2f}", "n_i": "{:,d}"}, index=False).to_html()
     assert 'class="dataframe hawq-table"' in html and ">92.64<" in html and ">2,304<" in html
     assert "text-align: left" in html  # the string column
+    assert re.search(r"th\.col0 \{\s*text-align: left;", html)  # and its header
     with pytest.raises(KeyError, match="top1"):
         pages.table(df, {"top1": "{:.2f}"})
     # headers in the paper's notation are typeset: n_i as inline math, text escaped, $...$ as math

@@ -167,6 +167,9 @@ def table(df, formats: Mapping[str, str] | None = None, *, text: Iterable[str] =
     sty = sty.format_index(header_html, axis="columns")
     if text_cols:
         sty = sty.set_properties(subset=text_cols, **{"text-align": "left", "white-space": "normal"})
+        # and their headers with them
+        sty = sty.set_table_styles({c: [{"selector": "th", "props": "text-align: left;"}] for c in text_cols},
+                                   overwrite=False)
     if not index:
         sty = sty.hide(axis="index")
     if caption:
