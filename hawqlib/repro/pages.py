@@ -9,6 +9,8 @@ Cell tags, as myst-nb renders them:
   ``glue`` values or lay out a figure.
 - ``remove-input``: the output alone, for a cell whose code says nothing a reader needs.
 - ``remove-stderr``: drop a cell's stderr (library warnings the page explains in prose, or not at all).
+- ``remove-stdout``: drop a cell's printed lines (a setup cell's summary of what it loaded; the page says
+  it in prose, its last cell names the profile, and the provenance page the artifacts).
 
 Code that computes a result stays visible.
 
