@@ -24,16 +24,17 @@ def test_seeds_table_lists_every_seed_stored_or_not(tmp_path):
     frame = seeds_table(runs, level="method").data
     assert list(frame.index.names) == ["method", "seed"] and tuple(frame.columns) == SEED_COLUMNS
     assert list(frame.index) == [("hawq", 0), ("hawq", 1), ("order-reverse", 0)]
-    assert frame.loc[("hawq", 1)].isna().all()
+    assert frame.loc[("hawq", 1), "artifact"] == "not stored yet"
     assert frame.loc[("order-reverse", 0), "wall time (min)"] == 90.0
     assert frame.loc[("order-reverse", 0), "from packed file (%)"] == 92.10
+    assert frame.loc[("hawq", 0), "artifact"] == "finetune-aaa"
     html = seeds_table(runs).to_html()
     assert "91.75" in html and "not stored yet" in html and "60.0" in html
-    assert html.count("not stored yet") == 1 and "nan" not in html
-    # where a run is stored is the provenance page's, not the argument's
-    assert "finetune-aaa" not in html and "threads" not in html
-    # the run labels may wrap
+    # the machine and threads are the provenance page's, not the argument's
+    assert "threads" not in html
+    # the run labels may wrap (the folder names then fit the text column); the folder names may not
     assert re.search(r"tbody th\.level0 \{\s*white-space: normal;", html)
+    assert re.search(r"_col3 \{[^}]*white-space: nowrap;\s*\}", html)
 
 
 def test_missing_runs_names_the_seeds_the_command_and_the_measured_time(tmp_path):

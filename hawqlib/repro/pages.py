@@ -180,16 +180,16 @@ def table(df, formats: Mapping[str, str] | None = None, *, text: Iterable[str] =
 
 
 #: The columns of :func:`seeds_table`, after its two index levels.
-SEED_COLUMNS = ("top-1 (%)", "from packed file (%)", "wall time (min)")
+SEED_COLUMNS = ("top-1 (%)", "from packed file (%)", "wall time (min)", "artifact")
 
 
 def seeds_table(runs: Mapping, *, level: str = "run", caption: str | None = None):
     """One line per seed of ``runs`` (``{row label: {seed: result, or None when not stored}}``, results as
-    :meth:`hawqlib.repro.study.Study.run_seeds` returns them): its accuracy, the accuracy of its packed file and
-    the wall time its fine-tuning took (a stage it took from another run counts as that run spent it,
-    :mod:`hawqlib.finetune`); a seed not stored reads ``"not stored yet"``. Where each is stored, and the
-    machine and threads it ran with, are the provenance page's (:mod:`hawqlib.repro.provenance`), not the
-    argument's. A :func:`table` indexed by (``level``, seed), with ``caption``.
+    :meth:`hawqlib.repro.study.Study.run_seeds` returns them): its accuracy, the accuracy of its packed file, the
+    wall time its fine-tuning took (a stage it took from another run counts as that run spent it,
+    :mod:`hawqlib.finetune`) and its artifact folder, which ties the run's name to the provenance page
+    (:mod:`hawqlib.repro.provenance`: the machine, threads and code versions); a seed not stored reads
+    ``"not stored yet"``. A :func:`table` indexed by (``level``, seed), with ``caption``.
     """
     import pandas as pd
 
@@ -197,15 +197,17 @@ def seeds_table(runs: Mapping, *, level: str = "run", caption: str | None = None
     for label, by_seed in runs.items():
         for seed, r in by_seed.items():
             row = {level: label, "seed": seed}
-            if r is not None:
+            if r is None:
+                row["artifact"] = "not stored yet"
+            else:
                 row.update({"top-1 (%)": r.top1, "from packed file (%)": r.packed_top1,
-                            "wall time (min)": r.wall_s / 60})
+                            "wall time (min)": r.wall_s / 60, "artifact": r.folder.name})
             rows.append(row)
     frame = pd.DataFrame(rows, columns=[level, "seed", *SEED_COLUMNS]).set_index([level, "seed"])
-    sty = table(frame, {"from packed file (%)": "{:.2f}", "wall time (min)": "{:.1f}"}, caption=caption,
-                na_rep="")
-    sty = sty.format("{:.2f}", subset=["top-1 (%)"], na_rep="not stored yet")
-    # A run's label wraps beside its seeds.
+    sty = table(frame, {"top-1 (%)": "{:.2f}", "from packed file (%)": "{:.2f}", "wall time (min)": "{:.1f}"},
+                text=["artifact"], caption=caption)
+    sty = sty.set_properties(subset=["artifact"], **{"white-space": "nowrap"})  # a folder name is one word
+    # A run's label wraps beside its seeds, so that the folder names fit the text column.
     return sty.set_table_styles([{"selector": "tbody th.level0", "props": "white-space: normal; min-width: 8em;"}],
                                 overwrite=False)
 
